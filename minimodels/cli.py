@@ -1,0 +1,124 @@
+"""Command line: `minimodels train CONFIG [key=value ...]` and `minimodels generate RUN_DIR --prompt ...`.
+
+scripts/train.py and scripts/generate.py are the same commands. Bad input ends with one line on stderr
+naming the file and key, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+TRAIN_HELP = """examples:
+  minimodels train configs/gpt.yaml
+  minimodels train configs/gpt.yaml train.max_steps=200 model.n_layer=2 output.dir=runs/tiny
+  minimodels train configs/gpt.yaml --resume runs/gpt train.max_steps=4000"""
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="train", description="Train a model from a YAML config.", epilog=TRAIN_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
+                   help="config file, then dotted overrides such as train.max_steps=200")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint, "
+                   "with its saved config.yaml (overrides still apply)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or prints")
+    a = p.parse_args(argv)
+    overrides = [x for x in a.args if "=" in x]
+    paths = [x for x in a.args if "=" not in x]
+    if len(paths) > 1:
+        p.error(f"one config file expected, got {paths}")
+    if not paths and not a.resume:
+        p.error("a config file is required (or --resume RUN_DIR)")
+
+    from pathlib import Path
+
+    from minimodels.config import load_config
+    from minimodels.train.run import run
+
+    def go():
+        if a.resume:
+            # the run's own resolved config is what its checkpoint was trained with
+            if paths and not a.quiet:
+                print(f"note: resuming with {Path(a.resume) / 'config.yaml'}; {paths[0]} is not read")
+            cfg = load_config(Path(a.resume) / "config.yaml", overrides + [f"output.dir={a.resume}"])
+        else:
+            cfg = load_config(paths[0], overrides)
+        run(cfg, resume=bool(a.resume), overwrite=a.overwrite, quiet=a.quiet)
+
+    return guarded(go)
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="generate", description="Sample text from a trained run.")
+    p.add_argument("run_dir", help="run folder written by train (config.yaml, tokenizer.json, checkpoints/)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+    a = p.parse_args(argv)
+
+    def go():
+        import torch
+
+        from minimodels.config import ConfigError
+        from minimodels.train.run import load_run
+
+        cfg, model, tok = load_run(a.run_dir, a.device)
+        if a.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
+        if a.top_p is not None and not 0 < a.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {a.top_p}")
+        ids = tok.encode(a.prompt) if a.prompt else [tok.eos_id]
+        if len(ids) > model.config.block_size:
+            raise ConfigError(f"--prompt is {len(ids)} tokens, longer than model.block_size={model.config.block_size}")
+        device = next(model.parameters()).device
+        g = torch.Generator(device).manual_seed(a.seed)
+        for i in range(a.num_samples):
+            idx = torch.tensor([ids], device=device)
+            out = model.generate(idx, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                 use_cache=not a.no_cache, generator=g)
+            if i:
+                print("-" * 40)
+            print(a.prompt + tok.decode(out[0, len(ids):].tolist()))
+
+    return guarded(go)
+
+
+def guarded(fn) -> int:
+    """Run fn; turn the library's input errors into one line on stderr and exit code 2."""
+    from minimodels.config import ConfigError
+    from minimodels.data import DataError
+    from minimodels.train import TrainingError
+
+    try:
+        fn()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with --resume <run folder> (from its latest checkpoint)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"train": train_main, "generate": generate_main}
+    if not argv or argv[0] not in commands:
+        print("usage: minimodels {train,generate} ...  (minimodels train -h for help)", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

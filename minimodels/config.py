@@ -1,0 +1,271 @@
+"""YAML -> typed dataclasses, with dotted command-line overrides and one-line errors.
+
+An experiment is one YAML file with four sections:
+
+    model:  {arch: gpt, n_layer: 4, ...}   # fields of the model's own config dataclass
+    data:   {source: stdlib, tokenizer: bpe, ...}
+    train:  {max_steps: 1000, lr: 3e-3, ...}
+    output: {dir: runs/gpt, ...}
+
+`load_config("configs/gpt.yaml", ["train.max_steps=200"])` returns an `ExperimentConfig`.
+Every problem raises `ConfigError` whose message names the file and the key, e.g.
+"configs/gpt.yaml: unknown key model.n_layers — did you mean model.n_layer?".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (docstrings of this Python's stdlib), a .txt/.json/.jsonl file or folder, or a HF dataset name
+    hf_subset: str | None = None  # configuration name of a Hugging Face dataset (e.g. wikitext-2-raw-v1)
+    text_field: str = "text"  # field holding the text in JSON / Hugging Face records
+    task: str = "causal_lm"  # which collator/task turns text into batches
+    tokenizer: str = "bpe"  # char | bpe (byte-level BPE) | wordpiece
+    vocab_size: int = 4096  # target vocabulary size for bpe / wordpiece (char: ignored)
+    seq_len: int | None = None  # tokens per training example; null = model.block_size
+    val_fraction: float = 0.1  # share of source files (or documents) held out for validation
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    seed: int = 1337  # seeds model init, data order and dropout
+    batch_size: int = 32  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW decay on matrices only (not biases, norms, embeddings of positions)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 where supported) | bf16 | fp32 | fp16 (CUDA only)
+    eval_interval: int = 250  # evaluate every N steps (and at the end)
+    eval_batches: int | None = None  # cap on validation batches per evaluation; null = the whole split
+    log_interval: int = 10  # write a train event to metrics.jsonl every N steps
+    save_interval: int = 500  # checkpoint every N steps (and at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    compile: bool = False  # torch.compile the model (costs ~15 s on first call)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/gpt"  # the run folder
+    sample_prompt: str = ""  # prompt for the sample printed at the end of training
+    sample_tokens: int = 200  # tokens in that sample (0 = no sample)
+    plot: bool = True  # write loss.png into the run folder
+
+
+@dataclass
+class ExperimentConfig:
+    model: Any  # the model's own config dataclass, chosen by model.arch
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> ExperimentConfig:
+    """Read YAML `path` (or start from dict `base`), apply `key.sub=value` overrides, type-check, validate."""
+    where = str(path) if path is not None else "config"
+    raw = base if base is not None else read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item, where)
+    cfg = parse(raw, where)
+    validate(cfg, where)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model/data/train/output, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict, item: str, where: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 3e-4, true, [1, 2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"{where}: override '{item}' must look like key.sub=value")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse(raw: dict, where: str) -> ExperimentConfig:
+    from minimodels.models import MODEL_CONFIGS  # name -> config dataclass (imported late: config is imported by models)
+
+    sections = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    check_keys(raw, sections, "", where)
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError(f"{where}: model: expected a mapping, got {type(model_raw).__name__}")
+    arch = model_raw.get("arch")
+    if arch is None:
+        raise ConfigError(f"{where}: missing required key model.arch (one of: {', '.join(MODEL_CONFIGS)})")
+    if arch not in MODEL_CONFIGS:
+        raise ConfigError(f"{where}: model.arch: unknown model '{arch}'{suggest(str(arch), MODEL_CONFIGS)}")
+    return ExperimentConfig(
+        model=build(MODEL_CONFIGS[arch], model_raw, "model", where),
+        data=build(DataConfig, raw.get("data") or {}, "data", where),
+        train=build(TrainConfig, raw.get("train") or {}, "train", where),
+        output=build(OutputConfig, raw.get("output") or {}, "output", where),
+    )
+
+
+def build(cls: type, raw: Any, prefix: str, where: str):
+    """Instantiate dataclass `cls` from dict `raw`, checking every key and every value's type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    check_keys(raw, fields, prefix + ".", where)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in raw:
+            if required:
+                raise ConfigError(f"{where}: missing required key {key}")
+            continue
+        kwargs[name] = convert(raw[name], hints[name], key, where)
+    return cls(**kwargs)
+
+
+def check_keys(raw: dict, valid, prefix: str, where: str) -> None:
+    for k in raw:
+        if k not in valid:
+            full = [prefix + v for v in valid]
+            raise ConfigError(f"{where}: unknown key {prefix}{k}{suggest(prefix + str(k), full)}")
+
+
+def suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" — did you mean {close[0]}?" if close else f" (valid: {', '.join(o.split('.')[-1] for o in options)})"
+
+
+def convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against type hint `tp` (int, float, str, bool, X | None, tuple[float, float], Literal)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return convert(value, inner, key, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: {key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(convert(v, a, key, where) for v, a in zip(value, args))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    if tp is Any:
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{where}: {key}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: ExperimentConfig, where: str) -> None:
+    t, d = cfg.train, cfg.data
+
+    def need(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: {key}: {problem}")
+
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "save_interval", "keep_last"):
+        need(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
+    need(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"learning rate must be positive, got {t.lr}")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    need(all(0 <= b < 1 for b in t.betas), "train.betas", f"each beta must be in [0, 1), got {list(t.betas)}")
+    need(t.dtype in ("auto", "bf16", "fp32", "fp16"), "train.dtype", f"must be auto, bf16, fp32 or fp16, got {t.dtype!r}")
+    need(t.eval_batches is None or t.eval_batches > 0, "train.eval_batches", "must be positive or null")
+    need(d.tokenizer in ("char", "bpe", "wordpiece"), "data.tokenizer", f"must be char, bpe or wordpiece, got {d.tokenizer!r}")
+    need(d.vocab_size > 0, "data.vocab_size", f"must be positive, got {d.vocab_size}")
+    need(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    need(cfg.output.sample_tokens >= 0, "output.sample_tokens", "must be >= 0")
+    block_size = getattr(cfg.model, "block_size", None)
+    if d.seq_len is not None:
+        need(d.seq_len > 1, "data.seq_len", f"must be at least 2, got {d.seq_len}")
+        if block_size is not None:
+            need(d.seq_len <= block_size, "data.seq_len",
+                 f"{d.seq_len} is longer than model.block_size={block_size} supports")
+    if hasattr(cfg.model, "validate"):
+        try:
+            cfg.model.validate()
+        except ValueError as e:  # the model config names its own key, e.g. "model.n_embd: ..."
+            raise ConfigError(f"{where}: {e}") from None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    """Plain dict (lists for tuples) with model.arch first, ready for yaml.safe_dump."""
+
+    def plain(x):
+        if isinstance(x, (tuple, list)):
+            return [plain(v) for v in x]
+        return x
+
+    out = {}
+    for section in ("model", "data", "train", "output"):
+        obj = getattr(cfg, section)
+        out[section] = {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return out
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

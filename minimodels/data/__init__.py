@@ -1,0 +1,38 @@
+"""Data: corpora, tokenizers, collators and tasks.
+
+`build_task(cfg.data, seq_len, run_dir / "tokenizer.json")` is all the Trainer and the scripts need:
+it loads the corpus, trains (or reloads) the tokenizer and returns a task object with `train`, `val`,
+`collate`, `evaluate`, `sample` (see tasks.py for the contract).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minimodels.config import DataConfig
+from minimodels.data.corpus import DataError, load_corpus
+from minimodels.data.tasks import LMTask
+from minimodels.data.tokenizer import Tokenizer, train_tokenizer
+
+TASKS = {"causal_lm": LMTask}  # data.task -> task class
+
+__all__ = ["DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
+
+
+def build_task(data_cfg: DataConfig, seq_len: int, tokenizer_path: str | Path) -> LMTask:
+    """The task for `data_cfg`, with examples of `seq_len` tokens.
+
+    If `tokenizer_path` exists (a resumed run, or generating from a saved run) that tokenizer is
+    reused; otherwise one is trained on the train split only and saved there."""
+    if data_cfg.task not in TASKS:
+        raise DataError(f"data.task: unknown task {data_cfg.task!r} (valid: {', '.join(TASKS)})")
+    corpus = load_corpus(data_cfg)
+    tokenizer_path = Path(tokenizer_path)
+    if tokenizer_path.is_file():
+        tokenizer = Tokenizer.load(tokenizer_path)
+        if tokenizer.kind != data_cfg.tokenizer:
+            raise DataError(f"data.tokenizer: is {data_cfg.tokenizer!r} but {tokenizer_path} holds a {tokenizer.kind!r} tokenizer")
+    else:
+        tokenizer = train_tokenizer(data_cfg.tokenizer, corpus["train"], data_cfg.vocab_size)
+        tokenizer.save(tokenizer_path)
+    return TASKS[data_cfg.task](tokenizer, corpus, seq_len)

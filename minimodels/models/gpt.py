@@ -1,0 +1,172 @@
+"""GPT: a decoder-only Transformer language model (Radford et al. 2018, 2019).
+
+Read top to bottom: the config, the model (embeddings -> pre-LN blocks -> final norm -> tied LM head),
+GPT-2 initialisation, generation with a KV cache, and Hugging Face interop.
+
+    h_0 = W_e[x] + W_p[0..T-1]                  token + learned position embeddings
+    h_l = Block(h_{l-1})  for l = 1..L          pre-LN, causal self-attention (minimodels/nn/block.py)
+    P(x_{t+1} | x_<=t) = softmax(LN(h_L) W_e^T)  weight tying: the output layer is the embedding matrix
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimodels.nn import PreLNBlock, build_ffn, sample_next
+from minimodels.nn.attention import KVCache
+from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "gpt"  # selects this model in configs
+    vocab_size: int | None = None  # null = size of the run's tokenizer
+    block_size: int = 256  # longest context the model supports (number of learned positions)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 256  # model width d_model
+    d_ff: int | None = None  # feed-forward width; null = 4 * n_embd
+    ffn: str = "mlp"  # feed-forward kind, see minimodels/nn/feedforward.py FFN_KINDS
+    activation: str = "gelu"  # gelu | gelu_tanh (GPT-2) | relu
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2: true)
+    tie_weights: bool = True  # LM head shares the token embedding matrix
+    attn_impl: str = "auto"  # auto | manual | sdpa (see minimodels/nn/attention.py)
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+
+    def validate(self) -> None:
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size: must be positive or null, got {self.vocab_size}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.attn_impl not in ("auto", "manual", "sdpa"):
+            raise ValueError(f"model.attn_impl: must be auto, manual or sdpa, got {self.attn_impl!r}")
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"model.ffn: unknown feed-forward {self.ffn!r} (valid: {', '.join(FFN_KINDS)})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation: must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor  # (B, T, vocab_size)
+    loss: torch.Tensor | None = None  # mean cross-entropy (nats) over predicted tokens, when labels are given
+    past_key_values: list[KVCache] | None = None  # one (k, v) per layer when use_cache=True
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("model.vocab_size: must be set (the trainer fills it from the tokenizer)")
+        config.validate()
+        self.config = c = config
+        d_ff = c.d_ff or 4 * c.n_embd
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)  # W_e
+        self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # W_p
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            PreLNBlock(c.n_embd, c.n_head, build_ffn(c.ffn, c.n_embd, d_ff, c.activation, c.dropout, c.bias),
+                       bias=c.bias, dropout=c.dropout, causal=True, attn_impl=c.attn_impl, norm_eps=c.norm_eps)
+            for _ in range(c.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2 section 2.3: scale residual-branch output projections by 1/sqrt(N), N = 2 residual adds per layer
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("ffn.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                past_key_values: list[KVCache] | None = None, use_cache: bool = False) -> GPTOutput:
+        """input_ids (B, T). labels (B, T) follow the Hugging Face convention: the model shifts them, so
+        logits[:, t] are scored against labels[:, t + 1]; -100 marks positions without a target."""
+        B, T = input_ids.shape
+        past = past_key_values[0][0].size(2) if past_key_values else 0  # tokens already in the cache
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than model.block_size={self.config.block_size}")
+        pos = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
+        presents = [] if use_cache else None
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, past_kv=past_key_values[i] if past_key_values else None, use_cache=use_cache)
+            if use_cache:
+                presents.append(kv)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            # L = -1/N sum_t log P(x_{t+1} | x_<=t)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return GPTOutput(logits=logits, loss=loss, past_key_values=presents)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Extend input_ids (B, T) by up to max_new_tokens tokens; returns (B, T + new).
+
+        With the KV cache each step feeds only the newest token. Once the context reaches block_size the
+        window slides: the oldest token is dropped and the cache rebuilt, exactly as the uncached path."""
+        if input_ids.size(1) > self.config.block_size:
+            raise ValueError(f"prompt of {input_ids.size(1)} tokens is longer than model.block_size={self.config.block_size}")
+        was_training = self.training
+        self.eval()
+        idx, cache = input_ids, None
+        for _ in range(max_new_tokens):
+            if cache is not None and idx.size(1) <= self.config.block_size:
+                out = self(idx[:, -1:], past_key_values=cache, use_cache=True)  # (B, 1, V)
+            else:  # first step, or the window slid: encode the last block_size tokens
+                out = self(idx[:, -self.config.block_size:], use_cache=use_cache)
+            cache = out.past_key_values
+            next_id = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+            if eos_token_id is not None and bool((next_id == eos_token_id).all()):
+                break
+        self.train(was_training)
+        return idx
+
+    def num_params(self, exclude_positions: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() if exclude_positions else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, forward + backward (Kaplan et al. 2020 / PaLM appendix B):
+        6 N for the weight matmuls (N = non-embedding params + LM head) + 12 L T d for attention scores."""
+        c = self.config
+        n = sum(p.numel() for n_, p in self.named_parameters() if p.dim() == 2 and "emb" not in n_ and "lm_head" not in n_)
+        n += c.vocab_size * c.n_embd  # the LM head matmul (tied or not)
+        return 6 * n + 12 * c.n_layer * seq_len * c.n_embd
+
+    # ------------------------------------------------------------------ Hugging Face interop
+    @classmethod
+    def from_hf(cls, hf_model) -> "GPT":
+        """Build a GPT from a transformers GPT2LMHeadModel (transformers is imported only in minimodels.hf)."""
+        from minimodels.hf import gpt_from_hf
+
+        return gpt_from_hf(hf_model)
+
+    def to_hf(self):
+        """Export to a transformers GPT2LMHeadModel with the same weights."""
+        from minimodels.hf import gpt_to_hf
+
+        return gpt_to_hf(self)

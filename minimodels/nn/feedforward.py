@@ -1,0 +1,41 @@
+"""Position-wise feed-forward networks: FFN(x) = act(x W_1 + b_1) W_2 + b_2 (Vaswani et al. 2017, eq. 2).
+
+Models build their feed-forward through `build_ffn(kind, ...)`, so a config can swap the module
+(`model.ffn: mlp` today; the mixture-of-experts layer registers itself here as another kind).
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact, with erf
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "relu": F.relu,
+}
+
+
+class MLP(nn.Module):
+    """Two linear layers with an activation between: d_model -> d_ff -> d_model."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        self.act = ACTIVATIONS[activation]
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)  # W_1
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)  # W_2
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # (B, T, d_model) -> (B, T, d_model)
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+FFN_KINDS = {"mlp": MLP}  # name -> constructor(d_model, d_ff, activation, dropout, bias)
+
+
+def build_ffn(kind: str, d_model: int, d_ff: int, activation: str, dropout: float, bias: bool) -> nn.Module:
+    if kind not in FFN_KINDS:
+        raise ValueError(f"model.ffn: unknown feed-forward '{kind}' (valid: {', '.join(FFN_KINDS)})")
+    return FFN_KINDS[kind](d_model, d_ff, activation, dropout, bias)

@@ -1,0 +1,64 @@
+"""Checkpoints: one folder per step, written atomically (temp folder + rename), keep the last N.
+
+    <run>/checkpoints/step_00000500/model.safetensors   model weights (safetensors)
+    <run>/checkpoints/step_00000500/trainer.pt          optimizer, scheduler, step, RNG states, data position
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict, keep_last: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(trainer_state, tmp / "trainer.pt")
+    if final.exists():  # re-saving the same step (e.g. the final step after resume)
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # atomic: a reader sees the old set of checkpoints or the new one, never half a folder
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu") -> None:
+    load_model(model, str(Path(ckpt) / "model.safetensors"), device=str(device))
+
+
+def load_trainer_state(ckpt: str | Path) -> dict:
+    return torch.load(Path(ckpt) / "trainer.pt", weights_only=True)

@@ -1,0 +1,97 @@
+"""A whole run from a config: data + tokenizer, model, Trainer, plot, sample — everything in one folder.
+
+    <output.dir>/config.yaml      the resolved config (re-running from it reproduces the run)
+    <output.dir>/tokenizer.json   the tokenizer trained on the train split
+    <output.dir>/metrics.jsonl    one JSON object per event, each with "step"
+    <output.dir>/checkpoints/     step_XXXXXXXX/{model.safetensors, trainer.pt}
+    <output.dir>/loss.png         loss curves
+    <output.dir>/sample.txt       a text sample from the final model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config
+from minimodels.data import build_task
+from minimodels.models import build_model
+from minimodels.train.checkpoint import latest_checkpoint, load_weights
+from minimodels.train.plot import plot_metrics
+from minimodels.train.trainer import Trainer, resolve_device
+
+RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt", "checkpoints")
+
+
+def prepare(cfg: ExperimentConfig, run_dir: Path):
+    """Build the task (corpus + tokenizer) and fill what the model config takes from the data (vocab_size)."""
+    seq_len = cfg.data.seq_len or getattr(cfg.model, "block_size", None)
+    task = build_task(cfg.data, seq_len, run_dir / "tokenizer.json")
+    for key, value in task.model_overrides().items():
+        if getattr(cfg.model, key, None) is None:
+            cfg.model = dataclasses.replace(cfg.model, **{key: value})
+    return task
+
+
+def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Train according to `cfg`; with `resume`, continue from the latest checkpoint in output.dir."""
+    run_dir = Path(cfg.output.dir)
+    ckpt = latest_checkpoint(run_dir)
+    if resume and ckpt is None:
+        raise ConfigError(f"{run_dir}: nothing to resume, no checkpoint in {run_dir / 'checkpoints'}")
+    if not resume and ckpt is not None:
+        if not overwrite:
+            raise ConfigError(f"output.dir: {run_dir} already holds a run ({ckpt.name}); continue it with "
+                              f"--resume {run_dir}, pick another output.dir=..., or pass --overwrite")
+    if overwrite and not resume:
+        for name in RUN_FILES:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    random.seed(cfg.train.seed)
+    task = prepare(cfg, run_dir)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    save_config(cfg, run_dir / "config.yaml")
+    trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet)
+    if resume:
+        trainer.load(ckpt)
+        if not quiet:
+            print(f"resumed {run_dir} from {ckpt.name} (step {trainer.step} of {cfg.train.max_steps})")
+    elif not quiet:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{cfg.model.arch}: {n / 1e6:.2f}M parameters, {len(task.train)} train / {len(task.val)} val examples, "
+              f"device {trainer.device}, dtype {str(trainer.dtype).removeprefix('torch.')} -> {run_dir}")
+    metrics = trainer.fit()
+    if cfg.output.plot:
+        plot_metrics(run_dir)
+    if cfg.output.sample_tokens > 0 and hasattr(task, "sample") and hasattr(model, "generate"):
+        text = task.sample(model, cfg.output.sample_prompt, cfg.output.sample_tokens,
+                           generator=torch.Generator(trainer.device).manual_seed(cfg.train.seed))
+        (run_dir / "sample.txt").write_text(text)
+        if not quiet:
+            print(f"--- sample ---\n{text}\n--------------")
+    if not quiet:
+        print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  (run folder: {run_dir})")
+    return metrics
+
+
+def load_run(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()):
+    """Load a finished (or interrupted) run for inference: (config, model in eval mode, tokenizer)."""
+    from minimodels.data import Tokenizer
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    dev = resolve_device(device)
+    model = build_model(cfg.model)
+    load_weights(model, ckpt, dev)
+    model.to(dev).eval()
+    return cfg, model, Tokenizer.load(run_dir / "tokenizer.json")

@@ -1,0 +1,156 @@
+"""The Trainer: gradient accumulation, exact resume, clear stop on a non-finite loss, the run folder."""
+
+import json
+import shutil
+from dataclasses import dataclass
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minimodels.config import TrainConfig, load_config
+from minimodels.models import GPT, GPTConfig
+from minimodels.train import Trainer, TrainingError
+from minimodels.train.checkpoint import checkpoint_dirs
+from minimodels.train.run import run
+
+
+class RandomLMTask:
+    """n random token windows; the smallest thing the Trainer can train on."""
+
+    def __init__(self, n=32, seq_len=16, vocab=50, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.train = list(torch.randint(0, vocab, (n, seq_len), generator=g))
+        self.val = self.train[:8]
+
+    def collate(self, examples, generator):
+        x = torch.stack(examples)
+        return {"input_ids": x, "labels": x.clone()}
+
+    def evaluate(self, model, batches):
+        losses = [model(**b).loss for b in batches]
+        return {"val_loss": float(sum(losses) / len(losses))}
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, **kw))
+
+
+def train_cfg(**kw):
+    base = dict(max_steps=2, batch_size=8, lr=1e-2, warmup_steps=0, device="cpu", dtype="fp32", seed=3,
+                eval_interval=1000, save_interval=1000, log_interval=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_grad_accumulation_matches_big_batch(tmp_path):
+    """k micro-batches of size b give the same update as one batch of k*b (same examples, fp32).
+
+    The update is checked with plain SGD (update = -grad): Adam divides by sqrt(v), which turns float
+    rounding in near-zero gradients into differences of order lr, whatever the accumulation does."""
+    task = RandomLMTask()
+    big = Trainer(tiny_gpt(), task, train_cfg(batch_size=8, grad_accum=1), tmp_path / "a", quiet=True)
+    small = Trainer(tiny_gpt(), task, train_cfg(batch_size=2, grad_accum=4), tmp_path / "b", quiet=True)
+    for t in (big, small):
+        t.optimizer = torch.optim.SGD(t.model.parameters(), lr=1.0)
+        t.scheduler = torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: 1.0)
+    # the first 8 examples of the epoch's permutation are the same for both
+    assert torch.equal(big.train_batch(0)["input_ids"], torch.cat([small.train_batch(i)["input_ids"] for i in range(4)]))
+    before = [p.detach().clone() for p in big.model.parameters()]
+    lb, ls = big.train_step()["loss"], small.train_step()["loss"]
+    assert abs(lb - ls) < 1e-6
+    for (name, p), q, p0 in zip(big.model.named_parameters(), small.model.parameters(), before):
+        assert (p - p0).abs().max() > 0, name  # the step did something
+        assert torch.allclose(p, q, atol=1e-6, rtol=0), name
+
+
+def test_accumulation_weights_by_targets(tmp_path):
+    """Micro-batches with different numbers of targets are weighted by their targets, not equally."""
+    from minimodels.train.trainer import count_targets
+
+    assert count_targets({"input_ids": torch.zeros(2, 4), "labels": torch.tensor([[1, 2, -100, -100], [1, 2, 3, 4]])}) == 6
+    assert count_targets({"pixels": torch.zeros(5, 3)}) == 5
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
+    @dataclass
+    class Out:
+        loss: torch.Tensor
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.calls = 0
+
+        def forward(self, input_ids, labels):
+            self.calls += 1
+            return Out(self.w.sum() * (float("nan") if self.calls >= 3 else 1.0))
+
+    t = Trainer(Exploding(), RandomLMTask(), train_cfg(max_steps=5, save_interval=1), tmp_path, quiet=True)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3; last good checkpoint: .*step_00000002"):
+        t.fit()
+
+
+def test_fp16_on_cpu_is_refused():
+    from minimodels.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.dtype: fp16 is only supported on CUDA"):
+        Trainer(tiny_gpt(), RandomLMTask(), train_cfg(dtype="fp16"), "unused", quiet=True)
+
+
+CONFIG = """
+model: {arch: gpt, block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.1}
+data: {source: %s, tokenizer: char}
+train: {max_steps: 8, batch_size: 4, lr: 1.0e-2, warmup_steps: 2, device: cpu, dtype: fp32,
+        eval_interval: 4, save_interval: 4, keep_last: 5, log_interval: 1}
+output: {dir: %s, sample_tokens: 20, sample_prompt: "The "}
+"""
+
+
+@pytest.fixture
+def text_source(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text(f"The quick brown fox {i} jumps over the lazy dog. " * 30)
+    return folder
+
+
+def test_resume_is_bit_exact(tmp_path, text_source):
+    """N steps straight == N/2 steps, stop, resume to N: same losses, same final weights (CPU fp32, dropout on)."""
+    a = tmp_path / "a"
+    (tmp_path / "exp.yaml").write_text(CONFIG % (text_source, a))
+    run(load_config(tmp_path / "exp.yaml"), quiet=True)
+    files = {p.name for p in a.iterdir()}
+    assert {"config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt", "checkpoints"} <= files
+    # an interrupted copy: it died after the step-4 checkpoint, having logged a few more steps
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    shutil.rmtree(checkpoint_dirs(b)[-1])
+    assert checkpoint_dirs(b)[-1].name == "step_00000004"
+    cfg_b = load_config(b / "config.yaml", [f"output.dir={b}"])
+    run(cfg_b, resume=True, quiet=True)
+    events_a = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    events_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda evs: [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in evs]
+    assert [e["step"] for e in events_b if "loss" in e] == list(range(1, 9))
+    assert strip(events_a) == strip(events_b)
+    wa = load_file(checkpoint_dirs(a)[-1] / "model.safetensors")
+    wb = load_file(checkpoint_dirs(b)[-1] / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_extends_a_finished_run_and_refuses_to_clobber(tmp_path, text_source):
+    from minimodels.config import ConfigError
+
+    out = tmp_path / "run"
+    (tmp_path / "exp.yaml").write_text(CONFIG % (text_source, out))
+    run(load_config(tmp_path / "exp.yaml"), quiet=True)
+    with pytest.raises(ConfigError, match="already holds a run .* --resume"):
+        run(load_config(tmp_path / "exp.yaml"), quiet=True)
+    run(load_config(out / "config.yaml", ["train.max_steps=12"]), resume=True, quiet=True)
+    assert checkpoint_dirs(out)[-1].name == "step_00000012"
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 12
