@@ -32,7 +32,7 @@ from minimodels.data.tokenizer import Tokenizer
 # --------------------------------------------------------------------------- token streams
 
 
-def encode_stream(tokenizer: Tokenizer, docs: list[str], desc: str = "tokenize") -> tuple[Tensor, Tensor]:
+def encode_stream(tokenizer: Tokenizer, docs: list[str]) -> tuple[Tensor, Tensor]:
     """All documents as one 1-D token stream, the eos token after every document.
 
     Returns `ids` (N,) and `chars` (N,): how many characters of the text each token accounts for.
@@ -58,7 +58,13 @@ def encode_stream(tokenizer: Tokenizer, docs: list[str], desc: str = "tokenize")
     # a datasets.Dataset holds the documents and maps the tokenizer over them in batches of 1000;
     # keep_in_memory: nothing is written to the Hugging Face cache folder
     ds = datasets.Dataset.from_dict({"text": docs})
-    ds = ds.map(tokenize, batched=True, remove_columns=["text"], keep_in_memory=True, desc=desc)
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # under a second: a bar would only clutter the training log
+    try:
+        ds = ds.map(tokenize, batched=True, remove_columns=["text"], keep_in_memory=True)
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
     # ds.data is the underlying Arrow table; flatten() concatenates the per-document lists into one
     def column(name: str) -> Tensor:
@@ -110,8 +116,8 @@ class LMTask:
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
-        self.train_stream, _ = encode_stream(tokenizer, corpus["train"], "tokenize train")
-        self.val_stream, self.val_chars = encode_stream(tokenizer, corpus["val"], "tokenize val")
+        self.train_stream, _ = encode_stream(tokenizer, corpus["train"])
+        self.val_stream, self.val_chars = encode_stream(tokenizer, corpus["val"])
         self.train = TokenWindows(self.train_stream, seq_len)
         self.val = TokenWindows(self.val_stream, seq_len, keep_last=True)
         if len(self.train) == 0:

@@ -115,8 +115,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if labels is not None:
-            # L = -1/N sum_t log P(x_{t+1} | x_<=t)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # L = -1/N sum_t log P(x_{t+1} | x_<=t): position t is scored against labels[:, t + 1].
+            # Shifting the labels (not slicing the logits) avoids copying the (B, T, V) logits.
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T); the last position has no target
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return GPTOutput(logits=logits, loss=loss, past_key_values=presents)
 
     @torch.no_grad()

@@ -21,6 +21,9 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.plot(*zip(*train), label="train loss", alpha=0.8)
     if val:
         ax.plot(*zip(*val), "o-", label="val loss")
+    unigram = [e["unigram_val_loss"] for e in events if "unigram_val_loss" in e]
+    if unigram:
+        ax.axhline(unigram[-1], color="gray", linestyle="--", label="unigram baseline (val)")
     title = run_dir.name
     bpc = [e["val_bpc"] for e in events if "val_bpc" in e]
     if bpc:

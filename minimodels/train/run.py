@@ -22,7 +22,7 @@ from minimodels.data import build_task
 from minimodels.models import build_model
 from minimodels.train.checkpoint import latest_checkpoint, load_weights
 from minimodels.train.plot import plot_metrics
-from minimodels.train.trainer import Trainer, resolve_device
+from minimodels.train.trainer import MetricsLog, Trainer, resolve_device
 
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt", "checkpoints")
 
@@ -63,10 +63,16 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
         trainer.load(ckpt)
         if not quiet:
             print(f"resumed {run_dir} from {ckpt.name} (step {trainer.step} of {cfg.train.max_steps})")
-    elif not quiet:
+    else:
         n = sum(p.numel() for p in model.parameters())
-        print(f"{cfg.model.arch}: {n / 1e6:.2f}M parameters, {len(task.train)} train / {len(task.val)} val examples, "
-              f"device {trainer.device}, dtype {str(trainer.dtype).removeprefix('torch.')} -> {run_dir}")
+        baseline = task.unigram_baseline() if hasattr(task, "unigram_baseline") else {}
+        if baseline:  # what a model that ignores context scores, logged as step 0 for comparison
+            MetricsLog(run_dir / "metrics.jsonl").write(step=0, **{f"unigram_{k}": v for k, v in baseline.items()})
+        if not quiet:
+            print(f"{cfg.model.arch}: {n / 1e6:.2f}M parameters, {len(task.train)} train / {len(task.val)} val examples, "
+                  f"device {trainer.device}, dtype {str(trainer.dtype).removeprefix('torch.')} -> {run_dir}")
+            if baseline:
+                print("unigram baseline: " + "  ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
     metrics = trainer.fit()
     if cfg.output.plot:
         plot_metrics(run_dir)
