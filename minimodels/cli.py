@@ -24,7 +24,7 @@ def train_main(argv: list[str] | None = None) -> int:
                    "with its saved config.yaml (overrides still apply)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar or prints")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # options may stand between the config and the overrides
     overrides = [x for x in a.args if "=" in x]
     paths = [x for x in a.args if "=" not in x]
     if len(paths) > 1:
@@ -86,7 +86,7 @@ def generate_main(argv: list[str] | None = None) -> int:
                                  use_cache=not a.no_cache, generator=g)
             if i:
                 print("-" * 40)
-            print(a.prompt + tok.decode(out[0, len(ids):].tolist()))
+            print(a.prompt + tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=False))  # shows <|endoftext|>
 
     return guarded(go)
 

@@ -49,3 +49,13 @@ def test_console_command_and_missing_resume(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     r = sh("scripts/train.py", "--resume", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "config.yaml: config file not found" in r.stderr
+
+
+def test_resume_from_the_command_line_extends_the_run(tiny_run):
+    out, _ = tiny_run
+    # options may stand between the config file and the overrides, as in the README
+    r = sh("scripts/train.py", "configs/gpt.yaml", "--resume", str(out), "train.max_steps=6", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6
