@@ -5,8 +5,9 @@
 Two implementations of the same equation live side by side:
 - `manual_attention`: the equation written out; the one to read and step through.
 - `F.scaled_dot_product_attention` (SDPA): PyTorch's fused kernel.
-`impl="auto"` picks by measurement (scripts/bench_train.py): on CPU in bf16 the manual path was
-faster up to ~256 keys (1.4x at 64, even at 256) and slower beyond (0.7x at 512); in fp32 SDPA wins.
+`impl="auto"` picks by measurement (`python scripts/bench_train.py --block-size N --batch-size 4096/N`):
+on CPU in bf16 the manual path was faster up to ~256 keys (1.4x at 64, 1.24x at 128, even at 256) and
+slower beyond (0.7x at 512); in fp32 SDPA wins.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def manual_attention(q, k, v, mask=None, dropout_p=0.0):
 
 def attention(q, k, v, mask=None, causal=False, dropout_p=0.0, impl="auto"):
     """Scaled dot-product attention with an optional causal constraint and a boolean mask."""
-    if impl == "auto":
-        impl = "manual" if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= 256) else "sdpa"
     t_q, t_k = q.size(-2), k.size(-2)
+    if impl == "auto":
+        impl = "manual" if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and t_k <= 256) else "sdpa"
     if impl == "sdpa" and mask is None and (not causal or t_q == t_k):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and t_q > 1)
     if causal:

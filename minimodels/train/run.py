@@ -64,11 +64,11 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
         if not quiet:
             print(f"resumed {run_dir} from {ckpt.name} (step {trainer.step} of {cfg.train.max_steps})")
     else:
-        n = sum(p.numel() for p in model.parameters())
         baseline = task.unigram_baseline() if hasattr(task, "unigram_baseline") else {}
         if baseline:  # what a model that ignores context scores, logged as step 0 for comparison
             MetricsLog(run_dir / "metrics.jsonl").write(step=0, **{f"unigram_{k}": v for k, v in baseline.items()})
         if not quiet:
+            n = sum(p.numel() for p in model.parameters())
             print(f"{cfg.model.arch}: {n / 1e6:.2f}M parameters, {len(task.train)} train / {len(task.val)} val examples, "
                   f"device {trainer.device}, dtype {str(trainer.dtype).removeprefix('torch.')} -> {run_dir}")
             if baseline:
