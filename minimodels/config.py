@@ -35,11 +35,15 @@ class DataConfig:
     source: str = "stdlib"  # "stdlib" (docstrings of this Python's stdlib), a .txt/.json/.jsonl file or folder, or a HF dataset name
     hf_subset: str | None = None  # configuration name of a Hugging Face dataset (e.g. wikitext-2-raw-v1)
     text_field: str = "text"  # field holding the text in JSON / Hugging Face records
-    task: str = "causal_lm"  # which collator/task turns text into batches
-    tokenizer: str = "bpe"  # char | bpe (byte-level BPE) | wordpiece
+    task: str = "causal_lm"  # which collator/task turns text into batches (minimodels/data/__init__.py TASKS)
+    tokenizer: str = "bpe"  # char | bpe (byte-level BPE) | wordpiece, or a trained tokenizer.json to reuse (runs/bert/tokenizer.json)
     vocab_size: int = 4096  # target vocabulary size for bpe / wordpiece (char: ignored)
     seq_len: int | None = None  # tokens per training example; null = model.block_size
     val_fraction: float = 0.1  # share of source files (or documents) held out for validation
+    mask_prob: float = 0.15  # masked LM: share of non-special tokens selected for prediction (BERT)
+    whole_word_mask: bool = False  # masked LM: select whole words (all their ## pieces) instead of single tokens
+    noise_density: float = 0.15  # span corruption: share of tokens dropped into the targets (T5)
+    mean_span_length: float = 3.0  # span corruption: mean length of a dropped span
 
 
 @dataclass
@@ -232,7 +236,11 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
     need(all(0 <= b < 1 for b in t.betas), "train.betas", f"each beta must be in [0, 1), got {list(t.betas)}")
     need(t.dtype in ("auto", "bf16", "fp32", "fp16"), "train.dtype", f"must be auto, bf16, fp32 or fp16, got {t.dtype!r}")
     need(t.eval_batches is None or t.eval_batches > 0, "train.eval_batches", "must be positive or null")
-    need(d.tokenizer in ("char", "bpe", "wordpiece"), "data.tokenizer", f"must be char, bpe or wordpiece, got {d.tokenizer!r}")
+    need(d.tokenizer in ("char", "bpe", "wordpiece") or d.tokenizer.endswith(".json"), "data.tokenizer",
+         f"must be char, bpe, wordpiece or a path to a tokenizer.json, got {d.tokenizer!r}")
+    need(0 < d.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {d.mask_prob}")
+    need(0 < d.noise_density < 1, "data.noise_density", f"must be in (0, 1), got {d.noise_density}")
+    need(d.mean_span_length >= 1, "data.mean_span_length", f"must be >= 1, got {d.mean_span_length}")
     need(d.vocab_size > 0, "data.vocab_size", f"must be positive, got {d.vocab_size}")
     need(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     need(cfg.output.sample_tokens >= 0, "output.sample_tokens", "must be >= 0")

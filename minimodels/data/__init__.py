@@ -19,20 +19,27 @@ TASKS = {"causal_lm": LMTask}  # data.task -> task class
 __all__ = ["DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
 
 
-def build_task(data_cfg: DataConfig, seq_len: int, tokenizer_path: str | Path) -> LMTask:
+def build_task(data_cfg: DataConfig, seq_len: int | None, tokenizer_path: str | Path):
     """The task for `data_cfg`, with examples of `seq_len` tokens.
 
     If `tokenizer_path` exists (a resumed run, or generating from a saved run) that tokenizer is
-    reused; otherwise one is trained on the train split only and saved there."""
+    reused; else if `data.tokenizer` names a tokenizer.json (fine-tuning reuses the pretraining run's)
+    that one is loaded; otherwise one is trained on the train split only. The task may add special
+    tokens (T5's sentinels), so the tokenizer is saved to `tokenizer_path` after the task is built."""
     if data_cfg.task not in TASKS:
         raise DataError(f"data.task: unknown task {data_cfg.task!r} (valid: {', '.join(TASKS)})")
     corpus = load_corpus(data_cfg)
     tokenizer_path = Path(tokenizer_path)
     if tokenizer_path.is_file():
         tokenizer = Tokenizer.load(tokenizer_path)
-        if tokenizer.kind != data_cfg.tokenizer:
+        if not data_cfg.tokenizer.endswith(".json") and tokenizer.kind != data_cfg.tokenizer:
             raise DataError(f"data.tokenizer: is {data_cfg.tokenizer!r} but {tokenizer_path} holds a {tokenizer.kind!r} tokenizer")
+    elif data_cfg.tokenizer.endswith(".json"):
+        if not Path(data_cfg.tokenizer).is_file():
+            raise DataError(f"data.tokenizer: tokenizer file {data_cfg.tokenizer} not found (train that run first)")
+        tokenizer = Tokenizer.load(data_cfg.tokenizer)
     else:
         tokenizer = train_tokenizer(data_cfg.tokenizer, corpus["train"], data_cfg.vocab_size)
-        tokenizer.save(tokenizer_path)
-    return TASKS[data_cfg.task](tokenizer, corpus, seq_len)
+    task = TASKS[data_cfg.task](tokenizer, corpus, seq_len, data_cfg)
+    tokenizer.save(tokenizer_path)
+    return task

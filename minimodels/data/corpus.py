@@ -81,24 +81,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINIMODELS_CACHE") or Path.home() / ".cache" / "minimodels")
 
 
-def extract_docstrings(path: Path) -> list[str]:
-    """Docstrings of the module and of every class / function / async function in it, in source order.
+def extract_docstrings(path: Path) -> list[tuple[str, str]]:
+    """(name, docstring) of the module and of every class / function / async function in it, in source
+    order. name is the qualified name inside the module ("JSONDecoder.decode"), "" for the module itself.
 
     Raises SyntaxError / ValueError / UnicodeDecodeError for files that do not parse."""
     tree = ast.parse(path.read_bytes())  # bytes: `ast` honours the file's own coding declaration
-    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-    nodes.sort(key=lambda n: getattr(n, "lineno", 0))  # ast.walk is breadth-first; put them back in file order
-    docs = [ast.get_docstring(n) for n in nodes]  # get_docstring also removes the indentation
-    return [d for d in docs if d and d.strip()]
+    found = []  # (line, name, docstring)
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = prefix + child.name
+                found.append((child.lineno, name, ast.get_docstring(child)))  # also removes the indentation
+                visit(child, name + ".")
+            else:  # definitions inside if/try/with blocks still belong to the enclosing scope
+                visit(child, prefix)
+
+    found.append((0, "", ast.get_docstring(tree)))
+    visit(tree, "")
+    found.sort(key=lambda item: item[0])  # file order
+    return [(name, doc) for _, name, doc in found if doc and doc.strip()]
 
 
 def stdlib_records() -> list[dict]:
-    """Every docstring of the running interpreter's stdlib as {"text": docstring, "path": "json/decoder.py"}.
+    """Every docstring of the running interpreter's stdlib as
+    {"text": docstring, "path": "json/decoder.py", "name": "JSONDecoder.decode"} (name "" for a module).
 
     The first call parses ~730 files (a few seconds) and caches the result as JSON in
     $MINIMODELS_CACHE (default ~/.cache/minimodels/), one file per Python version."""
     version = f"{platform.python_implementation().lower()}-{platform.python_version()}"
-    cache = cache_dir() / f"stdlib-docstrings-{version}.json"
+    cache = cache_dir() / f"stdlib-docstrings-v2-{version}.json"  # v2: records carry "name"
     if cache.is_file():
         try:
             return json.loads(cache.read_text(encoding="utf-8"))
@@ -114,7 +127,7 @@ def stdlib_records() -> list[dict]:
         except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
             continue  # e.g. Python 2 leftovers: not our documentation
         rel = path.relative_to(root).as_posix()
-        records += [{"text": d, "path": rel} for d in docs]
+        records += [{"text": d, "path": rel, "name": name} for name, d in docs]
 
     # write to a temporary file, then rename: a crash or a parallel run never leaves half a file
     cache.parent.mkdir(parents=True, exist_ok=True)

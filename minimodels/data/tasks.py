@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minimodels.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, CausalLMCollator
 from minimodels.data.corpus import DataError
 from minimodels.data.tokenizer import Tokenizer
@@ -113,7 +114,7 @@ class LMTask:
     which — unlike the loss — can be compared between tokenizers.
     """
 
-    def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int):
+    def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.train_stream, _ = encode_stream(tokenizer, corpus["train"])

@@ -17,9 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimodels.nn import PreLNBlock, build_ffn, sample_next
-from minimodels.nn.attention import KVCache
-from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS
+from minimodels.nn import ACTIVATIONS, FFN_KINDS, KVCache, PreLNBlock, build_ffn, sample_next
 
 
 @dataclass

@@ -1,9 +1,19 @@
-"""Shared building blocks: attention, feed-forward, blocks, sampling."""
+"""Shared building blocks: attention, feed-forward, norms, positions, blocks, sampling.
 
-from minimodels.nn.attention import MultiHeadSelfAttention, attention, causal_mask, manual_attention
-from minimodels.nn.block import PreLNBlock
-from minimodels.nn.feedforward import FFN_KINDS, MLP, build_ffn
+GPT, BERT and T5 are three arrangements of these parts:
+    GPT   learned positions + PreLNBlock(causal)                                     + tied LM head
+    BERT  learned positions + segments + PostLNBlock(bidirectional)                  + MLM / NSP / classifier heads
+    T5    relative position bias + PreLNBlock(bidirectional, RMSNorm)  -> encoder
+                             + PreLNBlock(causal, cross-attention, RMSNorm) -> decoder + LM head
+"""
+
+from minimodels.nn.attention import KVCache, MultiHeadAttention, attention, causal_mask, manual_attention
+from minimodels.nn.block import PostLNBlock, PreLNBlock
+from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS, MLP, GatedMLP, build_ffn
+from minimodels.nn.norm import RMSNorm, build_norm
+from minimodels.nn.position import RelativePositionBias, relative_position_bucket
 from minimodels.nn.sampling import sample_next
 
-__all__ = ["MultiHeadSelfAttention", "attention", "causal_mask", "manual_attention", "PreLNBlock",
-           "FFN_KINDS", "MLP", "build_ffn", "sample_next"]
+__all__ = ["KVCache", "MultiHeadAttention", "attention", "causal_mask", "manual_attention", "PostLNBlock",
+           "PreLNBlock", "ACTIVATIONS", "FFN_KINDS", "MLP", "GatedMLP", "build_ffn", "RMSNorm", "build_norm",
+           "RelativePositionBias", "relative_position_bucket", "sample_next"]

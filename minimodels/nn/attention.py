@@ -1,6 +1,9 @@
 """Multi-head scaled dot-product attention (Vaswani et al. 2017, section 3.2).
 
-    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + mask) V
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + B + M) V
+
+B is an optional additive position bias (T5's relative position bias), M the mask: 0 where a query may
+attend a key, -inf where it may not (padding, future positions in a decoder).
 
 Two implementations of the same equation live side by side:
 - `manual_attention`: the equation written out; the one to read and step through.
@@ -8,6 +11,9 @@ Two implementations of the same equation live side by side:
 `impl="auto"` picks by measurement (`python scripts/bench_train.py --block-size N --batch-size 4096/N`):
 on CPU in bf16 the manual path was faster up to ~256 keys (1.4x at 64, 1.24x at 128, even at 256) and
 slower beyond (0.7x at 512); in fp32 SDPA wins.
+
+One module, three uses: bidirectional self-attention (BERT, the T5 encoder), causal self-attention with a
+KV cache (GPT, the T5 decoder) and cross-attention (the T5 decoder attending to the encoder output).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, nh, T_past, hs)
+KVCache = tuple[torch.Tensor, ...]  # (k, v), each (B, nh, T_past, hs); a decoder layer adds (k, v) of the encoder
 
 
 def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
@@ -28,9 +34,13 @@ def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
     return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
 
 
-def manual_attention(q, k, v, mask=None, dropout_p=0.0):
-    """q (B, nh, Tq, hs), k/v (B, nh, Tk, hs), mask bool broadcastable to (B, nh, Tq, Tk), True = attend."""
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, Tq, Tk)
+def manual_attention(q, k, v, mask=None, bias=None, dropout_p=0.0, scale=None):
+    """q (B, nh, Tq, hs), k/v (B, nh, Tk, hs); mask bool broadcastable to (B, nh, Tq, Tk), True = attend;
+    bias float broadcastable to (B, nh, Tq, Tk), added to the scores; scale defaults to 1/sqrt(hs)."""
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, Tq, Tk)
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     att = F.softmax(scores, dim=-1)
@@ -39,46 +49,72 @@ def manual_attention(q, k, v, mask=None, dropout_p=0.0):
     return att @ v  # (B, nh, Tq, hs)
 
 
-def attention(q, k, v, mask=None, causal=False, dropout_p=0.0, impl="auto"):
-    """Scaled dot-product attention with an optional causal constraint and a boolean mask."""
+def attention(q, k, v, mask=None, bias=None, causal=False, dropout_p=0.0, scale=None, impl="auto"):
+    """Scaled dot-product attention with an optional causal constraint, boolean mask and additive bias."""
     t_q, t_k = q.size(-2), k.size(-2)
     if impl == "auto":
         impl = "manual" if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and t_k <= 256) else "sdpa"
-    if impl == "sdpa" and mask is None and (not causal or t_q == t_k):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and t_q > 1)
+    if impl == "sdpa" and mask is None and bias is None and (not causal or t_q == t_k):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and t_q > 1, scale=scale)
     if causal:
         cm = causal_mask(t_q, t_k, q.device)
         mask = cm if mask is None else mask & cm
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if bias is not None:  # SDPA takes one float mask: the bias with -inf where the bool mask says no
+            mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     if impl != "manual":
         raise ValueError(f"attention impl must be auto, manual or sdpa, got {impl!r}")
-    return manual_attention(q, k, v, mask, dropout_p)
+    return manual_attention(q, k, v, mask, bias, dropout_p, scale)
 
 
-class MultiHeadSelfAttention(nn.Module):
-    """Self-attention with fused Q/K/V projection, optional causal mask, padding mask and KV cache."""
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: self-attention (fused Q/K/V projection) or, with cross=True, cross-attention
+    (queries from x, keys and values from `memory`, the encoder output).
 
-    def __init__(self, d_model: int, n_head: int, bias: bool = True, dropout: float = 0.0,
-                 causal: bool = False, impl: str = "auto"):
+    d_head defaults to d_model / n_head (T5 allows another head size); scaled=False drops the
+    1/sqrt(d_head) factor (T5 folds it into the initialisation of W_Q)."""
+
+    def __init__(self, d_model: int, n_head: int, d_head: int | None = None, bias: bool = True, dropout: float = 0.0,
+                 causal: bool = False, cross: bool = False, scaled: bool = True, impl: str = "auto"):
         super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
-        self.n_head, self.causal, self.impl, self.dropout = n_head, causal, impl, dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # W_Q, W_K, W_V stacked
-        self.proj = nn.Linear(d_model, d_model, bias=bias)  # W_O
+        if d_head is None:
+            if d_model % n_head:
+                raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
+            d_head = d_model // n_head
+        self.n_head, self.causal, self.cross, self.impl, self.dropout = n_head, causal, cross, impl, dropout
+        self.scale = None if scaled else 1.0
+        inner = n_head * d_head
+        if cross:
+            self.q = nn.Linear(d_model, inner, bias=bias)  # W_Q, applied to the decoder stream
+            self.kv = nn.Linear(d_model, 2 * inner, bias=bias)  # W_K, W_V stacked, applied to the encoder output
+        else:
+            self.qkv = nn.Linear(d_model, 3 * inner, bias=bias)  # W_Q, W_K, W_V stacked
+        self.proj = nn.Linear(inner, d_model, bias=bias)  # W_O
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, padding_mask=None, past_kv: KVCache | None = None, use_cache: bool = False):
-        """x (B, T, C); padding_mask (B, T_total) bool, True = real token. Returns (y (B, T, C), cache or None)."""
-        # head_i = Attention(X W_Q^i, X W_K^i, X W_V^i) for all heads at once
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)  # each (B, nh, T, hs)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
-            v = torch.cat([past_kv[1], v], dim=2)
+    def forward(self, x, memory=None, padding_mask=None, position_bias=None, past_kv: KVCache | None = None,
+                use_cache: bool = False):
+        """x (B, T, C). Self-attention: padding_mask (B, T_past + T) bool, True = real token; past_kv the
+        (k, v) of earlier positions. Cross-attention: memory (B, S, C), padding_mask (B, S); past_kv the
+        (k, v) of memory computed on the first decoding step (memory is not needed again).
+        position_bias broadcastable to (B, nh, T, Tk). Returns (y (B, T, C), (k, v) if use_cache else None)."""
+        if self.cross:
+            q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.n_head)  # (B, nh, T, hs)
+            if past_kv is not None:
+                k, v = past_kv  # the encoder output does not change while decoding
+            else:
+                k, v = rearrange(self.kv(memory), "b s (two h d) -> two b h s d", two=2, h=self.n_head)  # each (B, nh, S, hs)
+        else:
+            # head_i = Attention(X W_Q^i, X W_K^i, X W_V^i) for all heads at once
+            q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)  # each (B, nh, T, hs)
+            if past_kv is not None:
+                k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
+                v = torch.cat([past_kv[1], v], dim=2)
         mask = None if padding_mask is None else padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
         p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, mask=mask, causal=self.causal, dropout_p=p, impl=self.impl)  # (B, nh, T, hs)
+        y = attention(q, k, v, mask=mask, bias=position_bias, causal=self.causal, dropout_p=p, scale=self.scale,
+                      impl=self.impl)  # (B, nh, T, hs)
         # MultiHead(X) = Concat(head_1, ..., head_h) W_O
-        y = rearrange(y, "b h t d -> b t (h d)")  # (B, T, C)
+        y = rearrange(y, "b h t d -> b t (h d)")  # (B, T, nh * hs)
         return self.resid_dropout(self.proj(y)), ((k, v) if use_cache else None)

@@ -1,29 +1,76 @@
-"""Transformer blocks built from attention + feed-forward + norms."""
+"""Transformer blocks: attention + feed-forward, each wrapped in a residual connection and a norm.
+
+Where the norm sits is the one real difference between the two kinds:
+
+    post-LN (original Transformer, BERT):      x = LN(x + Attention(x));   x = LN(x + FFN(x))
+    pre-LN  (GPT-2, T5):                       x = x + Attention(LN(x));   x = x + FFN(LN(x))
+
+Pre-LN keeps an un-normalised residual path from input to output, which trains stably without a long
+warm-up (Xiong et al. 2020). A decoder block of an encoder-decoder (T5) adds cross-attention between
+the two: x = x + CrossAttention(LN(x), encoder output).
+"""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-from minimodels.nn.attention import KVCache, MultiHeadSelfAttention
+from minimodels.nn.attention import KVCache, MultiHeadAttention
+from minimodels.nn.norm import build_norm
 
 
 class PreLNBlock(nn.Module):
-    """Pre-LN residual block (GPT-2, Radford et al. 2019, section 2.3):
+    """Pre-LN block (GPT-2, Radford et al. 2019, section 2.3; T5 with norm="rms"):
 
         x = x + Attention(LN(x))
+        x = x + CrossAttention(LN(x), memory)     only when cross_attention=True
         x = x + FFN(LN(x))
     """
 
     def __init__(self, d_model: int, n_head: int, ffn: nn.Module, bias: bool = True, dropout: float = 0.0,
-                 causal: bool = True, attn_impl: str = "auto", norm_eps: float = 1e-5):
+                 causal: bool = True, cross_attention: bool = False, norm: str = "layer", norm_eps: float = 1e-5,
+                 d_head: int | None = None, scaled: bool = True, attn_impl: str = "auto"):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
-        self.attn = MultiHeadSelfAttention(d_model, n_head, bias=bias, dropout=dropout, causal=causal, impl=attn_impl)
-        self.ln2 = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
+        attn = dict(d_head=d_head, bias=bias, dropout=dropout, scaled=scaled, impl=attn_impl)
+        self.ln1 = build_norm(norm, d_model, norm_eps, bias)
+        self.attn = MultiHeadAttention(d_model, n_head, causal=causal, **attn)
+        if cross_attention:
+            self.ln_cross = build_norm(norm, d_model, norm_eps, bias)
+            self.cross_attn = MultiHeadAttention(d_model, n_head, cross=True, **attn)
+        self.ln2 = build_norm(norm, d_model, norm_eps, bias)
         self.ffn = ffn
 
-    def forward(self, x, padding_mask=None, past_kv: KVCache | None = None, use_cache: bool = False):
-        a, present = self.attn(self.ln1(x), padding_mask=padding_mask, past_kv=past_kv, use_cache=use_cache)
+    def forward(self, x, padding_mask=None, position_bias=None, memory=None, memory_mask=None,
+                past_kv: KVCache | None = None, use_cache: bool = False):
+        """x (B, T, C); memory (B, S, C) and memory_mask (B, S) for cross-attention. The cache of a layer is
+        (k, v) of self-attention, followed by (k, v) of cross-attention in a decoder block."""
+        a, present = self.attn(self.ln1(x), padding_mask=padding_mask, position_bias=position_bias,
+                               past_kv=past_kv[:2] if past_kv else None, use_cache=use_cache)
         x = x + a
+        if hasattr(self, "cross_attn"):
+            a, cross = self.cross_attn(self.ln_cross(x), memory=memory, padding_mask=memory_mask,
+                                       past_kv=past_kv[2:] if past_kv else None, use_cache=use_cache)
+            x = x + a
+            present = present + cross if use_cache else None
         x = x + self.ffn(self.ln2(x))
         return x, present  # (B, T, C), cache or None
+
+
+class PostLNBlock(nn.Module):
+    """Post-LN block (Vaswani et al. 2017, section 3.1; BERT):
+
+        x = LN(x + Attention(x))
+        x = LN(x + FFN(x))
+    """
+
+    def __init__(self, d_model: int, n_head: int, ffn: nn.Module, bias: bool = True, dropout: float = 0.0,
+                 causal: bool = False, norm_eps: float = 1e-12, attn_impl: str = "auto"):
+        super().__init__()
+        self.attn = MultiHeadAttention(d_model, n_head, bias=bias, dropout=dropout, causal=causal, impl=attn_impl)
+        self.ln1 = nn.LayerNorm(d_model, eps=norm_eps)
+        self.ffn = ffn
+        self.ln2 = nn.LayerNorm(d_model, eps=norm_eps)
+
+    def forward(self, x, padding_mask=None):
+        """x (B, T, C), padding_mask (B, T) bool, True = real token. Returns (B, T, C)."""
+        x = self.ln1(x + self.attn(x, padding_mask=padding_mask)[0])
+        return self.ln2(x + self.ffn(x))

@@ -1,7 +1,10 @@
-"""Position-wise feed-forward networks: FFN(x) = act(x W_1 + b_1) W_2 + b_2 (Vaswani et al. 2017, eq. 2).
+"""Position-wise feed-forward networks (Vaswani et al. 2017, eq. 2):
+
+    MLP:    FFN(x) = act(x W_1 + b_1) W_2 + b_2                  GPT, BERT (GELU), original T5 (ReLU, no bias)
+    gated:  FFN(x) = (act(x W_g) * (x W_1)) W_2                  T5 v1.1 (gated-GELU; Shazeer 2020, "GLU variants")
 
 Models build their feed-forward through `build_ffn(kind, ...)`, so a config can swap the module
-(`model.ffn: mlp` today; the mixture-of-experts layer registers itself here as another kind).
+(`model.ffn: mlp | gated`; the mixture-of-experts layer registers itself here as another kind).
 """
 
 from __future__ import annotations
@@ -11,9 +14,15 @@ import torch.nn.functional as F
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact, with erf
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new", T5 v1.1's gated-gelu
     "relu": F.relu,
 }
+
+
+def _activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
 
 
 class MLP(nn.Module):
@@ -21,9 +30,7 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-        self.act = ACTIVATIONS[activation]
+        self.act = _activation(activation)
         self.fc = nn.Linear(d_model, d_ff, bias=bias)  # W_1
         self.proj = nn.Linear(d_ff, d_model, bias=bias)  # W_2
         self.dropout = nn.Dropout(dropout)
@@ -32,7 +39,22 @@ class MLP(nn.Module):
         return self.dropout(self.proj(self.act(self.fc(x))))
 
 
-FFN_KINDS = {"mlp": MLP}  # name -> constructor(d_model, d_ff, activation, dropout, bias)
+class GatedMLP(nn.Module):
+    """A gated linear unit: the activated gate x W_g multiplies the linear path x W_1 element-wise."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu_tanh", dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        self.act = _activation(activation)
+        self.gate = nn.Linear(d_model, d_ff, bias=bias)  # W_g (T5's wi_0)
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)  # W_1 (T5's wi_1)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)  # W_2 (T5's wo)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # (B, T, d_model) -> (B, T, d_model)
+        return self.dropout(self.proj(self.act(self.gate(x)) * self.fc(x)))
+
+
+FFN_KINDS = {"mlp": MLP, "gated": GatedMLP}  # name -> constructor(d_model, d_ff, activation, dropout, bias)
 
 
 def build_ffn(kind: str, d_model: int, d_ff: int, activation: str, dropout: float, bias: bool) -> nn.Module:

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -62,3 +62,23 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu") -> None
 
 def load_trainer_state(ckpt: str | Path) -> dict:
     return torch.load(Path(ckpt) / "trainer.pt", weights_only=True)
+
+
+def load_pretrained(model: torch.nn.Module, ckpt: str | Path) -> tuple[list[str], list[str]]:
+    """Copy the weights of checkpoint `ckpt` into `model` wherever the names match (fine-tuning from a
+    pretrained run). Returns (new, dropped): parameters of `model` the checkpoint does not have (a fresh
+    classifier head keeps its initialisation) and checkpoint tensors `model` has no place for (e.g. the
+    MLM head). A name present in both with different shapes raises ValueError naming it."""
+    state = load_file(str(Path(ckpt) / "model.safetensors"))
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} in {ckpt} but {tuple(own[name].shape)} in this model")
+    matched = {name: t for name, t in state.items() if name in own}
+    if not matched:
+        raise ValueError(f"no parameter name of {ckpt} matches this model (is it the same model.arch?)")
+    model.load_state_dict(matched, strict=False)
+    loaded = {own[name].data_ptr() for name in matched}  # tied weights are saved once: count them as loaded
+    new = [name for name, t in own.items() if name not in matched and t.data_ptr() not in loaded]
+    dropped = [name for name in state if name not in own]
+    return new, dropped

@@ -20,7 +20,7 @@ import torch
 from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config
 from minimodels.data import build_task
 from minimodels.models import build_model
-from minimodels.train.checkpoint import latest_checkpoint, load_weights
+from minimodels.train.checkpoint import latest_checkpoint, load_pretrained, load_weights
 from minimodels.train.plot import plot_metrics
 from minimodels.train.trainer import MetricsLog, Trainer, resolve_device
 
@@ -30,6 +30,8 @@ RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "samp
 def prepare(cfg: ExperimentConfig, run_dir: Path):
     """Build the task (corpus + tokenizer) and fill what the model config takes from the data (vocab_size)."""
     seq_len = cfg.data.seq_len or getattr(cfg.model, "block_size", None)
+    if seq_len is None:
+        raise ConfigError(f"data.seq_len: must be set for model.arch={cfg.model.arch} (it has no block_size)")
     task = build_task(cfg.data, seq_len, run_dir / "tokenizer.json")
     for key, value in task.model_overrides().items():
         if getattr(cfg.model, key, None) is None:
@@ -57,6 +59,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
     task = prepare(cfg, run_dir)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
+    if getattr(cfg.model, "init_from", None) and not resume:
+        init_from_run(model, Path(cfg.model.init_from), run_dir, quiet)
     save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet)
     if resume:
@@ -85,6 +89,27 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
     if not quiet:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  (run folder: {run_dir})")
     return metrics
+
+
+def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> None:
+    """Start from the weights of the pretraining run `source` (model.init_from): same tokenizer, same
+    shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation."""
+    from minimodels.data import Tokenizer
+
+    ckpt = latest_checkpoint(source)
+    if ckpt is None:
+        raise ConfigError(f"model.init_from: {source} holds no checkpoint (train that run first)")
+    theirs, ours = Tokenizer.load(source / "tokenizer.json"), Tokenizer.load(run_dir / "tokenizer.json")
+    if theirs.backend.get_vocab(with_added_tokens=True) != ours.backend.get_vocab(with_added_tokens=True):
+        raise ConfigError(f"model.init_from: {source}/tokenizer.json is not this run's tokenizer "
+                          f"(set data.tokenizer: {source}/tokenizer.json)")
+    try:
+        new, dropped = load_pretrained(model, ckpt)
+    except ValueError as e:
+        raise ConfigError(f"model.init_from: {e} (the model sections must match {source}/config.yaml)") from None
+    if not quiet:
+        print(f"initialised from {ckpt}" + (f"; new: {', '.join(new)}" if new else "")
+              + (f"; not used: {', '.join(dropped)}" if dropped else ""))
 
 
 def load_run(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()):
