@@ -10,7 +10,7 @@ import torch
 from minimodels.config import DataConfig
 from minimodels.data import DataError, LMTask, Tokenizer, build_task, load_corpus, train_tokenizer
 from minimodels.data.collate import CausalLMCollator
-from minimodels.data.corpus import split_records, stdlib_records
+from minimodels.data.corpus import extract_docstrings, split_records, stdlib_records
 from minimodels.data.tasks import encode_stream, unigram_baseline
 from minimodels.train.trainer import val_batches
 
@@ -30,6 +30,25 @@ def stdlib(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- corpora
+
+
+def test_docstrings_carry_qualified_names_in_file_order(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('''"""Module doc."""
+class A:
+    """Class A."""
+    def f(self):
+        """Method f."""
+        def inner():
+            """Inner."""
+    def undocumented(self):
+        pass
+if True:
+    async def g():
+        """Coroutine g, defined inside an if."""
+''')
+    assert extract_docstrings(src) == [("", "Module doc."), ("A", "Class A."), ("A.f", "Method f."),
+                                       ("A.f.inner", "Inner."), ("g", "Coroutine g, defined inside an if.")]
 
 
 def test_stdlib_corpus_split_by_file(stdlib):

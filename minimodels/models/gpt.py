@@ -36,6 +36,7 @@ class GPTConfig:
     tie_weights: bool = True  # LM head shares the token embedding matrix
     attn_impl: str = "auto"  # auto | manual | sdpa (see minimodels/nn/attention.py)
     norm_eps: float = 1e-5  # LayerNorm epsilon
+    init_from: str | None = None  # a run folder (runs/gpt) whose latest weights this model starts from
 
     def validate(self) -> None:
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
