@@ -3,10 +3,14 @@
 The trainer builds models only through this table, so adding a model never touches the trainer.
 """
 
+from minimodels.models.bert import BERT, BERTConfig
 from minimodels.models.gpt import GPT, GPTConfig
+from minimodels.models.t5 import T5, T5Config
 
 MODELS = {
     "gpt": (GPTConfig, GPT),
+    "bert": (BERTConfig, BERT),
+    "t5": (T5Config, T5),
 }
 MODEL_CONFIGS = {name: cfg for name, (cfg, _) in MODELS.items()}
 
@@ -16,4 +20,4 @@ def build_model(config):
     return MODELS[config.arch][1](config)
 
 
-__all__ = ["GPT", "GPTConfig", "MODELS", "MODEL_CONFIGS", "build_model"]
+__all__ = ["BERT", "BERTConfig", "GPT", "GPTConfig", "T5", "T5Config", "MODELS", "MODEL_CONFIGS", "build_model"]

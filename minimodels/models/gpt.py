@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimodels.nn import ACTIVATIONS, FFN_KINDS, KVCache, PreLNBlock, build_ffn, sample_next
+from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, sample_next
 
 
 @dataclass
@@ -46,14 +46,7 @@ class GPTConfig:
             raise ValueError(f"model.vocab_size: must be positive or null, got {self.vocab_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
-        if self.attn_impl not in ("auto", "manual", "sdpa"):
-            raise ValueError(f"model.attn_impl: must be auto, manual or sdpa, got {self.attn_impl!r}")
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"model.ffn: unknown feed-forward {self.ffn!r} (valid: {', '.join(FFN_KINDS)})")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation: must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        check_block_options(self)
 
 
 @dataclass

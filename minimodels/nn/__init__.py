@@ -8,12 +8,12 @@ GPT, BERT and T5 are three arrangements of these parts:
 """
 
 from minimodels.nn.attention import KVCache, MultiHeadAttention, attention, causal_mask, manual_attention
-from minimodels.nn.block import PostLNBlock, PreLNBlock
+from minimodels.nn.block import PostLNBlock, PreLNBlock, check_block_options
 from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS, MLP, GatedMLP, build_ffn
 from minimodels.nn.norm import RMSNorm, build_norm
 from minimodels.nn.position import RelativePositionBias, relative_position_bucket
 from minimodels.nn.sampling import sample_next
 
 __all__ = ["KVCache", "MultiHeadAttention", "attention", "causal_mask", "manual_attention", "PostLNBlock",
-           "PreLNBlock", "ACTIVATIONS", "FFN_KINDS", "MLP", "GatedMLP", "build_ffn", "RMSNorm", "build_norm",
+           "PreLNBlock", "check_block_options", "ACTIVATIONS", "FFN_KINDS", "MLP", "GatedMLP", "build_ffn", "RMSNorm", "build_norm",
            "RelativePositionBias", "relative_position_bucket", "sample_next"]

@@ -15,7 +15,23 @@ from __future__ import annotations
 import torch.nn as nn
 
 from minimodels.nn.attention import KVCache, MultiHeadAttention
+from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS
 from minimodels.nn.norm import build_norm
+
+ATTN_IMPLS = ("auto", "manual", "sdpa")
+
+
+def check_block_options(config) -> None:
+    """Validate the block options every model config shares (attn_impl, ffn, activation, dropout), naming
+    the YAML key in the error."""
+    if config.attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"model.attn_impl: must be one of {', '.join(ATTN_IMPLS)}, got {config.attn_impl!r}")
+    if config.ffn not in FFN_KINDS:
+        raise ValueError(f"model.ffn: unknown feed-forward {config.ffn!r} (valid: {', '.join(FFN_KINDS)})")
+    if config.activation not in ACTIVATIONS:
+        raise ValueError(f"model.activation: must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"model.dropout: must be in [0, 1), got {config.dropout}")
 
 
 class PreLNBlock(nn.Module):

@@ -1,0 +1,201 @@
+"""BERT: a bidirectional Transformer encoder, pretrained by masked language modelling (Devlin et al. 2018).
+
+Read top to bottom: the config, the MLM head, the model (embeddings -> post-LN blocks -> pooler -> the head
+the config asks for), BERT initialisation, and Hugging Face interop.
+
+    h_0 = LN(E_tok[x] + E_pos[0..T-1] + E_seg[s])       token + position + segment embeddings (section 3.2)
+    h_l = Block(h_{l-1})  for l = 1..L                  post-LN, bidirectional self-attention (minimodels/nn/block.py)
+    MLM:      P(x_t | x_masked) = softmax(LN(GELU(h_L[t] W_t)) E_tok^T + b)    decoder tied to E_tok (appendix A.1)
+    pooler:   p = tanh(h_L[CLS] W_p)                    the [CLS] position summarises the sequence
+    NSP:      P(IsNext | A, B) = softmax(p W_nsp)       optional, model.nsp
+    classify: P(y | x) = softmax(dropout(p) W_c)        fine-tuning on one label per sequence (section 4.1)
+
+Every position sees every other (no causal mask); padding is removed from attention by `attention_mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimodels.nn import ACTIVATIONS, PostLNBlock, build_ffn, check_block_options
+
+HEADS = ("mlm", "classify", "none")
+
+
+@dataclass
+class BERTConfig:
+    arch: str = "bert"  # selects this model in configs
+    vocab_size: int | None = None  # null = size of the run's tokenizer
+    block_size: int = 128  # longest sequence the model supports (number of learned positions)
+    type_vocab_size: int = 2  # segments: sentence A = 0, sentence B = 1
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 256  # model width d_model (BERT's hidden_size)
+    d_ff: int | None = None  # feed-forward width; null = 4 * n_embd
+    ffn: str = "mlp"  # feed-forward kind, see minimodels/nn/feedforward.py FFN_KINDS
+    activation: str = "gelu"  # gelu (BERT: exact, erf) | gelu_tanh | relu
+    dropout: float = 0.1  # on embeddings, attention weights, residual branches and the classifier input
+    attn_impl: str = "auto"  # auto | manual | sdpa (see minimodels/nn/attention.py)
+    norm_eps: float = 1e-12  # LayerNorm epsilon (BERT: 1e-12)
+    head: str = "mlm"  # mlm (pretraining) | classify (one label per sequence) | none (encoder + pooler only)
+    nsp: bool = False  # add the next-sentence-prediction head (needs head: mlm; trained by next_sentence_label)
+    num_labels: int | None = None  # classes of the classify head; null = from the task
+    init_from: str | None = None  # a pretraining run folder to start from (fine-tuning), e.g. runs/bert
+
+    def validate(self) -> None:
+        for name in ("block_size", "type_vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("vocab_size", "num_labels", "d_ff"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be positive or null, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.head not in HEADS:
+            raise ValueError(f"model.head: must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.nsp and self.head != "mlm":
+            raise ValueError(f"model.nsp: the next-sentence head is a pretraining head; it needs model.head=mlm, got {self.head!r}")
+        check_block_options(self)
+
+
+@dataclass
+class BERTOutput:
+    logits: torch.Tensor | None  # mlm without labels: (B, T, vocab_size); classify: (B, num_labels); else None
+    loss: torch.Tensor | None = None  # mean cross-entropy (nats) of the head (+ NSP), when labels are given
+    masked_logits: torch.Tensor | None = None  # mlm with labels: (N, vocab_size) at the N labelled positions
+    hidden_states: torch.Tensor | None = None  # (B, T, C) output of the last block
+    pooled: torch.Tensor | None = None  # (B, C) tanh(h[CLS] W_p), when the model has a pooler
+    nsp_logits: torch.Tensor | None = None  # (B, 2) IsNext / NotNext scores, when model.nsp
+
+
+class MLMHead(nn.Module):
+    """The masked-LM output layer: a transform (dense -> GELU -> LayerNorm), then scores against every
+    token embedding. The decoder matrix is the input embedding E_tok (passed in), only the bias is its own."""
+
+    def __init__(self, n_embd: int, vocab_size: int, activation: str, norm_eps: float):
+        super().__init__()
+        self.dense = nn.Linear(n_embd, n_embd)  # W_t
+        self.act = ACTIVATIONS[activation]
+        self.norm = nn.LayerNorm(n_embd, eps=norm_eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))  # b, one per vocabulary entry
+
+    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """h (B, T, C), embedding (V, C) -> logits (B, T, V)."""
+        return F.linear(self.norm(self.act(self.dense(h))), embedding, self.bias)  # LN(GELU(h W_t)) E_tok^T + b
+
+
+class BERT(nn.Module):
+    def __init__(self, config: BERTConfig):
+        super().__init__()
+        config.validate()
+        if config.vocab_size is None:
+            raise ValueError("model.vocab_size: must be set (the trainer fills it from the tokenizer)")
+        if config.head == "classify" and config.num_labels is None:
+            raise ValueError("model.num_labels: must be set for model.head=classify (the task fills it)")
+        self.config = c = config
+        d_ff = c.d_ff or 4 * c.n_embd
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)  # E_tok
+        self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # E_pos, learned (not sinusoidal)
+        self.seg_emb = nn.Embedding(c.type_vocab_size, c.n_embd)  # E_seg, sentence A / B
+        self.emb_norm = nn.LayerNorm(c.n_embd, eps=c.norm_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            PostLNBlock(c.n_embd, c.n_head, build_ffn(c.ffn, c.n_embd, d_ff, c.activation, c.dropout, True),
+                        dropout=c.dropout, causal=False, norm_eps=c.norm_eps, attn_impl=c.attn_impl)
+            for _ in range(c.n_layer)
+        )
+        if c.head == "mlm":
+            self.mlm = MLMHead(c.n_embd, c.vocab_size, c.activation, c.norm_eps)
+        if c.head != "mlm" or c.nsp:  # only what is used is built: an MLM-only model has no pooler
+            self.pooler = nn.Linear(c.n_embd, c.n_embd)  # W_p
+        if c.nsp:
+            self.nsp_head = nn.Linear(c.n_embd, 2)  # W_nsp
+        if c.head == "classify":
+            self.classifier_dropout = nn.Dropout(c.dropout)
+            self.classifier = nn.Linear(c.n_embd, c.num_labels)  # W_c, new at fine-tuning time
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """BERT: every matrix ~ N(0, 0.02^2) (truncated in the original TF code), biases 0, LayerNorm gain 1."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                next_sentence_label: torch.Tensor | None = None) -> BERTOutput:
+        """input_ids (B, T); attention_mask (B, T), 1 = real token, 0 = padding (Hugging Face convention);
+        token_type_ids (B, T) segment ids, default all 0. labels: head mlm (B, T) with -100 where no token
+        is predicted; head classify (B,) class ids. next_sentence_label (B,): 0 = B follows A, 1 = random B.
+
+        MLM with labels scores only the labelled positions, as BERT's own pretraining code does (it gathers the
+        masked positions before the output layer): with ~15% of positions labelled this skips most of the
+        (B, T, V) output matmul, ~1.6x faster training here. Then `logits` is None and `masked_logits[i]`
+        scores the i-th labelled position in row-major order, i.e. it predicts labels[labels != -100][i].
+        Without labels the head scores every position: `logits` (B, T, V)."""
+        B, T = input_ids.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than model.block_size={self.config.block_size}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        pos = torch.arange(T, device=input_ids.device)  # (T,)
+        x = self.tok_emb(input_ids) + self.pos_emb(pos) + self.seg_emb(token_type_ids)  # (B, T, C)
+        x = self.drop(self.emb_norm(x))
+        padding_mask = None if attention_mask is None else attention_mask.bool()  # (B, T), True = attend
+        for block in self.blocks:
+            x = block(x, padding_mask=padding_mask)  # (B, T, C)
+        pooled = torch.tanh(self.pooler(x[:, 0])) if hasattr(self, "pooler") else None  # (B, C) from [CLS]
+
+        logits, loss, masked_logits = None, None, None
+        if self.config.head == "mlm" and labels is None:
+            logits = self.mlm(x, self.tok_emb.weight)  # (B, T, V)
+        elif self.config.head == "mlm":
+            if labels.shape != (B, T):
+                raise ValueError(f"labels: model.head=mlm expects (B, T) = {(B, T)}, got {tuple(labels.shape)}")
+            masked = labels != -100  # (B, T), M = the positions with a label
+            masked_logits = self.mlm(x[masked], self.tok_emb.weight)  # (N, C) -> (N, V)
+            # L_MLM = -1/|M| sum_{t in M} log P(x_t | x_masked)
+            loss = F.cross_entropy(masked_logits.float(), labels[masked])
+        elif self.config.head == "classify":
+            logits = self.classifier(self.classifier_dropout(pooled))  # (B, num_labels)
+            if labels is not None:
+                if labels.shape != (B,):
+                    raise ValueError(f"labels: model.head=classify expects one class per sequence (B,) = ({B},), "
+                                     f"got {tuple(labels.shape)}")
+                loss = F.cross_entropy(logits.float(), labels)
+        elif labels is not None:
+            raise ValueError("labels: model.head=none has no output layer to train (use mlm or classify)")
+        nsp_logits = self.nsp_head(pooled) if self.config.nsp else None  # (B, 2)
+        if next_sentence_label is not None:
+            if nsp_logits is None:
+                raise ValueError("next_sentence_label: the model has no NSP head (set model.nsp: true)")
+            # pretraining loss = L_MLM + L_NSP (section 3.1, tasks #1 and #2)
+            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
+            loss = nsp_loss if loss is None else loss + nsp_loss
+        return BERTOutput(logits=logits, loss=loss, masked_logits=masked_logits, hidden_states=x, pooled=pooled,
+                          nsp_logits=nsp_logits)
+
+    def num_params(self, exclude_positions: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() if exclude_positions else n
+
+    # ------------------------------------------------------------------ Hugging Face interop
+    @classmethod
+    def from_hf(cls, hf_model) -> "BERT":
+        """Build a BERT from a transformers BertForMaskedLM, BertModel, BertForPreTraining or
+        BertForSequenceClassification (transformers is imported only in minimodels.hf)."""
+        from minimodels.hf import bert_from_hf
+
+        return bert_from_hf(hf_model)
+
+    def to_hf(self):
+        """Export to the matching transformers class (head mlm -> BertForMaskedLM, ...) with the same weights."""
+        from minimodels.hf import bert_to_hf
+
+        return bert_to_hf(self)
