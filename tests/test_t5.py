@@ -364,7 +364,7 @@ def test_span_corruption_task_adds_sentinels_and_evaluates_deterministically():
     assert task.model_overrides() == {"vocab_size": tok.vocab_size}
     model = tiny_t5(vocab_size=tok.vocab_size)
     first, second = (task.evaluate(model, val_batches(task, 4)) for _ in range(2))
-    assert first == second and set(first) == {"val_loss", "val_acc"}
+    assert first == second and set(first) == {"val_loss", "val_acc", "val_span_loss", "val_span_acc"}
     assert abs(first["val_loss"] - math.log(tok.vocab_size)) < 2.0  # an untrained model: about uniform
 
 
@@ -415,7 +415,7 @@ def test_tiny_pretrain_then_finetune(tmp_path):
     pre = tmp_path / "t5"
     metrics = run(load_config("configs/t5.yaml", model + train + ["data.tokenizer=char", "data.seq_len=32",
                                                                    f"output.dir={pre}"]), quiet=True)
-    assert set(metrics) == {"val_loss", "val_acc"} and math.isfinite(metrics["val_loss"])
+    assert set(metrics) == {"val_loss", "val_acc", "val_span_loss", "val_span_acc"} and math.isfinite(metrics["val_loss"])
     assert "<extra_id_0>" in (pre / "sample.txt").read_text()
     fine = tmp_path / "t5_finetune"
     # lr 1e-9: after 3 steps the weights are still the pretrained ones, if init_from loaded them
@@ -432,3 +432,28 @@ def test_tiny_pretrain_then_finetune(tmp_path):
     before, after = (load_file(str(latest_checkpoint(d) / "model.safetensors")) for d in (pre, fine))
     assert before.keys() == after.keys()
     assert all((before[k] - after[k]).abs().max() < 1e-6 for k in before)
+
+
+def test_span_accuracy_counts_only_the_dropped_tokens():
+    """A model that knows the format (sentinels, eos) but none of the dropped tokens: val_acc is the share of
+    format tokens among the targets, val_span_acc is 0."""
+    from types import SimpleNamespace
+
+    from minimodels.data.span_corruption import SpanCorruptionTask
+    from minimodels.data.tokenizer import train_tokenizer
+    from minimodels.train.trainer import val_batches
+
+    tok = train_tokenizer("char", small_corpus()["train"], 0)
+    task = SpanCorruptionTask(tok, small_corpus(), 64, DataConfig())
+    format_ids = torch.tensor(task.sentinel_ids + [tok.eos_id])
+
+    def format_only(labels, **batch):
+        guess = torch.where(torch.isin(labels, format_ids), labels, tok.eos_id + 1)  # wrong on every dropped token
+        guess = guess.clamp(min=0)  # -100 -> 0, ignored anyway
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(guess, tok.vocab_size).float() * 10)
+
+    batches = list(val_batches(task, 4))
+    labels = torch.cat([b["labels"][b["labels"] != -100] for b in batches])
+    metrics = task.evaluate(format_only, batches)
+    assert metrics["val_span_acc"] == 0.0
+    assert metrics["val_acc"] == pytest.approx(torch.isin(labels, format_ids).float().mean().item())

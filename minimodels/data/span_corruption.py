@@ -96,7 +96,9 @@ class SpanCorruptionTask:
     """Pre-training an encoder-decoder: windows of `seq_len` tokens of the text, span-corrupted per batch.
 
     Metrics: val_loss (nats per target token) and val_acc (share of target tokens that are the argmax,
-    with the true previous tokens fed to the decoder). Validation is deterministic: the Trainer collates
+    with the true previous tokens fed to the decoder); val_span_acc is val_acc on the dropped tokens only
+    (without sentinels and eos, which are predictable from the format alone) and val_span_loss the loss on
+    them: the numbers to compare with BERT's masked-LM accuracy. Validation is deterministic: the Trainer collates
     val batch k with a generator seeded k, so every evaluation corrupts the same spans."""
 
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
@@ -121,17 +123,24 @@ class SpanCorruptionTask:
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
         """Target-token loss and accuracy, recomputed from the logits (the model's loss could hold extra terms)."""
-        nats, correct, tokens = 0.0, 0, 0
+        format_ids = torch.tensor(self.sentinel_ids + [self.tokenizer.eos_id])
+        sums = {"all": [0.0, 0, 0], "span": [0.0, 0, 0]}  # nats, correct, tokens
         for batch in batches:
             logits = model(**batch).logits.float()  # (B, T, V): position t predicts labels[:, t]
             labels = batch["labels"]
             real = labels != IGNORE_INDEX  # (B, T)
-            nats += F.cross_entropy(logits[real], labels[real], reduction="sum").double().item()
-            correct += int((logits.argmax(dim=-1)[real] == labels[real]).sum())
-            tokens += int(real.sum())
-        if tokens == 0:
+            span = real & ~torch.isin(labels, format_ids.to(labels.device))  # (B, T) dropped tokens only
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, T), 0 at -100
+            hit = logits.argmax(dim=-1) == labels  # (B, T)
+            for key, where in (("all", real), ("span", span)):
+                sums[key][0] += nll[where].double().sum().item()
+                sums[key][1] += int(hit[where].sum())
+                sums[key][2] += int(where.sum())
+        if sums["all"][2] == 0:
             raise ValueError("evaluate got no batches (or no targets)")
-        return {"val_loss": nats / tokens, "val_acc": correct / tokens}
+        (nats, correct, tokens), (span_nats, span_correct, span_tokens) = sums["all"], sums["span"]
+        return {"val_loss": nats / tokens, "val_acc": correct / tokens,
+                "val_span_loss": span_nats / max(span_tokens, 1), "val_span_acc": span_correct / max(span_tokens, 1)}
 
     @torch.no_grad()
     def sample(self, model, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
