@@ -59,3 +59,16 @@ def test_resume_from_the_command_line_extends_the_run(tiny_run):
     assert (out / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 6
+
+
+@pytest.mark.parametrize("config", ["gpt", "bert", "t5"])
+def test_bench_train_script(config):
+    tiny = ["model.n_layer=1", "train.batch_size=2", "data.vocab_size=64"]
+    tiny += {"gpt": ["model.n_embd=32", "model.n_head=2", "model.block_size=16"],
+             "bert": ["model.n_embd=32", "model.n_head=2", "model.block_size=16", "data.seq_len=16"],
+             "t5": ["model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.seq_len=16"]}[config]
+    r = sh("scripts/bench_train.py", f"configs/{config}.yaml", *tiny, "--rounds", "1", "--steps", "1",
+           "--warmup", "0", "--dtypes", "fp32", "--peak-sizes", "64", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| fp32 |")]
+    assert len(rows) == 3 and any("HF" in row for row in rows)
