@@ -51,13 +51,17 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="generate", description="Sample text from a trained run.")
+    p = argparse.ArgumentParser(prog="generate", description="Use a trained run: GPT continues the prompt; T5 "
+                                "writes the output for the prompt as input (sentinels like <extra_id_0> mark "
+                                "blanks); BERT (head mlm) fills each [MASK] of the prompt.")
     p.add_argument("run_dir", help="run folder written by train (config.yaml, tokenizer.json, checkpoints/)")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    p.add_argument("--prompt", default="", help="GPT: text to continue (empty: start a new document); "
+                   "T5: the input text; BERT: text with [MASK] tokens")
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (GPT, T5)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest; BERT: candidates shown (5)")
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-beams", type=int, default=1, help="T5: beam search with this many beams")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -75,20 +79,58 @@ def generate_main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
         if a.top_p is not None and not 0 < a.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {a.top_p}")
-        ids = tok.encode(a.prompt) if a.prompt else [tok.eos_id]
-        if len(ids) > model.config.block_size:
-            raise ConfigError(f"--prompt is {len(ids)} tokens, longer than model.block_size={model.config.block_size}")
+        if a.num_beams < 1 or (a.num_beams > 1 and cfg.model.arch != "t5"):
+            raise ConfigError(f"--num-beams {a.num_beams}: beam search is for T5 runs (>= 1)")
         device = next(model.parameters()).device
         g = torch.Generator(device).manual_seed(a.seed)
+        arch = cfg.model.arch
+        if arch == "bert":
+            return fill_mask(model, tok, a.prompt, a.top_k or 5, device)
+        if arch == "t5":
+            ids = tok.encode(a.prompt) + [tok.eos_id]  # the encoder input ends with eos, as in training
+        else:
+            ids = tok.encode(a.prompt) if a.prompt else [tok.eos_id]
+            if len(ids) > model.config.block_size:
+                raise ConfigError(f"--prompt is {len(ids)} tokens, longer than model.block_size={model.config.block_size}")
         for i in range(a.num_samples):
             idx = torch.tensor([ids], device=device)
-            out = model.generate(idx, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                 use_cache=not a.no_cache, generator=g)
+            options = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, use_cache=not a.no_cache, generator=g)
             if i:
                 print("-" * 40)
-            print(a.prompt + tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=False))  # shows <|endoftext|>
+            if arch == "t5":
+                out = model.generate(idx, max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, eos_token_id=tok.eos_id,
+                                     **options)  # (1, 1 + n): the start token (pad), then the output
+                out_ids = out[0, 1:].tolist()
+                out_ids = out_ids[: out_ids.index(tok.eos_id) + 1] if tok.eos_id in out_ids else out_ids  # pad after eos
+                print(tok.decode(out_ids, skip_special_tokens=False))
+            else:
+                out = model.generate(idx, a.max_new_tokens, **options)
+                print(a.prompt + tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=False))  # shows <|endoftext|>
 
     return guarded(go)
+
+
+def fill_mask(model, tok, prompt: str, top_k: int, device) -> None:
+    """BERT: print the top_k candidates with their probabilities for every [MASK] in the prompt."""
+    import torch
+
+    from minimodels.config import ConfigError
+
+    if model.config.head != "mlm":
+        raise ConfigError(f"generate: this BERT run has model.head={model.config.head!r}; only an mlm head fills masks")
+    if tok.mask_id is None:
+        raise ConfigError("generate: the run's tokenizer has no [MASK] token")
+    ids = [tok.cls_id] + tok.encode(prompt) + [tok.sep_id]  # [CLS] prompt [SEP], as the MLM task builds inputs
+    if len(ids) > model.config.block_size:
+        raise ConfigError(f"--prompt is {len(ids)} tokens, longer than model.block_size={model.config.block_size}")
+    masked = [t for t, i in enumerate(ids) if i == tok.mask_id]
+    if not masked:
+        raise ConfigError("--prompt has no [MASK] to fill, e.g. --prompt \"Return the [MASK] of the list.\"")
+    with torch.no_grad():
+        probs = model(torch.tensor([ids], device=device)).logits[0].float().softmax(-1)  # (T, V)
+    for n, t in enumerate(masked):
+        p, cand = probs[t].topk(top_k)
+        print(f"[MASK] {n + 1}: " + "  ".join(f"{tok.decode([c])!r} {q:.3f}" for c, q in zip(cand.tolist(), p.tolist())))
 
 
 def guarded(fn) -> int:

@@ -72,3 +72,26 @@ def test_bench_train_script(config):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| fp32 |")]
     assert len(rows) == 3 and any("HF" in row for row in rows)
+
+
+def test_generate_with_t5_and_bert_runs(tmp_path):
+    """generate serves each architecture: T5 writes an output for the prompt (greedy and beam), BERT fills [MASK]."""
+    common = ["train.max_steps=2", "model.n_layer=1", "model.n_head=2", "train.batch_size=4", "train.eval_batches=1",
+              "data.vocab_size=300", "output.sample_tokens=4"]
+    runs = {"t5": common + ["model.d_model=32", "model.d_ff=64", "data.seq_len=32"],
+            "bert": common + ["model.n_embd=32", "model.block_size=32"]}
+    for name, overrides in runs.items():
+        r = sh("scripts/train.py", f"configs/{name}.yaml", *overrides, f"output.dir={tmp_path / name}", "--quiet")
+        assert r.returncode == 0, r.stderr[-2000:]
+    for beams in ("1", "3"):
+        r = sh("scripts/generate.py", str(tmp_path / "t5"), "--prompt", "Return the <extra_id_0> of the list.",
+               "--max-new-tokens", "5", "--temperature", "0", "--num-beams", beams)
+        assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
+    r = sh("scripts/generate.py", str(tmp_path / "bert"), "--prompt", "Return the [MASK] of the [MASK].", "--top-k", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[MASK] 1", "[MASK] 2"] and all(line.count("'") == 6 for line in lines)
+    r = sh("scripts/generate.py", str(tmp_path / "bert"), "--prompt", "no blank here")
+    assert r.returncode == 2 and "no [MASK]" in r.stderr
+    r = sh("scripts/generate.py", str(tmp_path / "bert"), "--prompt", "a [MASK]", "--num-beams", "2")
+    assert r.returncode == 2 and "--num-beams" in r.stderr
