@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 1337  # seeds model init, data order and dropout
     batch_size: int = 32  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # adamw | relative_adamw (steps scaled by each tensor's RMS, as Adafactor; for T5)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup from 0 to lr
@@ -231,6 +232,8 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
     need(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"learning rate must be positive, got {t.lr}")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    need(t.optimizer in ("adamw", "relative_adamw"), "train.optimizer",
+         f"must be adamw or relative_adamw, got {t.optimizer!r}")
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     need(all(0 <= b < 1 for b in t.betas), "train.betas", f"each beta must be in [0, 1), got {list(t.betas)}")

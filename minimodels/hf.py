@@ -1,12 +1,15 @@
-"""Hugging Face interop: our GPT <-> transformers' GPT2LMHeadModel, weights and config.
+"""Hugging Face interop: our GPT, BERT and T5 <-> the transformers models, weights and config.
 
     gpt_from_hf(hf_model)  -> GPT                 convert an in-memory GPT2LMHeadModel
     gpt_to_hf(model)       -> GPT2LMHeadModel     convert back (e.g. to use HF's tooling)
     load_hf_gpt2(path)     -> GPT                 load a local GPT-2 checkpoint folder, never downloads
+    bert_from_hf / bert_to_hf                     BertForMaskedLM, BertModel, BertForPreTraining,
+                                                  BertForSequenceClassification (see the BERT section)
+    t5_from_hf / t5_to_hf                         T5ForConditionalGeneration, v1.0 or v1.1 (the T5 section)
 
-Both models compute the same function (GPT-2, Radford et al. 2019): pre-LN blocks, learned positions,
-tied LM head. The only real difference is storage: GPT-2 writes its linear layers as `Conv1D`, which
-computes y = x W + b with W stored as (in, out), the transpose of `nn.Linear`'s (out, in).
+Each pair computes the same function; what differs is storage, described at the top of each section.
+GPT-2 writes its linear layers as `Conv1D`, which computes y = x W + b with W stored as (in, out), the
+transpose of `nn.Linear`'s (out, in); BERT and T5 keep separate query / key / value layers where we fuse them.
 `transformers` is an optional dependency, so it is imported inside the functions only.
 """
 

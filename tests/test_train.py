@@ -154,3 +154,26 @@ def test_resume_extends_a_finished_run_and_refuses_to_clobber(tmp_path, text_sou
     assert checkpoint_dirs(out)[-1].name == "step_00000012"
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 12
+
+
+
+@pytest.mark.parametrize("scale", [3.0, 1e-6])  # RMS 3, and an RMS below the 1e-3 floor
+def test_relative_adamw_step_is_the_adamw_step_times_the_rms(scale):
+    """train.optimizer=relative_adamw: each tensor's AdamW step (weight decay included) times max(RMS(W), 1e-3)."""
+    from minimodels.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 5) * scale
+    models = [torch.nn.Linear(5, 6, bias=False) for _ in range(2)]
+    opts = []
+    for m, name in zip(models, ("relative_adamw", "adamw")):
+        m.weight.data.copy_(w)
+        opts.append(build_optimizer(m, TrainConfig(optimizer=name, lr=0.1, weight_decay=0.5)))
+    g = torch.randn(6, 5)
+    for m, opt in zip(models, opts):
+        m.weight.grad = g.clone()
+        opt.step()
+    rms = max(w.pow(2).mean().sqrt().item(), 1e-3)
+    torch.testing.assert_close(models[0].weight - w, (models[1].weight - w) * rms, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="train.optimizer"):
+        load_config("configs/gpt.yaml", ["train.optimizer=adam"])
