@@ -187,7 +187,10 @@ def suggest(word: str, options) -> str:
 
 
 def convert(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check `value` against type hint `tp` (int, float, str, bool, X | None, tuple[float, float], Literal)."""
+    """Check `value` against type hint `tp` (int, float, str, bool, X | None, tuple[float, float], a nested
+    config dataclass given as a mapping)."""
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key, where)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -269,6 +272,8 @@ def to_dict(cfg: ExperimentConfig) -> dict:
     def plain(x):
         if isinstance(x, (tuple, list)):
             return [plain(v) for v in x]
+        if dataclasses.is_dataclass(x):  # a nested section, e.g. model.moe
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
         return x
 
     out = {}

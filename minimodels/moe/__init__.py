@@ -1,0 +1,14 @@
+"""Mixture of experts: gates that return their routing as plain values, the aux losses, and the MoE layer.
+
+    routing.py   Routing, expert capacity, load_balancing_loss, router_z_loss
+    gates.py     TopKGate, NoisyTopKGate, SwitchGate, GShardGate, ExpertChoiceGate, build_gate
+    layer.py     MoE (sort-and-split dispatch over any experts) and moe_reference (the per-token loop)
+"""
+
+from minimodels.moe.gates import (GATES, ExpertChoiceGate, GShardGate, NoisyTopKGate, SwitchGate, TopKGate,
+                                  build_gate)
+from minimodels.moe.layer import MoE, moe_reference
+from minimodels.moe.routing import Routing, expert_capacity, load_balancing_loss, router_z_loss
+
+__all__ = ["Routing", "TopKGate", "NoisyTopKGate", "SwitchGate", "GShardGate", "ExpertChoiceGate", "MoE",
+           "load_balancing_loss", "router_z_loss", "expert_capacity", "moe_reference", "build_gate", "GATES"]

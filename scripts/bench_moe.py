@@ -1,0 +1,121 @@
+"""Speed of our MoE layer against three other ways to compute the same thing, printed as a markdown table.
+
+    python scripts/bench_moe.py --threads 1
+    python scripts/bench_moe.py --threads 1 --experts 64 --dtypes bf16 --rounds 7
+
+One step = forward + backward of one layer on T tokens (x (T, d_model) in float32 and, as inside a network,
+needing a gradient; bf16 = torch.autocast on float32 weights, as training runs it), gradients set to None
+after each step as the trainer's zero_grad does.
+Every variant routes with the same dropless TopKGate(k) and runs the same expert modules
+(MLP d_model -> d_ff -> d_model, GELU), so only the dispatch differs:
+
+    ours        MoE: sort the token slots by expert, run each expert once on its contiguous slice
+    masked      the per-expert loop of Hugging Face's Switch sparse MLP: for every expert a boolean mask
+                over all tokens, a gather, the expert, and an index_add back
+    per-token   moe_reference, the loop over tokens the tests use; timed on the first --loop-tokens
+                tokens only (one step per round) and scaled by T / loop_tokens
+    dense       one MLP d_model -> k * d_ff -> d_model: the same active FLOPs per token, no router
+
+Variants run interleaved, in a rotating order, round after round, so a noisy shared machine slows all of
+them alike; each entry is the median over rounds of the mean step time within a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from minimodels.moe import MoE, TopKGate, moe_reference
+from minimodels.nn import MLP
+
+
+def masked_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's SwitchTransformersExperts.forward, with our gate: one mask per expert."""
+    routing = moe.gate(x)
+    y = torch.zeros_like(x)
+    hit = (torch.bincount(routing.expert_index[routing.expert_index >= 0], minlength=len(moe.experts)) > 0).nonzero()
+    for e in hit.flatten().tolist():
+        token, slot = torch.where(routing.expert_index == e)  # (n,), (n,)
+        out = moe.experts[e](x[token]) * routing.weight[token, slot, None]
+        y.index_add_(0, token, out.to(x.dtype))
+    return y
+
+
+def step_fn(variant: str, moe: MoE, dense: MLP, x: torch.Tensor, grad: torch.Tensor, dtype: str, loop_tokens: int):
+    params = list(moe.parameters()) + list(dense.parameters()) + [x]
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            if variant == "ours":
+                y, g = moe(x)[0], grad
+            elif variant == "masked":
+                y, g = masked_loop(moe, x), grad
+            elif variant == "dense":
+                y, g = dense(x), grad
+            else:  # per-token
+                y, g = moe_reference(moe, x[:loop_tokens])[0], grad[:loop_tokens]
+        y.backward(g.to(y.dtype))
+        for p in params:
+            p.grad = None
+    return step
+
+
+def bench(E: int, k: int, dtype: str, args) -> dict[str, float]:
+    """Median milliseconds per step of each variant (per-token: scaled to all T tokens)."""
+    torch.manual_seed(0)
+    moe = MoE(args.d_model, E, TopKGate(args.d_model, E, k=k), d_ff=args.d_ff)
+    dense = MLP(args.d_model, k * args.d_ff)
+    x = torch.randn(args.tokens, args.d_model, requires_grad=True)  # as inside a network: x needs a gradient
+    grad = torch.randn(args.tokens, args.d_model)
+    variants = ["ours", "masked", "dense", "per-token"]
+    steps = {v: step_fn(v, moe, dense, x, grad, dtype, args.loop_tokens) for v in variants}
+    for step in steps.values():  # warm-up
+        step()
+    times = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            reps = 1 if v == "per-token" else args.reps
+            start = time.perf_counter()
+            for _ in range(reps):
+                steps[v]()
+            times[v].append((time.perf_counter() - start) / reps)
+    ms = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    ms["per-token"] *= args.tokens / args.loop_tokens
+    return ms
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the table shows medians")
+    parser.add_argument("--reps", type=int, default=3, help="steps per variant per round")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--loop-tokens", type=int, default=128, help="tokens the per-token loop is timed on")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"T={args.tokens} d_model={args.d_model} d_ff={args.d_ff}, forward+backward, "
+          f"threads={torch.get_num_threads()}, median of {args.rounds} rounds; "
+          f"per-token loop timed on {args.loop_tokens} tokens and scaled\n")
+    print("| dtype | E | k | ours ms | masked ms | dense ms | per-token ms "
+          "| masked / ours | ours / dense | per-token / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        for E in args.experts:
+            for k in args.top_k:
+                ms = bench(E, k, dtype, args)
+                print(f"| {dtype} | {E} | {k} | {ms['ours']:.1f} | {ms['masked']:.1f} | {ms['dense']:.1f} | "
+                      f"{ms['per-token']:.0f} | {ms['masked'] / ms['ours']:.2f}x | {ms['ours'] / ms['dense']:.2f}x | "
+                      f"{ms['per-token'] / ms['ours']:.0f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

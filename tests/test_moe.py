@@ -1,0 +1,293 @@
+"""Mixture of experts: fast dispatch vs the per-token loop, aux losses in closed form, capacity and drop
+order, jitter, GShard random routing, expert choice, heterogeneous experts, bf16, parity with HF Switch."""
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub: HF modules are built from configs
+
+import pytest
+import torch
+import torch.nn as nn
+
+from minimodels.moe import (ExpertChoiceGate, GShardGate, MoE, SwitchGate, TopKGate, build_gate, load_balancing_loss,
+                            moe_reference, router_z_loss)
+from minimodels.moe.routing import drop_overflow
+from minimodels.nn import MLP, GatedMLP
+
+D, D_FF, E = 8, 16, 4
+
+
+def grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient, zeros for parameters that got none."""
+    return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in module.named_parameters()}
+
+
+def forward_backward(moe: MoE, x: torch.Tensor, impl, router_losses: bool = True):
+    """(y, routing, x.grad, parameter grads) of a loss on y (+ aux_loss + z_loss); seeded so that random
+    gates (noise, jitter, random routing) draw the same numbers in both implementations."""
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(0)
+    y, routing = impl(moe, x)
+    loss = (y * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).sum()
+    (loss + routing.aux_loss + routing.z_loss if router_losses else loss).backward()
+    return y, routing, x.grad, grads(moe)
+
+
+fast = lambda moe, x: moe(x)  # noqa: E731
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+@pytest.mark.parametrize("gate,options", [("topk", dict(k=1)), ("switch", dict(capacity_factor=None)),
+                                          ("expert_choice", dict(capacity_factor=1.0))])
+def test_one_expert_equals_the_dense_ffn(gate, options):
+    torch.manual_seed(0)
+    moe = MoE(D, 1, gate, d_ff=D_FF, **options).train()
+    dense = MLP(D, D_FF)
+    dense.load_state_dict(moe.experts[0].state_dict())
+    x = torch.randn(3, 5, D)
+    y, routing, x_grad, moe_grads = forward_backward(moe, x, fast, router_losses=False)
+    assert (routing.weight == 1).all() and (routing.expert_index == 0).all()
+    xd = x.clone().requires_grad_()
+    yd = dense(xd)
+    (yd * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    torch.testing.assert_close(y, yd, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x_grad, xd.grad, rtol=0, atol=1e-6)
+    for name, g in grads(dense).items():
+        torch.testing.assert_close(moe_grads[f"experts.0.{name}"], g, rtol=0, atol=1e-6)
+
+
+DISPATCH_CASES = [  # (gate, options, drops expected); every gate, k in {1, 2}, with and without capacity drops
+    ("topk", dict(k=1), False), ("topk", dict(k=1, capacity_factor=0.5), True),
+    ("topk", dict(k=2), False), ("topk", dict(k=2, capacity_factor=0.5), True),
+    ("noisy_topk", dict(k=1), False), ("noisy_topk", dict(k=1, capacity_factor=0.5), True),
+    ("noisy_topk", dict(k=2), False), ("noisy_topk", dict(k=2, capacity_factor=0.5), True),
+    ("switch", dict(capacity_factor=None), False), ("switch", dict(capacity_factor=0.5), True),
+    ("gshard", dict(capacity_factor=None, random_routing=False), False), ("gshard", dict(capacity_factor=0.5), True),
+    ("expert_choice", dict(capacity_factor=1.0), True), ("expert_choice", dict(capacity_factor=2.0), True),
+]
+
+
+@pytest.mark.parametrize("gate,options,drops", DISPATCH_CASES, ids=[f"{g}-{o}" for g, o, _ in DISPATCH_CASES])
+def test_fast_dispatch_equals_the_per_token_reference(gate, options, drops):
+    torch.manual_seed(0)
+    moe = MoE(D, E, gate, d_ff=D_FF, **options).train()  # training mode: noise, jitter, random routing active
+    x = torch.randn(2, 12, D)
+    y, routing, x_grad, param_grads = forward_backward(moe, x, fast)
+    y_ref, routing_ref, x_grad_ref, param_grads_ref = forward_backward(moe, x, moe_reference)
+    assert torch.equal(routing.expert_index, routing_ref.expert_index)
+    assert bool((routing.expert_index < 0).any()) == drops
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x_grad, x_grad_ref, rtol=0, atol=1e-5)
+    for name, g in param_grads.items():
+        torch.testing.assert_close(g, param_grads_ref[name], rtol=0, atol=1e-5, msg=name)
+    assert param_grads["gate.router.weight"].abs().max() > 1e-4  # the router learns from this loss
+
+
+# ---------------------------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("k", [1, 2])
+def test_aux_loss_is_one_for_uniform_routing_and_larger_when_imbalanced(k):
+    T = 16
+    probs = torch.full((T, E), 1 / E)
+    uniform = torch.stack([(torch.arange(T) + j) % E for j in range(k)], dim=1)  # (T, k): each expert T*k/E times
+    assert load_balancing_loss(probs, uniform, E).item() == 1.0
+    skewed_probs = torch.tensor([0.7, 0.1, 0.1, 0.1]).expand(T, E)
+    to_first = torch.stack([torch.full((T,), j) for j in range(k)], dim=1)  # every token to experts 0..k-1
+    assert load_balancing_loss(skewed_probs, to_first, E).item() > 1.5
+    assert load_balancing_loss(skewed_probs, uniform, E).item() == pytest.approx(1.0)  # balanced choices: sum P = 1
+
+
+def test_aux_loss_gradient_is_closed_form_and_reaches_the_router_only_through_probs():
+    T = 10
+    probs = torch.rand(T, E).softmax(-1).requires_grad_()
+    index = torch.tensor([[0, 1], [0, 2], [0, -1], [3, 0], [1, 2], [0, 1], [2, 3], [0, 1], [1, -1], [0, 3]])
+    load_balancing_loss(probs, index, E).backward()
+    f = torch.bincount(index[index >= 0], minlength=E) / 18  # 18 routed slots
+    torch.testing.assert_close(probs.grad, (E * f / T).expand(T, E))  # d/dP_ti of E sum_i f_i mean_t P_ti
+
+    gate = TopKGate(D, E, k=2)
+    routing = gate(torch.randn(T, D))
+    via_probs = torch.autograd.grad(routing.aux_loss, routing.probs, retain_graph=True)[0]
+    chained = torch.autograd.grad(routing.probs, gate.router.weight, via_probs, retain_graph=True)[0]
+    direct = torch.autograd.grad(routing.aux_loss, gate.router.weight)[0]
+    torch.testing.assert_close(direct, chained, rtol=0, atol=1e-7)
+    assert direct.abs().max() > 1e-4
+
+
+def test_z_loss_of_zero_logits_is_log_e_squared():
+    torch.testing.assert_close(router_z_loss(torch.zeros(7, E)), torch.tensor(math.log(E) ** 2))
+    gate = SwitchGate(D, 8)
+    nn.init.zeros_(gate.router.weight)
+    torch.testing.assert_close(gate(torch.randn(5, D)).z_loss, torch.tensor(math.log(8) ** 2))
+
+
+# ---------------------------------------------------------------------------------------------- capacity
+def test_overflowing_expert_keeps_exactly_capacity_tokens_in_position_order():
+    T = 16
+    moe = MoE(D, E, SwitchGate(D, E, capacity_factor=1.0, jitter=0.0), d_ff=D_FF).train()
+    with torch.no_grad():
+        moe.gate.router.weight.zero_()
+        moe.gate.router.weight[0] = 1.0  # x > 0 below: expert 0 has the largest logit for every token
+    x = torch.rand(T, D) + 0.1
+    y, routing = moe(x)
+    assert routing.capacity == math.ceil(1.0 * T * 1 / E) == 4
+    assert routing.tokens_per_expert.tolist() == [4, 0, 0, 0]
+    assert routing.expert_index[:, 0].tolist() == [0] * 4 + [-1] * 12
+    assert (routing.weight[4:] == 0).all() and (routing.weight[:4] > 0).all()
+    block = x + y  # a residual block: dropped tokens pass through unchanged
+    assert torch.equal(block[4:], x[4:])
+    assert (y[:4].abs().sum(1) > 0).all()
+
+
+def test_every_first_choice_comes_before_any_second_choice():
+    T = 8
+    gate = TopKGate(2, 2, k=2, capacity_factor=0.5)  # capacity = ceil(0.5 * 8 * 2 / 2) = 4
+    with torch.no_grad():
+        gate.router.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    x = torch.cat([torch.tensor([[1.0, 0.0]]).expand(4, 2), torch.tensor([[0.0, 1.0]]).expand(4, 2)])
+    routing = gate(x)  # tokens 0-3 choose (1, 0), tokens 4-7 choose (0, 1)
+    # expert 0 is full with the first choices of tokens 4-7 before it sees the second choices of tokens 0-3
+    assert routing.capacity == 4
+    assert routing.expert_index.tolist() == [[1, -1]] * 4 + [[0, -1]] * 4
+    assert routing.tokens_per_expert.tolist() == [4, 4]
+    # and within one choice, earlier positions win
+    assert drop_overflow(torch.tensor([[2], [2], [1], [2]]), 3, 2).flatten().tolist() == [2, 2, 1, -1]
+
+
+# ---------------------------------------------------------------------------------------------- gates
+class Recorder(nn.Module):
+    """An expert that remembers what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(D, D)
+
+    def forward(self, x):
+        self.seen = x
+        return self.linear(x)
+
+
+def test_jitter_only_in_training_and_only_on_the_routers_copy():
+    torch.manual_seed(0)
+    moe = MoE(D, E, SwitchGate(D, E, capacity_factor=None, jitter=0.5), expert=[Recorder() for _ in range(E)])
+    x = torch.randn(32, D)
+    original = x.clone()
+    with torch.no_grad():
+        clean_logits = moe.gate.router(x)
+        _, routing = moe.train()(x)
+        assert not torch.allclose(routing.logits, clean_logits, atol=1e-3)  # the router saw jittered x
+        for e, expert in enumerate(moe.experts):
+            assert torch.equal(expert.seen, original[routing.expert_index[:, 0] == e])  # the experts saw x itself
+        moe.eval()
+        (y1, r1), (y2, r2) = moe(x), moe(x)
+    assert torch.equal(y1, y2) and torch.equal(r1.logits, r2.logits)
+    torch.testing.assert_close(r1.logits, clean_logits, rtol=0, atol=1e-6)
+
+
+def test_gshard_keeps_the_second_expert_with_probability_two_g2():
+    torch.manual_seed(0)
+    gate = GShardGate(16, 8, capacity_factor=None)
+    x = torch.randn(20000, 16) * 2
+    with torch.no_grad():
+        routing = gate.train()(x)
+    top2 = routing.probs.topk(2, dim=-1).values  # (T, 2)
+    keep_rate = (2 * top2[:, 1] / top2.sum(-1)).clamp(max=1)  # min(1, 2 g2), g2 renormalised over the two
+    kept = (routing.expert_index[:, 1] >= 0).float()
+    assert (routing.expert_index[:, 0] >= 0).all()
+    for part in keep_rate.argsort().chunk(4):  # quartiles of the keep rate: 0.x to ~1.0
+        q, k = keep_rate[part], kept[part]
+        se = (q * (1 - q)).sum().sqrt() / len(part)  # standard error of the mean of Bernoulli(q)
+        assert abs(k.mean() - q.mean()) < 4 * se + 1e-3, (k.mean(), q.mean())
+    assert (gate.eval()(x).expert_index >= 0).all()  # eval: both experts, deterministically
+
+
+def test_expert_choice_gives_every_expert_exactly_c_tokens():
+    torch.manual_seed(0)
+    T, gate = 30, ExpertChoiceGate(D, E, capacity_factor=1.5)
+    with torch.no_grad():
+        routing = gate(torch.randn(T, D))
+    C = math.ceil(1.5 * T / E)
+    assert routing.capacity == C == 12
+    assert routing.tokens_per_expert.tolist() == [C] * E
+    for e in range(E):
+        tokens = (routing.expert_index == e).nonzero()[:, 0]
+        assert set(tokens.tolist()) == set(routing.probs[:, e].topk(C).indices.tolist())
+    picked = routing.expert_index >= 0
+    chosen_probs = routing.probs.gather(1, routing.expert_index.clamp(min=0))  # (T, k_max)
+    torch.testing.assert_close(routing.weight[picked], chosen_probs[picked])
+    assert (routing.weight[~picked] == 0).all()
+    assert routing.aux_loss.item() == pytest.approx(1.0)
+
+
+def test_build_gate_checks_k_against_the_gate():
+    assert build_gate("topk", D, E, k=3).k == 3
+    with pytest.raises(ValueError, match="model.moe.top_k"):
+        build_gate("switch", D, E, k=2)
+    with pytest.raises(ValueError, match="model.moe.gate"):
+        build_gate("top2", D, E)
+
+
+# ---------------------------------------------------------------------------------------------- experts
+def test_heterogeneous_experts_train_and_each_gets_gradients():
+    torch.manual_seed(0)
+    experts = [MLP(D, 4), MLP(D, 32, activation="relu"), GatedMLP(D, 16), nn.Sequential(nn.Linear(D, D), nn.Tanh())]
+    moe = MoE(D, E, "topk", expert=experts, k=2)
+    x, target = torch.randn(64, D), torch.randn(64, D)
+    opt = torch.optim.Adam(moe.parameters(), lr=1e-2)
+    losses = []
+    for step in range(30):
+        y, routing = moe(x)
+        loss = (y - target).square().mean() + 0.01 * routing.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            assert (routing.tokens_per_expert > 0).all()
+            for e, expert in enumerate(moe.experts):
+                assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in expert.parameters()), e
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------- precision
+def test_bf16_autocast_routes_in_float32_and_returns_xs_dtype():
+    torch.manual_seed(0)
+    moe = MoE(D, E, "gshard", d_ff=D_FF).eval()
+    x = torch.randn(10, D)
+    with torch.no_grad():
+        _, routing_fp32 = moe(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, routing = moe(x)
+            y_bf16, routing_bf16 = moe(x.bfloat16())
+    assert y.dtype == torch.float32 and y_bf16.dtype == torch.bfloat16
+    for r in (routing, routing_bf16):
+        assert r.logits.dtype == r.probs.dtype == r.weight.dtype == torch.float32
+    assert torch.equal(routing.logits, routing_fp32.logits)  # the router did not run in bf16
+
+
+# ---------------------------------------------------------------------------------------------- HF parity
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_parity_with_hf_switch_sparse_mlp(capacity):
+    st = pytest.importorskip("transformers.models.switch_transformers.modeling_switch_transformers")
+    from transformers import SwitchTransformersConfig
+
+    torch.manual_seed(0)
+    B, S = (1, 16) if capacity else (2, 8)  # HF counts capacity per sequence, we per batch: B = 1 when it drops
+    config = SwitchTransformersConfig(d_model=D, d_ff=D_FF, num_experts=E, expert_capacity=capacity or B * S,
+                                      router_jitter_noise=0.0, dropout_rate=0.0, dense_act_fn="relu")
+    hf = st.SwitchTransformersSparseMLP(config).eval()
+    factor = capacity * E / (B * S) if capacity else None  # ceil(factor * T / E) = capacity
+    moe = MoE(D, E, SwitchGate(D, E, eval_capacity_factor=factor),
+              expert=lambda: MLP(D, D_FF, activation="relu", bias=False)).eval()
+    with torch.no_grad():
+        moe.gate.router.weight.copy_(hf.router.classifier.weight)
+        for e, expert in enumerate(moe.experts):
+            expert.fc.weight.copy_(hf.experts[f"expert_{e}"].wi.weight)
+            expert.proj.weight.copy_(hf.experts[f"expert_{e}"].wo.weight)
+        x = torch.randn(B, S, D)
+        y, routing = moe(x)
+        y_hf = hf(x)
+    assert routing.capacity == capacity
+    assert bool((routing.expert_index < 0).any()) == (capacity is not None)
+    torch.testing.assert_close(y, y_hf, rtol=0, atol=1e-6)
