@@ -99,12 +99,19 @@ def gpt_from_hf(hf_model, attn_impl: str = "auto") -> GPT:
     return model.train(hf_model.training)
 
 
+def dense_only(config, hf_name: str) -> None:
+    """Hugging Face's GPT-2, BERT and T5 have no mixture-of-experts layers."""
+    if getattr(config, "moe", None) is not None:
+        raise ValueError(f"model.moe: a model with MoE layers cannot be exported to {hf_name}, which is dense")
+
+
 def gpt_to_hf(model: GPT, attn_implementation: str | None = None):
     """Export our GPT to a transformers GPT2LMHeadModel with the same weights. attn_implementation:
     HF's attention kernel ("eager", "sdpa"; None = HF's default)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = model.config
+    dense_only(c, "GPT-2")
     if not c.bias:
         raise ValueError("model.bias=False cannot be exported: GPT-2 always has biases in Linear layers and LayerNorms")
     if c.ffn != "mlp":
@@ -255,6 +262,7 @@ def bert_to_hf(model: BERT, attn_implementation: str | None = None):
     import transformers
 
     c = model.config
+    dense_only(c, "BERT")
     if c.ffn != "mlp":
         raise ValueError(f"model.ffn={c.ffn!r} cannot be exported: BERT only has the dense MLP")
     to_hf_activation = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
@@ -363,6 +371,7 @@ def t5_to_hf(model: T5, attn_implementation: str | None = None):
     from transformers import T5ForConditionalGeneration
 
     c = model.config
+    dense_only(c, "T5")
     feed_forward = {("mlp", "relu"): "relu", ("mlp", "gelu"): "gelu", ("mlp", "gelu_tanh"): "gelu_new",
                     ("gated", "relu"): "gated-relu", ("gated", "gelu_tanh"): "gated-gelu"}
     if (c.ffn, c.activation) not in feed_forward:

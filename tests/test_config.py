@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -96,3 +97,15 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     assert r.stderr.strip() == f"error: {path}: unknown key model.n_layers — did you mean model.n_layer?"
     r = subprocess.run([sys.executable, "scripts/train.py", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert r.returncode == 2 and "missing.yaml: config file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_its_model(path):
+    import dataclasses
+
+    from minimodels.models import build_model
+
+    cfg = load_config(path)
+    filled = {k: v for k, v in dict(vocab_size=128, num_labels=8).items() if hasattr(cfg.model, k)}
+    model = build_model(dataclasses.replace(cfg.model, **filled))
+    assert sum(p.numel() for p in model.parameters()) > 0

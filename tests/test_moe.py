@@ -291,3 +291,130 @@ def test_parity_with_hf_switch_sparse_mlp(capacity):
     assert routing.capacity == capacity
     assert bool((routing.expert_index < 0).any()) == (capacity is not None)
     torch.testing.assert_close(y, y_hf, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- in the models
+def tiny(arch: str, moe: dict | None = None, **kw):
+    """A tiny GPT, BERT (mlm) or T5 with model.moe = moe."""
+    from minimodels.models import BERT, GPT, T5, BERTConfig, GPTConfig, T5Config
+    from minimodels.moe import MoEConfig
+
+    moe = MoEConfig(**moe) if moe is not None else None
+    torch.manual_seed(0)
+    if arch == "gpt":
+        return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=4, n_head=2, n_embd=16, moe=moe, **kw))
+    if arch == "bert":
+        return BERT(BERTConfig(vocab_size=50, block_size=16, n_layer=4, n_head=2, n_embd=16, dropout=0.0, moe=moe, **kw))
+    return T5(T5Config(vocab_size=50, d_model=16, n_layer=4, n_head=2, d_ff=32, moe=moe, **kw))
+
+
+def batch(arch: str):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (2, 12), generator=g)
+    labels = ids.clone()
+    if arch == "bert":
+        labels[:, ::2] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert", "t5"])
+def test_moe_blocks_and_the_model_loss_is_the_mean_of_each_layers_own_losses(arch):
+    moe = dict(num_experts=4, gate="topk", top_k=2, every=2, capacity_factor=None, aux_loss_coef=0.25,
+               z_loss_coef=0.125)  # dropless, so the aux loss can be recomputed from expert_index below
+    model = tiny(arch, moe)
+    stacks = [model.encoder.blocks, model.decoder.blocks] if arch == "t5" else [model.blocks]
+    for blocks in stacks:  # every other block, starting with block 1 (Switch, HF's sparse_step = 2)
+        assert [isinstance(b.ffn, MoE) for b in blocks] == [False, True, False, True]
+    out = model(**batch(arch))
+    assert len(out.routings) == 2 * len(stacks)
+    # the same weights without the MoE losses give the task loss alone
+    plain = tiny(arch, {**moe, "aux_loss_coef": 0.0, "z_loss_coef": 0.0})
+    plain.load_state_dict(model.state_dict())
+    task_loss = plain(**batch(arch)).loss
+    aux = [load_balancing_loss(r.probs, r.expert_index, 4) for r in out.routings]  # each layer on its own
+    z = [router_z_loss(r.logits) for r in out.routings]
+    expected = task_loss + 0.25 * torch.stack(aux).mean() + 0.125 * torch.stack(z).mean()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+    # pooling all layers' routings into one loss is a different (wrong) number
+    pooled = load_balancing_loss(torch.cat([r.probs for r in out.routings]),
+                                 torch.cat([r.expert_index for r in out.routings]), 4)
+    assert abs(pooled - torch.stack(aux).mean()) > 1e-4
+    names = [k.removesuffix("_load") for k in out.metrics if k.endswith("_load")]
+    assert len(names) == len(out.routings)
+    for name, r in zip(names, out.routings):
+        assert out.metrics[f"{name}_aux_loss"] == r.aux_loss
+        torch.testing.assert_close(out.metrics[f"{name}_load"].sum(), torch.tensor(1.0))
+        assert 0 < out.metrics[f"{name}_load_entropy"] <= 1
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if "router" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert", "t5"])
+def test_a_one_expert_moe_model_equals_the_dense_model(arch):
+    """num_experts 1, dropless, no aux losses: the same logits and loss as the dense model with those weights."""
+    moe = tiny(arch, dict(num_experts=1, every=1, capacity_factor=None, eval_capacity_factor=None,
+                          aux_loss_coef=0.0, z_loss_coef=0.0)).eval()
+    dense = tiny(arch).eval()
+    weights = {k.replace("ffn.experts.0.", "ffn."): v for k, v in moe.state_dict().items() if "router" not in k}
+    dense.load_state_dict(weights)
+    a, b = moe(**batch(arch)), dense(**batch(arch))
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.logits if arch != "bert" else a.masked_logits,
+                               b.logits if arch != "bert" else b.masked_logits, rtol=0, atol=1e-5)
+
+
+def test_switch_gpt_generates_the_same_with_and_without_the_kv_cache():
+    model = tiny("gpt", dict(num_experts=4, eval_capacity_factor=None)).eval()
+    prompt = batch("gpt")["input_ids"][:, :4]
+    torch.testing.assert_close(model.generate(prompt, 8, top_k=1), model.generate(prompt, 8, top_k=1, use_cache=False))
+
+
+def test_model_moe_config_errors_name_the_key(tmp_path):
+    from minimodels.config import ConfigError, load_config, save_config
+
+    cfg = load_config("configs/gpt.yaml", ["model.moe.num_experts=4", "model.moe.gate=gshard"])
+    assert cfg.model.moe.num_experts == 4 and cfg.model.moe.gate == "gshard"
+    save_config(cfg, tmp_path / "config.yaml")  # the nested section survives the run folder's config.yaml
+    assert load_config(tmp_path / "config.yaml").model.moe == cfg.model.moe
+    for override, message in [("model.moe.num_expert=4", "unknown key model.moe.num_expert — did you mean model.moe.num_experts"),
+                              ("model.moe.gate=top2", "model.moe.gate: unknown gate 'top2'"),
+                              ("model.moe.top_k=2", "model.moe.top_k: gate 'switch' sends each token to 1 expert"),
+                              ("model.moe.capacity_factor=0", "model.moe.capacity_factor: must be > 0"),
+                              ("model.moe.gate=expert_choice", "model.moe.gate: expert_choice .* causal"),
+                              ("model.moe.every=x", "model.moe.every: expected int")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("configs/gpt.yaml", [override])
+
+
+def test_export_of_an_moe_model_to_hf_is_refused():
+    with pytest.raises(ValueError, match="model.moe: .* cannot be exported to GPT-2"):
+        tiny("gpt", dict(num_experts=4)).to_hf()
+
+
+def test_training_logs_routing_metrics_and_draws_the_expert_load(tmp_path):
+    """The generic metrics path: the trainer averages out.metrics between log lines; run() draws vectors."""
+    import json
+
+    from minimodels.config import load_config
+    from minimodels.train.run import run
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"doc{i}.txt").write_text(f"The quick brown fox {i} jumps over the lazy dog. " * 20)
+    out = tmp_path / "run"
+    cfg = load_config("configs/gpt.yaml", [
+        f"data.source={folder}", "data.tokenizer=char", "model.block_size=32", "model.n_layer=2", "model.n_embd=16",
+        "model.n_head=2", "model.moe.num_experts=4", "train.max_steps=4", "train.batch_size=4", "train.log_interval=2",
+        "train.eval_interval=4", "train.device=cpu", "output.sample_tokens=0", f"output.dir={out}"])
+    run(cfg, quiet=True)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if "loss" in e]
+    assert [e["step"] for e in train] == [2, 4]
+    for e in train:
+        assert {"moe_aux_loss", "moe_z_loss", "moe_block1_dropped", "moe_block1_load_entropy"} <= e.keys()
+        assert len(e["moe_block1_load"]) == 4 and abs(sum(e["moe_block1_load"]) - 1) < 1e-4
+        assert e["moe_aux_loss"] >= 1.0 - 1e-4  # 1.0 is perfect balance, never lower for k = 1
+    assert (out / "moe_block1_load.png").stat().st_size > 0

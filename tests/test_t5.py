@@ -130,11 +130,11 @@ def test_cached_decoding_equals_uncached(tie):
     model = tiny_t5(tie_weights=tie)
     ids, mask, labels = batch()
     with torch.no_grad():
-        memory = model.encode(ids, mask)
-        full, _ = model.decode(model.shift_right(labels), memory, mask)
-        first, cache = model.decode(model.shift_right(labels)[:, :3], memory, mask, use_cache=True)
+        memory, _ = model.encode(ids, mask)
+        full, _, _ = model.decode(model.shift_right(labels), memory, mask)
+        first, cache, _ = model.decode(model.shift_right(labels)[:, :3], memory, mask, use_cache=True)
         assert len(cache[0]) == 4  # (k, v) of self-attention, then (k, v) of cross-attention
-        rest, _ = model.decode(model.shift_right(labels)[:, 3:], memory, mask, past_key_values=cache)
+        rest, _, _ = model.decode(model.shift_right(labels)[:, 3:], memory, mask, past_key_values=cache)
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=0, atol=1e-5)
     greedy = [model.generate(ids, mask, max_new_tokens=12, use_cache=c) for c in (True, False)]
     assert greedy[0].shape == (2, 13) and torch.equal(greedy[0], greedy[1])
@@ -268,8 +268,8 @@ def test_cross_attention_cache():
     # in a decoder block the cache is (self k, self v, cross k, cross v); self-attention grows by one per step
     block = PreLNBlock(16, 2, build_ffn("mlp", 16, 32, "relu", 0.0, False), bias=False, cross_attention=True,
                        norm="rms", scaled=False).eval()
-    _, cache = block(x, memory=memory, memory_mask=mask, use_cache=True)
-    _, cache2 = block(torch.randn(2, 1, 16), memory=None, memory_mask=mask, past_kv=cache, use_cache=True)
+    _, cache, _ = block(x, memory=memory, memory_mask=mask, use_cache=True)
+    _, cache2, _ = block(torch.randn(2, 1, 16), memory=None, memory_mask=mask, past_kv=cache, use_cache=True)
     assert [t.size(2) for t in cache] == [3, 3, 5, 5] and [t.size(2) for t in cache2] == [4, 4, 5, 5]
 
 

@@ -5,6 +5,7 @@ the config asks for), BERT initialisation, and Hugging Face interop.
 
     h_0 = LN(E_tok[x] + E_pos[0..T-1] + E_seg[s])       token + position + segment embeddings (section 3.2)
     h_l = Block(h_{l-1})  for l = 1..L                  post-LN, bidirectional self-attention (minimodels/nn/block.py)
+                                                        with model.moe, some blocks' FFN is a mixture of experts
     MLM:      P(x_t | x_masked) = softmax(LN(GELU(h_L[t] W_t)) E_tok^T + b)    decoder tied to E_tok (appendix A.1)
     pooler:   p = tanh(h_L[CLS] W_p)                    the [CLS] position summarises the sequence
     NSP:      P(IsNext | A, B) = softmax(p W_nsp)       optional, model.nsp
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
 from minimodels.nn import ACTIVATIONS, PostLNBlock, build_ffn, check_block_options
 
 HEADS = ("mlm", "classify", "none")
@@ -45,6 +47,7 @@ class BERTConfig:
     nsp: bool = False  # add the next-sentence-prediction head (needs head: mlm; trained by next_sentence_label)
     num_labels: int | None = None  # classes of the classify head; null = from the task
     init_from: str | None = None  # a pretraining run folder to start from (fine-tuning), e.g. runs/bert
+    moe: MoEConfig | None = None  # mixture-of-experts FFNs (Switch-BERT), see minimodels/moe/config.py; null = dense
 
     def validate(self) -> None:
         for name in ("block_size", "type_vocab_size", "n_layer", "n_head", "n_embd"):
@@ -60,6 +63,8 @@ class BERTConfig:
         if self.nsp and self.head != "mlm":
             raise ValueError(f"model.nsp: the next-sentence head is a pretraining head; it needs model.head=mlm, got {self.head!r}")
         check_block_options(self)
+        if self.moe is not None:
+            self.moe.validate()
 
 
 @dataclass
@@ -70,6 +75,8 @@ class BERTOutput:
     hidden_states: torch.Tensor | None = None  # (B, T, C) output of the last block
     pooled: torch.Tensor | None = None  # (B, C) tanh(h[CLS] W_p), when the model has a pooler
     nsp_logits: torch.Tensor | None = None  # (B, 2) IsNext / NotNext scores, when model.nsp
+    routings: list[Routing] | None = None  # with model.moe: the Routing of each MoE block, in block order
+    metrics: dict[str, torch.Tensor] | None = None  # with model.moe: per-layer aux/z-loss, drops, load (logged)
 
 
 class MLMHead(nn.Module):
@@ -104,9 +111,10 @@ class BERT(nn.Module):
         self.emb_norm = nn.LayerNorm(c.n_embd, eps=c.norm_eps)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            PostLNBlock(c.n_embd, c.n_head, build_ffn(c.ffn, c.n_embd, d_ff, c.activation, c.dropout, True),
+            PostLNBlock(c.n_embd, c.n_head, build_block_ffn(c.moe, i, c.n_embd, lambda: build_ffn(
+                            c.ffn, c.n_embd, d_ff, c.activation, c.dropout, True)),
                         dropout=c.dropout, causal=False, norm_eps=c.norm_eps, attn_impl=c.attn_impl)
-            for _ in range(c.n_layer)
+            for i in range(c.n_layer)
         )
         if c.head == "mlm":
             self.mlm = MLMHead(c.n_embd, c.vocab_size, c.activation, c.norm_eps)
@@ -148,8 +156,11 @@ class BERT(nn.Module):
         x = self.tok_emb(input_ids) + self.pos_emb(pos) + self.seg_emb(token_type_ids)  # (B, T, C)
         x = self.drop(self.emb_norm(x))
         padding_mask = None if attention_mask is None else attention_mask.bool()  # (B, T), True = attend
-        for block in self.blocks:
-            x = block(x, padding_mask=padding_mask)  # (B, T, C)
+        routings = {}  # name -> Routing of each MoE block
+        for i, block in enumerate(self.blocks):
+            x, routing = block(x, padding_mask=padding_mask)  # (B, T, C)
+            if routing is not None:
+                routings[f"moe_block{i}"] = routing
         pooled = torch.tanh(self.pooler(x[:, 0])) if hasattr(self, "pooler") else None  # (B, C) from [CLS]
 
         logits, loss, masked_logits = None, None, None
@@ -178,8 +189,9 @@ class BERT(nn.Module):
             # pretraining loss = L_MLM + L_NSP (section 3.1, tasks #1 and #2)
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
             loss = nsp_loss if loss is None else loss + nsp_loss
+        loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
         return BERTOutput(logits=logits, loss=loss, masked_logits=masked_logits, hidden_states=x, pooled=pooled,
-                          nsp_logits=nsp_logits)
+                          nsp_logits=nsp_logits, routings=list(routings.values()) or None, metrics=metrics)
 
     def num_params(self, exclude_positions: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

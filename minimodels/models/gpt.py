@@ -5,6 +5,7 @@ GPT-2 initialisation, generation with a KV cache, and Hugging Face interop.
 
     h_0 = W_e[x] + W_p[0..T-1]                  token + learned position embeddings
     h_l = Block(h_{l-1})  for l = 1..L          pre-LN, causal self-attention (minimodels/nn/block.py)
+                                                with model.moe, some blocks' FFN is a mixture of experts
     P(x_{t+1} | x_<=t) = softmax(LN(h_L) W_e^T)  weight tying: the output layer is the embedding matrix
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
 from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, sample_next
 
 
@@ -37,6 +39,7 @@ class GPTConfig:
     attn_impl: str = "auto"  # auto | manual | sdpa (see minimodels/nn/attention.py)
     norm_eps: float = 1e-5  # LayerNorm epsilon
     init_from: str | None = None  # a run folder (runs/gpt) whose latest weights this model starts from
+    moe: MoEConfig | None = None  # mixture-of-experts FFNs (Switch-GPT), see minimodels/moe/config.py; null = dense
 
     def validate(self) -> None:
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
@@ -47,13 +50,20 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
         check_block_options(self)
+        if self.moe is not None:
+            self.moe.validate()
+            if self.moe.gate == "expert_choice":
+                raise ValueError("model.moe.gate: expert_choice picks tokens by looking at the whole batch, future "
+                                 "tokens included, so a causal model cannot use it (use it in BERT)")
 
 
 @dataclass
 class GPTOutput:
     logits: torch.Tensor  # (B, T, vocab_size)
-    loss: torch.Tensor | None = None  # mean cross-entropy (nats) over predicted tokens, when labels are given
+    loss: torch.Tensor | None = None  # cross-entropy (nats) over predicted tokens (+ the MoE losses), with labels
     past_key_values: list[KVCache] | None = None  # one (k, v) per layer when use_cache=True
+    routings: list[Routing] | None = None  # with model.moe: the Routing of each MoE block, in block order
+    metrics: dict[str, torch.Tensor] | None = None  # with model.moe: per-layer aux/z-loss, drops, load (logged)
 
 
 class GPT(nn.Module):
@@ -68,9 +78,10 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # W_p
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            PreLNBlock(c.n_embd, c.n_head, build_ffn(c.ffn, c.n_embd, d_ff, c.activation, c.dropout, c.bias),
+            PreLNBlock(c.n_embd, c.n_head, build_block_ffn(c.moe, i, c.n_embd, lambda: build_ffn(
+                           c.ffn, c.n_embd, d_ff, c.activation, c.dropout, c.bias)),
                        bias=c.bias, dropout=c.dropout, causal=True, attn_impl=c.attn_impl, norm_eps=c.norm_eps)
-            for _ in range(c.n_layer)
+            for i in range(c.n_layer)
         )
         self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
@@ -79,7 +90,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # GPT-2 section 2.3: scale residual-branch output projections by 1/sqrt(N), N = 2 residual adds per layer
         for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("ffn.proj.weight"):
+            if name.endswith("proj.weight") and (".attn." in name or ".ffn." in name):  # experts: ffn.experts.N.proj
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
     @staticmethod
@@ -100,10 +111,13 @@ class GPT(nn.Module):
         pos = torch.arange(past, past + T, device=input_ids.device)  # (T,)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
         presents = [] if use_cache else None
+        routings = {}  # name -> Routing of each MoE block
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, past_kv=past_key_values[i] if past_key_values else None, use_cache=use_cache)
+            x, kv, routing = block(x, past_kv=past_key_values[i] if past_key_values else None, use_cache=use_cache)
             if use_cache:
                 presents.append(kv)
+            if routing is not None:
+                routings[f"moe_block{i}"] = routing
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if labels is not None:
@@ -111,7 +125,9 @@ class GPT(nn.Module):
             # Shifting the labels (not slicing the logits) avoids copying the (B, T, V) logits.
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T); the last position has no target
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return GPTOutput(logits=logits, loss=loss, past_key_values=presents)
+        loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
+        return GPTOutput(logits=logits, loss=loss, past_key_values=presents, routings=list(routings.values()) or None,
+                         metrics=metrics)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
 from minimodels.nn import (GatedMLP, KVCache, MLP, MultiHeadAttention, PreLNBlock, RelativePositionBias, RMSNorm,
                            build_ffn, check_block_options, sample_next)
 
@@ -50,6 +51,7 @@ class T5Config:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     attn_impl: str = "auto"  # auto | manual | sdpa (see minimodels/nn/attention.py)
     pad_token_id: int = 0  # padding id, also the decoder's start token (as in T5); our tokenizers put pad at 0
+    moe: MoEConfig | None = None  # mixture-of-experts FFNs in both stacks (Switch-T5), see minimodels/moe/config.py
 
     def validate(self) -> None:
         for name in ("d_model", "n_layer", "n_head", "d_ff", "num_buckets", "max_distance"):
@@ -65,6 +67,11 @@ class T5Config:
         check_block_options(self)
         if self.vocab_size is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"model.pad_token_id: {self.pad_token_id} is not an id of a vocabulary of {self.vocab_size}")
+        if self.moe is not None:
+            self.moe.validate()
+            if self.moe.gate == "expert_choice":
+                raise ValueError("model.moe.gate: expert_choice picks tokens by looking at the whole batch, future "
+                                 "tokens included, so T5's causal decoder cannot use it (use it in BERT)")
 
 
 @dataclass
@@ -73,6 +80,8 @@ class T5Output:
     loss: torch.Tensor | None = None  # mean cross-entropy (nats) over labels != -100, when labels are given
     encoder_hidden_states: torch.Tensor | None = None  # (B, S, d_model), the encoder output h
     past_key_values: list[KVCache] | None = None  # decoder cache, one (k, v, cross_k, cross_v) per layer
+    routings: list[Routing] | None = None  # with model.moe: the Routing of each MoE block, encoder then decoder
+    metrics: dict[str, torch.Tensor] | None = None  # with model.moe: per-layer aux/z-loss, drops, load (logged)
 
 
 class T5Stack(nn.Module):
@@ -87,29 +96,35 @@ class T5Stack(nn.Module):
                                              max_distance=c.max_distance)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            PreLNBlock(c.d_model, c.n_head, build_ffn(c.ffn, c.d_model, c.d_ff, c.activation, c.dropout, bias=False),
+            PreLNBlock(c.d_model, c.n_head, build_block_ffn(c.moe, i, c.d_model, lambda: build_ffn(
+                           c.ffn, c.d_model, c.d_ff, c.activation, c.dropout, bias=False)),
                        bias=False, dropout=c.dropout, causal=decoder, cross_attention=decoder, norm="rms",
                        norm_eps=c.norm_eps, d_head=c.d_head, scaled=False, attn_impl=c.attn_impl)
-            for _ in range(n_layer)
+            for i in range(n_layer)
         )
+        self.name = "dec" if decoder else "enc"
         self.ln_f = RMSNorm(c.d_model, eps=c.norm_eps)
 
     def forward(self, x, padding_mask=None, memory=None, memory_mask=None, past_key_values=None, use_cache=False):
         """x (B, T, C) embedded tokens. padding_mask (B, T) for the encoder; memory (B, S, C) and memory_mask
-        (B, S) for the decoder; past_key_values the decoder cache. Returns ((B, T, C), cache or None)."""
+        (B, S) for the decoder; past_key_values the decoder cache. Returns ((B, T, C), cache or None, routings:
+        name -> Routing of each MoE block)."""
         T = x.size(1)
         past = past_key_values[0][0].size(2) if past_key_values else 0  # decoder tokens already in the cache
         # B[h, i, j] = b_h(bucket(j - i)), computed once and added to the scores of every layer
         position_bias = self.pos_bias(T, past + T, x.device)  # (1, nh, T, past + T)
         x = self.drop(x)
         presents = [] if use_cache else None
+        routings = {}
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, padding_mask=padding_mask, position_bias=position_bias, memory=memory,
-                          memory_mask=memory_mask, past_kv=past_key_values[i] if past_key_values else None,
-                          use_cache=use_cache)
+            x, kv, routing = block(x, padding_mask=padding_mask, position_bias=position_bias, memory=memory,
+                                   memory_mask=memory_mask, past_kv=past_key_values[i] if past_key_values else None,
+                                   use_cache=use_cache)
             if use_cache:
                 presents.append(kv)
-        return self.drop(self.ln_f(x)), presents
+            if routing is not None:
+                routings[f"moe_{self.name}_block{i}"] = routing
+        return self.drop(self.ln_f(x)), presents, routings
 
 
 class T5(nn.Module):
@@ -153,23 +168,26 @@ class T5(nn.Module):
                 nn.init.normal_(m.proj.weight, std=c.d_ff**-0.5)
 
     # ------------------------------------------------------------------ forward
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, S), attention_mask (B, S) 1/True on real tokens -> encoder output h (B, S, C)."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, Routing]]:
+        """input_ids (B, S), attention_mask (B, S) 1/True on real tokens -> encoder output h (B, S, C), and the
+        routings of its MoE blocks (empty without model.moe)."""
         mask = None if attention_mask is None else attention_mask.bool()
-        return self.encoder(self.tok_emb(input_ids), padding_mask=mask)[0]
+        h, _, routings = self.encoder(self.tok_emb(input_ids), padding_mask=mask)
+        return h, routings
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
                attention_mask: torch.Tensor | None = None, past_key_values: list[KVCache] | None = None,
-               use_cache: bool = False) -> tuple[torch.Tensor, list[KVCache] | None]:
+               use_cache: bool = False) -> tuple[torch.Tensor, list[KVCache] | None, dict[str, Routing]]:
         """decoder_input_ids (B, T) after `past_key_values`; attention_mask (B, S) is the ENCODER's padding
-        mask. Returns logits (B, T, V) and the updated cache (when use_cache)."""
+        mask. Returns logits (B, T, V), the updated cache (when use_cache) and the MoE blocks' routings."""
         mask = None if attention_mask is None else attention_mask.bool()
-        s, presents = self.decoder(self.tok_emb(decoder_input_ids), memory=encoder_hidden_states, memory_mask=mask,
+        s, presents, routings = self.decoder(self.tok_emb(decoder_input_ids), memory=encoder_hidden_states, memory_mask=mask,
                                    past_key_values=past_key_values, use_cache=use_cache)  # (B, T, C)
         if self.config.tie_weights:
             # Mesh TensorFlow: with the output layer tied to the (std 1) embedding, rescale by d_model^-0.5
             s = s * self.config.d_model**-0.5
-        return self.lm_head(s), presents  # (B, T, V)
+        return self.lm_head(s), presents, routings  # (B, T, V)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: the decoder reads the start token (pad) then labels[:-1]: y_t is predicted from y_<t."""
@@ -184,20 +202,25 @@ class T5(nn.Module):
         """input_ids (B, S) and attention_mask (B, S) for the encoder (or its output `encoder_hidden_states`).
         labels (B, T) are the target tokens, -100 where there is nothing to predict; unlike GPT, position t
         of the logits is scored against labels[:, t], since the decoder input is already shifted right."""
+        routings = {}  # name -> Routing of each MoE block
         if encoder_hidden_states is None:
             if input_ids is None:
                 raise ValueError("T5.forward: pass input_ids (B, S) or encoder_hidden_states (B, S, d_model)")
-            encoder_hidden_states = self.encode(input_ids, attention_mask)
+            encoder_hidden_states, routings = self.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5.forward: pass decoder_input_ids (B, T) or labels (B, T)")
             decoder_input_ids = self.shift_right(labels)
-        logits, presents = self.decode(decoder_input_ids, encoder_hidden_states, attention_mask, past_key_values, use_cache)
+        logits, presents, decoder_routings = self.decode(decoder_input_ids, encoder_hidden_states, attention_mask,
+                                                         past_key_values, use_cache)
+        routings.update(decoder_routings)
         loss = None
         if labels is not None:
             # L = -1/N sum_t log P(y_t | y_<t, x) over the N labels != -100
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return T5Output(logits=logits, loss=loss, encoder_hidden_states=encoder_hidden_states, past_key_values=presents)
+        loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
+        return T5Output(logits=logits, loss=loss, encoder_hidden_states=encoder_hidden_states, past_key_values=presents,
+                        routings=list(routings.values()) or None, metrics=metrics)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -215,13 +238,13 @@ class T5(nn.Module):
             return self.beam_search(input_ids, attention_mask, max_new_tokens, num_beams, eos_token_id, length_penalty)
         was_training = self.training
         self.eval()
-        memory = self.encode(input_ids, attention_mask)  # (B, S, C)
+        memory, _ = self.encode(input_ids, attention_mask)  # (B, S, C)
         out = torch.full((input_ids.size(0), 1), self.config.pad_token_id, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)  # (B,) produced eos
         cache = None
         for _ in range(max_new_tokens):
             step_ids = out if cache is None else out[:, -1:]  # the whole prefix once, then only the newest token
-            logits, cache = self.decode(step_ids, memory, attention_mask, cache, use_cache)
+            logits, cache, _ = self.decode(step_ids, memory, attention_mask, cache, use_cache)
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if eos_token_id is not None:
                 next_id = next_id.masked_fill(done[:, None], self.config.pad_token_id)
@@ -242,7 +265,7 @@ class T5(nn.Module):
         was_training = self.training
         self.eval()
         B, k, pad = input_ids.size(0), num_beams, self.config.pad_token_id
-        memory = self.encode(input_ids, attention_mask).repeat_interleave(k, dim=0)  # (B*k, S, C), encoder run once
+        memory = self.encode(input_ids, attention_mask)[0].repeat_interleave(k, dim=0)  # (B*k, S, C), encoder run once
         mask = None if attention_mask is None else attention_mask.repeat_interleave(k, dim=0)  # (B*k, S)
         seqs = torch.full((B * k, 1), pad, dtype=torch.long, device=input_ids.device)  # (B*k, 1)
         scores = torch.zeros(B, k, device=input_ids.device)
@@ -251,7 +274,7 @@ class T5(nn.Module):
         lengths = torch.zeros(B * k, device=input_ids.device)
         cache = None
         for _ in range(max_new_tokens):
-            logits, cache = self.decode(seqs if cache is None else seqs[:, -1:], memory, mask, cache, use_cache=True)
+            logits, cache, _ = self.decode(seqs if cache is None else seqs[:, -1:], memory, mask, cache, use_cache=True)
             logp = F.log_softmax(logits[:, -1, :].float(), dim=-1)  # (B*k, V)
             V = logp.size(-1)
             logp[done] = float("-inf")  # a finished beam can only be continued by pad, at log-prob 0

@@ -8,6 +8,10 @@ Where the norm sits is the one real difference between the two kinds:
 Pre-LN keeps an un-normalised residual path from input to output, which trains stably without a long
 warm-up (Xiong et al. 2020). A decoder block of an encoder-decoder (T5) adds cross-attention between
 the two: x = x + CrossAttention(LN(x), encoder output).
+
+The feed-forward is any module: a dense FFN (minimodels/nn/feedforward.py) returns y, a mixture of experts
+(minimodels/moe) returns (y, routing). Blocks return that routing (None for a dense FFN) next to x, so the
+model can collect every MoE layer's routing decisions as plain values.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS
 from minimodels.nn.norm import build_norm
 
 ATTN_IMPLS = ("auto", "manual", "sdpa")
+
+
+def feed_forward(ffn: nn.Module, x):
+    """ffn(x) as (y, routing): routing is the MoE layer's Routing, or None for a dense FFN."""
+    out = ffn(x)
+    return out if isinstance(out, tuple) else (out, None)
 
 
 def check_block_options(config) -> None:
@@ -67,8 +77,9 @@ class PreLNBlock(nn.Module):
                                        past_kv=past_kv[2:] if past_kv else None, use_cache=use_cache)
             x = x + a
             present = present + cross if use_cache else None
-        x = x + self.ffn(self.ln2(x))
-        return x, present  # (B, T, C), cache or None
+        y, routing = feed_forward(self.ffn, self.ln2(x))
+        x = x + y
+        return x, present, routing  # (B, T, C), cache or None, Routing or None
 
 
 class PostLNBlock(nn.Module):
@@ -87,6 +98,7 @@ class PostLNBlock(nn.Module):
         self.ln2 = nn.LayerNorm(d_model, eps=norm_eps)
 
     def forward(self, x, padding_mask=None):
-        """x (B, T, C), padding_mask (B, T) bool, True = real token. Returns (B, T, C)."""
+        """x (B, T, C), padding_mask (B, T) bool, True = real token. Returns (B, T, C) and the routing (or None)."""
         x = self.ln1(x + self.attn(x, padding_mask=padding_mask)[0])
-        return self.ln2(x + self.ffn(x))
+        y, routing = feed_forward(self.ffn, x)
+        return self.ln2(x + y), routing

@@ -4,7 +4,8 @@
     gated:  FFN(x) = (act(x W_g) * (x W_1)) W_2                  T5 v1.1 (gated-GELU; Shazeer 2020, "GLU variants")
 
 Models build their feed-forward through `build_ffn(kind, ...)`, so a config can swap the module
-(`model.ffn: mlp | gated`; the mixture-of-experts layer registers itself here as another kind).
+(`model.ffn: mlp | gated`); `model.moe` turns the FFN of some blocks into a mixture of experts whose
+experts are copies of this module (minimodels/moe/config.py).
 """
 
 from __future__ import annotations

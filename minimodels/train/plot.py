@@ -1,4 +1,5 @@
-"""loss.png from metrics.jsonl: training loss and validation loss against steps."""
+"""Plots from metrics.jsonl: loss.png (training and validation loss against steps), and one PNG per
+vector-valued metric, drawn as stacked shares over training (an MoE layer's load per expert: moe_block1_load.png)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,23 @@ import json
 from pathlib import Path
 
 
-def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    plt = pyplot()
     run_dir = Path(run_dir)
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    events = read_events(run_dir)
     train = [(e["step"], e["loss"]) for e in events if "loss" in e]
     val = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -36,3 +46,26 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_shares(run_dir: str | Path) -> list[Path]:
+    """<name>.png for every metric logged as a list (shares of a whole, e.g. the share of token slots each
+    expert of an MoE layer processed): the shares stacked against steps, one band per entry."""
+    plt = pyplot()
+    run_dir = Path(run_dir)
+    events = read_events(run_dir)
+    names = dict.fromkeys(k for e in events for k, v in e.items() if isinstance(v, list))
+    paths = []
+    for name in names:
+        steps, rows = zip(*[(e["step"], e[name]) for e in events if name in e])
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.stackplot(steps, list(zip(*rows)), labels=[str(i) for i in range(len(rows[0]))], alpha=0.85)
+        ax.set(xlabel="step", ylabel="share", title=f"{run_dir.name} — {name} (one band per entry, e.g. expert)",
+               xlim=(steps[0], steps[-1]), ylim=(0, 1))
+        if len(rows[0]) <= 16:
+            ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize="small")
+        fig.tight_layout()
+        fig.savefig(run_dir / f"{name}.png", dpi=110)
+        plt.close(fig)
+        paths.append(run_dir / f"{name}.png")
+    return paths

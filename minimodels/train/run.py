@@ -4,7 +4,7 @@
     <output.dir>/tokenizer.json   the tokenizer trained on the train split
     <output.dir>/metrics.jsonl    one JSON object per event, each with "step"
     <output.dir>/checkpoints/     step_XXXXXXXX/{model.safetensors, trainer.pt}
-    <output.dir>/loss.png         loss curves
+    <output.dir>/loss.png         loss curves (and <metric>.png for metrics logged as shares, e.g. MoE expert load)
     <output.dir>/sample.txt       a text sample from the final model
 """
 
@@ -21,7 +21,7 @@ from minimodels.config import ConfigError, ExperimentConfig, load_config, save_c
 from minimodels.data import build_task
 from minimodels.models import build_model
 from minimodels.train.checkpoint import latest_checkpoint, load_pretrained, load_weights
-from minimodels.train.plot import plot_metrics
+from minimodels.train.plot import plot_metrics, plot_shares
 from minimodels.train.trainer import MetricsLog, Trainer, resolve_device
 
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt", "checkpoints")
@@ -50,8 +50,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
             raise ConfigError(f"output.dir: {run_dir} already holds a run ({ckpt.name}); continue it with "
                               f"--resume {run_dir}, pick another output.dir=..., or pass --overwrite")
     if overwrite and not resume:
-        for name in RUN_FILES:
-            path = run_dir / name
+        for path in [run_dir / name for name in RUN_FILES] + list(run_dir.glob("*.png")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -80,6 +79,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
     metrics = trainer.fit()
     if cfg.output.plot:
         plot_metrics(run_dir)
+        plot_shares(run_dir)
     if cfg.output.sample_tokens > 0 and hasattr(task, "sample") and hasattr(model, "generate"):
         text = task.sample(model, cfg.output.sample_prompt, cfg.output.sample_tokens,
                            generator=torch.Generator(trainer.device).manual_seed(cfg.train.seed))

@@ -4,7 +4,9 @@
     out = model(**batch)                                                 # any output with .loss
     out.loss.backward(); optimizer.step()
 
-and evaluation metrics come from `task.evaluate(model, batches) -> dict[str, float]`.
+and evaluation metrics come from `task.evaluate(model, batches) -> dict[str, float]`. An output may also
+carry `metrics`, a dict of detached scalar or 1-D tensors about that forward pass (an MoE model's routing
+statistics); the trainer averages them over the steps between two log lines and writes them there.
 
 Determinism: the order of training examples is a function of (seed, epoch) and the collator's random
 generator a function of (seed, micro-batch index), so the data position is a single integer and a
@@ -93,14 +95,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches. Returns {"loss", "lr", "tokens"}."""
+        """One optimizer step over grad_accum micro-batches. Returns {"loss", "lr", "tokens", "metrics"}, where
+        metrics holds the micro-batch mean of each entry of the outputs' `metrics` (tensors, no host sync)."""
         self.model.train()
         batches = [to_device(self.train_batch(self.position + i), self.device) for i in range(self.cfg.grad_accum)]
         self.position += self.cfg.grad_accum
         # Gradient accumulation: weight each micro-batch's mean loss by its share of the targets, so that
         # k micro-batches of b examples give the same gradient as one batch of k*b.
         counts = [count_targets(b) for b in batches]
-        total, loss_sum, tokens = sum(counts), 0.0, 0
+        total, loss_sum, tokens, metrics = sum(counts), 0.0, 0, {}
         for batch, count in zip(batches, counts):
             with autocast(self.device, self.dtype):
                 out = self.forward(**batch)
@@ -108,6 +111,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             loss_sum += loss.item()
             tokens += batch["input_ids"].numel() if "input_ids" in batch else count
+            for k, v in (getattr(out, "metrics", None) or {}).items():
+                metrics[k] = metrics.get(k, 0) + v.detach().float() / len(batches)
         if not math.isfinite(loss_sum):
             last = latest_checkpoint(self.run_dir)
             raise TrainingError(f"loss is {loss_sum} at step {self.step + 1}; last good checkpoint: "
@@ -121,7 +126,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss_sum, "lr": lr, "tokens": tokens}
+        return {"loss": loss_sum, "lr": lr, "tokens": tokens, "metrics": metrics}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -165,15 +170,16 @@ class Trainer:
         tty = sys.stderr.isatty()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=self.quiet, dynamic_ncols=True,
                    mininterval=0.5 if tty else 30, desc="train", unit="step")
-        last_eval, t0, tokens = {}, time.perf_counter(), 0
+        last_eval, t0, tokens, since_log = {}, time.perf_counter(), 0, Mean()
         while self.step < cfg.max_steps:
             m = self.train_step()
             tokens += m["tokens"]
+            since_log.add(m["metrics"])
             tok_s = tokens / (time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if self.step % cfg.log_interval == 0:
-                log.write(step=self.step, loss=m["loss"], lr=m["lr"], tokens_per_s=round(tok_s, 1))
+                log.write(step=self.step, loss=m["loss"], lr=m["lr"], tokens_per_s=round(tok_s, 1), **since_log.pop())
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
                 log.write(step=self.step, **last_eval)
@@ -202,6 +208,24 @@ def count_targets(batch: dict) -> int:
     if "labels" in batch:
         return int((batch["labels"] != -100).sum())
     return len(next(iter(batch.values())))
+
+
+class Mean:
+    """Running means of dicts of tensors: add() per step, pop() -> {name: float or list of floats} and reset."""
+
+    def __init__(self):
+        self.sums, self.n = {}, 0
+
+    def add(self, values: dict) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.n += 1
+
+    def pop(self) -> dict:
+        out = {k: [round(x, 6) for x in (v / self.n).tolist()] if v.dim() else round(float(v / self.n), 6)
+               for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
 
 
 class MetricsLog:
