@@ -47,6 +47,11 @@ class DataConfig:
 
 
 @dataclass
+class DistributedConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl; used only under torchrun
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps
     seed: int = 1337  # seeds model init, data order and dropout
@@ -67,6 +72,7 @@ class TrainConfig:
     save_interval: int = 500  # checkpoint every N steps (and at the end)
     keep_last: int = 2  # checkpoints kept on disk
     compile: bool = False  # torch.compile the model (costs ~15 s on first call)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # options for torchrun (README)
 
 
 @dataclass
@@ -242,6 +248,8 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
     need(all(0 <= b < 1 for b in t.betas), "train.betas", f"each beta must be in [0, 1), got {list(t.betas)}")
     need(t.dtype in ("auto", "bf16", "fp32", "fp16"), "train.dtype", f"must be auto, bf16, fp32 or fp16, got {t.dtype!r}")
     need(t.eval_batches is None or t.eval_batches > 0, "train.eval_batches", "must be positive or null")
+    need(t.distributed.backend in ("auto", "gloo", "nccl"), "train.distributed.backend",
+         f"must be auto, gloo or nccl, got {t.distributed.backend!r}")
     need(d.tokenizer in ("char", "bpe", "wordpiece") or d.tokenizer.endswith(".json"), "data.tokenizer",
          f"must be char, bpe, wordpiece or a path to a tokenizer.json, got {d.tokenizer!r}")
     need(0 < d.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {d.mask_prob}")

@@ -16,6 +16,7 @@ A tokenizer is saved as one standard `tokenizer.json`; the kind is read back fro
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
@@ -98,9 +99,13 @@ class Tokenizer:
     # ---- files
 
     def save(self, path: str | Path) -> None:
-        """Write one standard tokenizer.json (loadable by `tokenizers` and `transformers` too)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path))
+        """Write one standard tokenizer.json (loadable by `tokenizers` and `transformers` too), atomically:
+        a reader (another process of a torchrun job) sees the old file or the new one, never half of one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        self.backend.save(str(tmp))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

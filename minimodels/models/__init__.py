@@ -6,6 +6,7 @@ The trainer builds models only through this table, so adding a model never touch
 from minimodels.models.bert import BERT, BERTConfig
 from minimodels.models.gpt import GPT, GPTConfig
 from minimodels.models.t5 import T5, T5Config
+from minimodels.moe.parallel import shard_experts
 
 MODELS = {
     "gpt": (GPTConfig, GPT),
@@ -16,8 +17,13 @@ MODEL_CONFIGS = {name: cfg for name, (cfg, _) in MODELS.items()}
 
 
 def build_model(config):
-    """Instantiate the model class registered for `config.arch`."""
-    return MODELS[config.arch][1](config)
+    """Instantiate the model class registered for `config.arch`. With model.moe.expert_parallel, each
+    process then keeps only its share of every MoE layer's experts (after the whole model is initialised,
+    so that every process holds a slice of the same model)."""
+    model = MODELS[config.arch][1](config)
+    if getattr(config, "moe", None) is not None and config.moe.expert_parallel:
+        shard_experts(model)
+    return model
 
 
 __all__ = ["BERT", "BERTConfig", "GPT", "GPTConfig", "T5", "T5Config", "MODELS", "MODEL_CONFIGS", "build_model"]

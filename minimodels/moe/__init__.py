@@ -4,6 +4,7 @@
     gates.py     TopKGate, NoisyTopKGate, SwitchGate, GShardGate, ExpertChoiceGate, build_gate
     layer.py     MoE (sort-and-split dispatch over any experts) and moe_reference (the per-token loop)
     config.py    model.moe: which blocks of GPT / BERT / T5 get an MoE FFN, and the model's MoE loss and metrics
+    parallel.py  expert parallelism: experts sharded over torch.distributed processes, tokens sent by all-to-all
 """
 
 from minimodels.moe.config import MoEConfig, build_block_ffn, is_moe_block, add_moe_loss

@@ -10,8 +10,8 @@ A gate (minimodels/moe/gates.py) fills expert_index and weight; any nn.Module ma
     3. experts     each expert runs once, on its contiguous slice
     4. combine     scale each slot by its weight and add it back to its token's row
 
-Expert parallelism slots in between 2 and 3 (an all-to-all sends each slice to the worker holding its
-expert) and between 3 and 4 (the way back). `moe_reference` below is the per-token loop the tests hold
+Expert parallelism (expert_parallel=True, minimodels/moe/parallel.py) slots in between 2 and 3 (an
+all-to-all sends each slice to the process holding its expert) and between 3 and 4 (the way back). `moe_reference` below is the per-token loop the tests hold
 the fast path to.
 
 Why a list of per-expert FFNs and not stacked (E, d_model, d_ff) weights with a batched matmul: measured on
@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from minimodels.moe.gates import build_gate
+from minimodels.moe.parallel import run_experts_parallel
 from minimodels.moe.routing import Routing
 from minimodels.nn.feedforward import MLP
 
@@ -63,10 +64,12 @@ class MoE(nn.Module):
     forward(x) takes x (..., d_model) and returns (y, routing): y shaped and typed like x, routing for the
     T = x.numel() // d_model tokens in x's row-major order, which is also their capacity priority.
     A token whose slots were all dropped gets y = 0, so a residual block passes it through unchanged.
+
+    expert_parallel: call `shard()` at the end of construction (see there).
     """
 
     def __init__(self, d_model: int, num_experts: int, gate: str | nn.Module = "switch", expert=None,
-                 d_ff: int | None = None, k: int | None = None, **gate_options):
+                 d_ff: int | None = None, k: int | None = None, expert_parallel: bool = False, **gate_options):
         super().__init__()
         if isinstance(gate, str):
             gate = build_gate(gate, d_model, num_experts, k, **gate_options)
@@ -76,13 +79,32 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: the gate routes to {gate.num_experts} experts, num_experts={num_experts}")
         self.gate = gate
         self.experts = build_experts(expert, num_experts, d_model, d_ff)
+        self.num_experts, self.first_expert = num_experts, 0  # self.experts[i] is expert first_expert + i
+        if expert_parallel:
+            self.shard()
+
+    def shard(self) -> None:
+        """Expert parallelism: keep only this process's experts, rank * E/W .. (rank + 1) * E/W - 1 of the W
+        processes in the torch.distributed world (all of them in a world of one). The gate stays whole and
+        must stay equal on all processes (DDP keeps it so); tokens travel to their expert by all-to-all.
+        Every process builds all experts first, so with the same seed the shards are slices of one model."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if self.num_experts % world:
+            raise ValueError(f"model.moe.num_experts: {self.num_experts} experts cannot be split evenly over "
+                             f"{world} processes for expert parallelism")
+        local = self.num_experts // world
+        self.first_expert = torch.distributed.get_rank() * local if world > 1 else 0
+        self.experts = self.experts[self.first_expert:self.first_expert + local]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         tokens = x.reshape(-1, x.shape[-1])  # (T, d_model)
         routing = self.gate(tokens)  # 1. route
         slot_token, slot_weight, counts = sort_slots(routing)  # 2. permute: (N,), (N,), E split sizes
         x_slots = tokens[slot_token]  # (N, d_model), grouped by expert
-        y_slots = self.run_experts(x_slots, counts)  # 3. experts: (N, d_model)
+        if len(self.experts) < self.num_experts:  # 3. experts: (N, d_model), sharded over processes
+            y_slots = run_experts_parallel(self.experts, x_slots, counts, self.run_experts)
+        else:
+            y_slots = self.run_experts(x_slots, counts)
         # 4. combine: y_t = sum over t's slots of weight * expert output
         y_slots = y_slots.to(x.dtype) * slot_weight.to(x.dtype).unsqueeze(1)  # (N, d_model)
         y = torch.zeros_like(tokens).index_add(0, slot_token, y_slots)  # (T, d_model)
@@ -90,9 +112,9 @@ class MoE(nn.Module):
 
     def run_experts(self, x_slots: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_slots (N, d_model) sorted by expert, counts[i] rows for expert i -> outputs (N, d_model).
-        Experts without tokens do not run (their parameters get no gradient this step)."""
-        outputs = [expert(x) for expert, x, n in zip(self.experts, x_slots.split(counts), counts) if n > 0]
-        return torch.cat(outputs) if outputs else x_slots  # x_slots is (0, d_model) when every slot was dropped
+        An expert without tokens runs on its empty slice, so every parameter takes part in every step (its
+        gradient is zero then): data-parallel training (DDP) expects each parameter to get a gradient."""
+        return torch.cat([expert(x) for expert, x in zip(self.experts, x_slots.split(counts))])  # (N, d_model)
 
 
 def sort_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -12,7 +12,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from minimodels.moe.parallel import localize
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -40,13 +42,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict, keep_last: int) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict, keep_last: int,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model.safetensors (the model's weights, or `weights`: the whole model's tensors gathered from the
+    processes of an expert-parallel run) and trainer.pt."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    if weights is None:
+        save_model(model, str(tmp / "model.safetensors"))
+    else:
+        save_file(stored_once(weights), str(tmp / "model.safetensors"))
     torch.save(trainer_state, tmp / "trainer.pt")
     if final.exists():  # re-saving the same step (e.g. the final step after resume)
         shutil.rmtree(final)
@@ -56,20 +64,44 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trai
     return final
 
 
-def load_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu") -> None:
-    load_model(model, str(Path(ckpt) / "model.safetensors"), device=str(device))
+def stored_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied weights (GPT's lm_head.weight is tok_emb.weight) under one name only, as safetensors requires."""
+    out, seen = {}, set()
+    for name in sorted(state):
+        if state[name].data_ptr() not in seen:
+            seen.add(state[name].data_ptr())
+            out[name] = state[name].contiguous()
+    return out
+
+
+def load_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu", shards: dict[str, str] | None = None) -> None:
+    """Load model.safetensors into `model`. shards (expert parallelism, moe/parallel.py expert_shards): the
+    file holds the whole model; this process takes its own experts from it."""
+    path = str(Path(ckpt) / "model.safetensors")
+    if not shards:
+        load_model(model, path, device=str(device))
+        return
+    state = localize(load_file(path, device=str(device)), shards)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[name].data_ptr() for name in state if name in own}
+    missing = [name for name in missing if own[name].data_ptr() not in loaded]  # a tied weight was loaded
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}")
 
 
 def load_trainer_state(ckpt: str | Path) -> dict:
     return torch.load(Path(ckpt) / "trainer.pt", weights_only=True)
 
 
-def load_pretrained(model: torch.nn.Module, ckpt: str | Path) -> tuple[list[str], list[str]]:
+def load_pretrained(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, str] | None = None
+                    ) -> tuple[list[str], list[str]]:
     """Copy the weights of checkpoint `ckpt` into `model` wherever the names match (fine-tuning from a
     pretrained run). Returns (new, dropped): parameters of `model` the checkpoint does not have (a fresh
     classifier head keeps its initialisation) and checkpoint tensors `model` has no place for (e.g. the
-    MLM head). A name present in both with different shapes raises ValueError naming it."""
-    state = load_file(str(Path(ckpt) / "model.safetensors"))
+    MLM head). A name present in both with different shapes raises ValueError naming it. shards: see
+    load_weights."""
+    state = localize(load_file(str(Path(ckpt) / "model.safetensors")), shards or {})
     own = model.state_dict()
     for name, tensor in state.items():
         if name in own and own[name].shape != tensor.shape:

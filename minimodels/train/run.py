@@ -20,7 +20,9 @@ import torch
 from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config
 from minimodels.data import build_task
 from minimodels.models import build_model
+from minimodels.moe.parallel import expert_shards
 from minimodels.train.checkpoint import latest_checkpoint, load_pretrained, load_weights
+from minimodels.train.distributed import World, close_world, init_world
 from minimodels.train.plot import plot_metrics, plot_shares
 from minimodels.train.trainer import MetricsLog, Trainer, resolve_device
 
@@ -40,7 +42,16 @@ def prepare(cfg: ExperimentConfig, run_dir: Path):
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Train according to `cfg`; with `resume`, continue from the latest checkpoint in output.dir."""
+    """Train according to `cfg`; with `resume`, continue from the latest checkpoint in output.dir.
+    Under torchrun every process calls this; rank 0 writes the run folder and prints."""
+    world = init_world(cfg.train.distributed.backend)
+    try:
+        return run_in_world(cfg, world, resume, overwrite, quiet or not world.main)
+    finally:
+        close_world(world)
+
+
+def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: bool, quiet: bool) -> dict:
     run_dir = Path(cfg.output.dir)
     ckpt = latest_checkpoint(run_dir)
     if resume and ckpt is None:
@@ -49,34 +60,42 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
         if not overwrite:
             raise ConfigError(f"output.dir: {run_dir} already holds a run ({ckpt.name}); continue it with "
                               f"--resume {run_dir}, pick another output.dir=..., or pass --overwrite")
-    if overwrite and not resume:
+    if overwrite and not resume and world.main:
         for path in [run_dir / name for name in RUN_FILES] + list(run_dir.glob("*.png")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     random.seed(cfg.train.seed)
+    if not world.main:
+        world.barrier()  # rank 0 first: it extracts the corpus and trains the tokenizer, the others load them
     task = prepare(cfg, run_dir)
+    if world.main:
+        world.barrier()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     if getattr(cfg.model, "init_from", None) and not resume:
         init_from_run(model, Path(cfg.model.init_from), run_dir, quiet)
-    save_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet)
+    if world.main:
+        save_config(cfg, run_dir / "config.yaml")
+    trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet, world=world)
     if resume:
         trainer.load(ckpt)
         if not quiet:
             print(f"resumed {run_dir} from {ckpt.name} (step {trainer.step} of {cfg.train.max_steps})")
     else:
         baseline = task.unigram_baseline() if hasattr(task, "unigram_baseline") else {}
-        if baseline:  # what a model that ignores context scores, logged as step 0 for comparison
+        if baseline and world.main:  # what a model that ignores context scores, logged as step 0 for comparison
             MetricsLog(run_dir / "metrics.jsonl").write(step=0, **{f"unigram_{k}": v for k, v in baseline.items()})
         if not quiet:
             n = sum(p.numel() for p in model.parameters())
             print(f"{cfg.model.arch}: {n / 1e6:.2f}M parameters, {len(task.train)} train / {len(task.val)} val examples, "
-                  f"device {trainer.device}, dtype {str(trainer.dtype).removeprefix('torch.')} -> {run_dir}")
+                  f"device {trainer.device}, dtype {str(trainer.dtype).removeprefix('torch.')} -> {run_dir}"
+                  + (f", {world.size} processes x batch {cfg.train.batch_size}" if world.size > 1 else ""))
             if baseline:
                 print("unigram baseline: " + "  ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
     metrics = trainer.fit()
+    if not world.main:
+        return metrics
     if cfg.output.plot:
         plot_metrics(run_dir)
         plot_shares(run_dir)
@@ -104,7 +123,7 @@ def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> No
         raise ConfigError(f"model.init_from: {source}/tokenizer.json is not this run's tokenizer "
                           f"(set data.tokenizer: {source}/tokenizer.json)")
     try:
-        new, dropped = load_pretrained(model, ckpt)
+        new, dropped = load_pretrained(model, ckpt, expert_shards(model))
     except ValueError as e:
         raise ConfigError(f"model.init_from: {e} (the model sections must match {source}/config.yaml)") from None
     if not quiet:

@@ -11,6 +11,12 @@ statistics); the trainer averages them over the steps between two log lines and 
 Determinism: the order of training examples is a function of (seed, epoch) and the collator's random
 generator a function of (seed, micro-batch index), so the data position is a single integer and a
 resumed run sees exactly the batches an uninterrupted run would have seen.
+
+Under torchrun (minimodels/train/distributed.py) the model is wrapped in DDP and micro-batch i is the
+slice rank*b .. (rank+1)*b of a global batch of world_size*b examples, so N processes with batch b see
+exactly the examples one process with batch N*b would; rank 0 alone logs and writes checkpoints.
+With expert parallelism (model.moe.expert_parallel) each process holds only its share of the experts: DDP
+leaves those parameters alone, and checkpoints gather them so that model.safetensors is the whole model.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from minimodels.config import ConfigError, TrainConfig
 from minimodels.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, rng_state, save_checkpoint, set_rng_state
+from minimodels.moe.parallel import expert_shards
+from minimodels.train.distributed import World
 from minimodels.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -34,11 +43,11 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and what to do."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World | None = None) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", world.local_rank if world else 0)
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -67,31 +76,47 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, task, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False):
-        self.task, self.cfg, self.run_dir, self.quiet = task, cfg, Path(run_dir), quiet
-        self.device = resolve_device(cfg.device)
+    def __init__(self, model: torch.nn.Module, task, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False,
+                 world: World | None = None):
+        self.world = world or World()
+        self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
+        self.quiet = quiet or not self.world.main  # only rank 0 prints
+        self.device = resolve_device(cfg.device, self.world)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.model = model.to(self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.model = model.to(self.device)  # the plain model: evaluation, checkpoints
+        # parameters this process alone holds (expert shards): {own name: name in the whole model}
+        self.shards = expert_shards(self.model)
+        self.ddp = None
+        if self.world.size > 1:
+            # DDP broadcasts rank 0's weights at start and all-reduces (averages) gradients in backward,
+            # except for the expert shards, which differ from process to process
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, list(self.shards))
+            self.ddp = DistributedDataParallel(self.model)
+        trained = self.ddp or self.model
+        self.forward = torch.compile(trained) if cfg.compile else trained
         self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.step = 0  # optimizer steps done
         self.position = 0  # micro-batches consumed
-        if len(task.train) < cfg.batch_size:
-            raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the {len(task.train)} training examples")
+        if len(task.train) < cfg.batch_size * self.world.size:
+            raise ValueError(f"train.batch_size={cfg.batch_size} x {self.world.size} processes is larger than the "
+                             f"{len(task.train)} training examples")
         self._epoch, self._order = -1, None
 
     # ------------------------------------------------------------------ data
     def train_batch(self, index: int) -> dict:
-        """Micro-batch number `index`: the examples of an epoch are a permutation seeded by (seed, epoch)."""
-        n, bs = len(self.task.train), self.cfg.batch_size
-        epoch, i = divmod(index, n // bs)  # the last incomplete batch of an epoch is dropped
+        """This process's part of micro-batch number `index`: the examples of an epoch are a permutation seeded
+        by (seed, epoch), cut into global batches of world_size * batch_size; rank r takes the r-th slice."""
+        n, bs, world = len(self.task.train), self.cfg.batch_size, self.world
+        epoch, i = divmod(index, n // (bs * world.size))  # the last incomplete batch of an epoch is dropped
         if epoch != self._epoch:
             self._epoch = epoch
             self._order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
-        examples = [self.task.train[j] for j in self._order[i * bs:(i + 1) * bs].tolist()]
-        return self.task.collate(examples, torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index))
+        start = (i * world.size + world.rank) * bs
+        examples = [self.task.train[j] for j in self._order[start:start + bs].tolist()]
+        seed = self.cfg.seed * 1_000_003 + index * world.size + world.rank  # = index for one process
+        return self.task.collate(examples, torch.Generator().manual_seed(seed))
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
@@ -100,36 +125,62 @@ class Trainer:
         self.model.train()
         batches = [to_device(self.train_batch(self.position + i), self.device) for i in range(self.cfg.grad_accum)]
         self.position += self.cfg.grad_accum
-        # Gradient accumulation: weight each micro-batch's mean loss by its share of the targets, so that
-        # k micro-batches of b examples give the same gradient as one batch of k*b.
+        # Gradient accumulation: weight each micro-batch's mean loss by its share of the targets (over all
+        # processes), so that k micro-batches of b examples on N processes give the gradient of one batch of
+        # N*k*b. DDP divides the summed gradients by N, hence the factor world.size.
         counts = [count_targets(b) for b in batches]
-        total, loss_sum, tokens, metrics = sum(counts), 0.0, 0, {}
-        for batch, count in zip(batches, counts):
-            with autocast(self.device, self.dtype):
-                out = self.forward(**batch)
-            loss = out.loss * (count / total)
-            self.scaler.scale(loss).backward()
-            loss_sum += loss.item()
-            tokens += batch["input_ids"].numel() if "input_ids" in batch else count
-            for k, v in (getattr(out, "metrics", None) or {}).items():
+        tokens = sum(b["input_ids"].numel() if "input_ids" in b else c for b, c in zip(batches, counts))
+        total, tokens = self.world.sum([sum(counts), tokens])
+        loss_sum, metrics = 0.0, {}
+        for j, (batch, count) in enumerate(zip(batches, counts)):
+            last = j == len(batches) - 1  # DDP all-reduces the gradients only in the last backward
+            with self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext():
+                with autocast(self.device, self.dtype):
+                    out = self.forward(**batch)
+                loss = out.loss * (count * self.world.size / total)
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.item() / self.world.size
+            for k, v in (getattr(out, "metrics", None) or {}).items():  # this process's own
                 metrics[k] = metrics.get(k, 0) + v.detach().float() / len(batches)
+        (loss_sum,) = self.world.sum([loss_sum])
+        # An expert shard's gradient already sums every process's tokens (they came by all-to-all): divide
+        # by N as DDP does for the others, so that it is the gradient of the mean loss too.
+        for name, p in self.model.named_parameters():
+            if name in self.shards and p.grad is not None:
+                p.grad /= self.world.size
         if not math.isfinite(loss_sum):
             last = latest_checkpoint(self.run_dir)
             raise TrainingError(f"loss is {loss_sum} at step {self.step + 1}; last good checkpoint: "
                                 f"{last or 'none'} (lower train.lr or raise train.warmup_steps, then --resume)")
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss_sum, "lr": lr, "tokens": tokens, "metrics": metrics}
+        return {"loss": loss_sum, "lr": lr, "tokens": int(tokens), "metrics": metrics}
+
+    @torch.no_grad()
+    def clip_gradients(self) -> None:
+        """Scale all gradients by min(1, grad_clip / norm), norm = the L2 norm of the whole model's gradient.
+        With expert shards that norm counts every process's experts, so all processes scale alike."""
+        if not self.shards:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            return
+        grads = [(name in self.shards, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
+        shared = sum(float(g.float().square().sum()) for local, g in grads if not local)
+        (sharded,) = self.world.sum([sum(float(g.float().square().sum()) for local, g in grads if local)])
+        scale = self.cfg.grad_clip / ((shared + sharded) ** 0.5 + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+        if scale < 1:
+            for _, g in grads:
+                g.mul_(scale)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """task.evaluate on the whole val split, on every process (each gets the same numbers)."""
         self.model.eval()
         with autocast(self.device, self.dtype):
             batches = (to_device(b, self.device) for b in val_batches(self.task, self.cfg.batch_size, self.cfg.eval_batches))
@@ -138,21 +189,42 @@ class Trainer:
         return {k: float(v) for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0; every process must call this, since the RNG states are gathered)."""
+        rngs = self.world.gather(rng_state())
+        weights = optimizers = None
+        if self.shards:  # rank 0 writes the whole model: every process's experts under their global names
+            mine = {self.shards[n]: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.shards}
+            weights = {n: t for n, t in self.model.state_dict().items() if n not in self.shards}
+            for part in self.world.gather(mine):
+                weights.update(part)
+            optimizers = self.world.gather(self.optimizer.state_dict())  # the experts' AdamW moments differ
+        if not self.world.main:
+            return None
         state = {
             "step": self.step,
             "data_position": self.position,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_per_rank": rngs,  # dropout and random collators differ per process
         }
-        return save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.keep_last)
+        if optimizers:
+            state["optimizer_per_rank"] = optimizers
+        return save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.keep_last, weights)
 
     def load(self, ckpt: str | Path) -> None:
-        load_weights(self.model, ckpt, self.device)
+        load_weights(self.model, ckpt, self.device, self.shards)
         state = load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.shards or "optimizer_per_rank" in state:
+            if len(state.get("optimizer_per_rank", [])) != self.world.size or not self.shards:
+                raise ConfigError(f"{ckpt}: an expert-parallel checkpoint resumes only with expert parallelism "
+                                  f"over as many processes as wrote it ({len(state.get('optimizer_per_rank', []))})"
+                                  "; its model.safetensors loads anywhere (generate, model.init_from)")
+            self.optimizer.load_state_dict(state["optimizer_per_rank"][self.world.rank])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule follows the current config, so train.lr / train.max_steps may change on resume.
         self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
@@ -160,13 +232,14 @@ class Trainer:
             group["lr"] = self.cfg.lr * lr_factor(state["step"], self.cfg)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.position = state["step"], state["data_position"]
-        set_rng_state(state["rng"])
+        rngs = state.get("rng_per_rank", [state["rng"]])
+        set_rng_state(rngs[self.world.rank] if len(rngs) == self.world.size else state["rng"])
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train from self.step to cfg.max_steps, evaluating, logging and checkpointing. Returns the last eval."""
         cfg = self.cfg
-        log = MetricsLog(self.run_dir / "metrics.jsonl", after_step=self.step)
+        log = MetricsLog(self.run_dir / "metrics.jsonl", after_step=self.step) if self.world.main else None
         tty = sys.stderr.isatty()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=self.quiet, dynamic_ncols=True,
                    mininterval=0.5 if tty else 30, desc="train", unit="step")
@@ -179,10 +252,13 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if self.step % cfg.log_interval == 0:
-                log.write(step=self.step, loss=m["loss"], lr=m["lr"], tokens_per_s=round(tok_s, 1), **since_log.pop())
+                averaged = since_log.pop()
+                if log:
+                    log.write(step=self.step, loss=m["loss"], lr=m["lr"], tokens_per_s=round(tok_s, 1), **averaged)
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
-                log.write(step=self.step, **last_eval)
+                if log:
+                    log.write(step=self.step, **last_eval)
                 if not self.quiet:
                     bar.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:

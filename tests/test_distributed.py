@@ -1,0 +1,193 @@
+"""torchrun on CPU with gloo, 2 processes: DDP trains exactly like one process with the whole batch, with
+and without gradient accumulation, and a checkpoint written by 2 processes resumes under 2 or under 1."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minimodels.train.checkpoint import checkpoint_dirs
+
+# No biases: the gradient of the key bias is zero up to round-off (softmax ignores a constant per row), and
+# AdamW divides it by its own tiny RMS, so summing in another order moves it by ~lr. lr is small for the same
+# reason: AdamW turns relative round-off in a gradient into a parameter difference of order lr * 1e-4.
+CONFIG = """
+model: {arch: gpt, block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.0, bias: false}
+data: {source: %s, tokenizer: char}
+train: {max_steps: 4, batch_size: 4, lr: 1.0e-3, warmup_steps: 1, device: cpu, dtype: fp32,
+        eval_interval: 2, save_interval: 2, keep_last: 5, log_interval: 1}
+output: {sample_tokens: 0, plot: false}
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"doc{i}.txt").write_text(f"The quick brown fox {i} jumps over the lazy dog {i * i}. " * 20)
+    (root / "exp.yaml").write_text(CONFIG % docs)
+    return root / "exp.yaml"
+
+
+def train(config, out, *overrides, nproc=1, resume=False):
+    """scripts/train.py as a user runs it: plain python, or torchrun --standalone with nproc processes."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    args = ["--resume", str(out)] if resume else [str(config), f"output.dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(launcher + ["scripts/train.py", *args, *overrides, "--quiet"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def weights(out, step=None):
+    ckpt = checkpoint_dirs(out)[-1] if step is None else out / "checkpoints" / f"step_{step:08d}"
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def assert_same(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(config, tmp_path, grad_accum):
+    train(config, tmp_path / "ddp", "train.batch_size=2", f"train.grad_accum={grad_accum}", nproc=2)
+    train(config, tmp_path / "one", "train.batch_size=4", f"train.grad_accum={grad_accum}")
+    assert_same(weights(tmp_path / "ddp"), weights(tmp_path / "one"))
+    initial = weights(tmp_path / "one", step=2)
+    assert all((initial[k] - weights(tmp_path / "one")[k]).abs().max() > 5e-4 for k in initial)  # it trained
+    # rank 0 alone wrote the run folder, one line per step; the logged loss is the mean over both processes'
+    # targets, the same number one process logs (AdamW would hide a wrong scale of the loss; this does not)
+    losses = {name: [e["loss"] for e in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                     if "loss" in e] for name in ("ddp", "one")}
+    assert len(losses["ddp"]) == 4
+    assert losses["ddp"] == pytest.approx(losses["one"], rel=0, abs=1e-6)
+
+
+def test_a_two_process_checkpoint_resumes_under_two_and_under_one_process(config, tmp_path):
+    full = tmp_path / "full"
+    train(config, full, "train.batch_size=2", nproc=2)
+    for name, nproc, overrides in [("two", 2, []), ("one", 1, ["train.batch_size=4"])]:
+        out = tmp_path / name
+        shutil.copytree(full, out)
+        shutil.rmtree(out / "checkpoints" / "step_00000004")  # stopped after the step-2 checkpoint
+        train(config, out, *overrides, nproc=nproc, resume=True)
+        assert_same(weights(out), weights(full))
+
+
+def test_switch_gpt_trains_under_two_processes(config, tmp_path):
+    """Every expert takes part in every step (an empty slice when it got no tokens), so DDP finds a gradient
+    for each parameter even when the router leaves an expert idle on one process."""
+    out = tmp_path / "switch"
+    train(config, out, "train.batch_size=2", "model.moe.num_experts=8", "model.moe.capacity_factor=0.5", nproc=2)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "loss" in e] == [1, 2, 3, 4]
+    assert all("moe_block1_load" in e for e in events if "loss" in e)
+
+
+# ---------------------------------------------------------------------------------------------- expert parallelism
+EP_CASES = [("topk", dict(k=2)), ("topk", dict(k=1, capacity_factor=0.5)), ("topk", dict(k=2, capacity_factor=0.5)),
+            ("noisy_topk", dict(k=2, capacity_factor=0.5)), ("switch", dict(capacity_factor=0.5)),
+            ("gshard", dict(capacity_factor=0.5)), ("expert_choice", dict(capacity_factor=1.0))]
+
+
+def expert_parallel_worker(rank: int, world: int, port: int) -> None:
+    """On each of `world` processes: the expert-parallel MoE on this process's tokens against the
+    single-process MoE with the same weights on the same tokens."""
+    import torch.distributed as dist
+
+    from minimodels.moe import MoE
+    from test_moe import D, D_FF, fast, forward_backward
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    E = 4
+    for gate, options in EP_CASES:
+        torch.manual_seed(0)
+        full = MoE(D, E, gate, d_ff=D_FF, **options).train()  # training mode: noise, jitter, random routing
+        ep = MoE(D, E, gate, d_ff=D_FF, expert_parallel=True, **options).train()
+        assert len(ep.experts) == E // world and ep.first_expert == rank * E // world
+        ep.gate.load_state_dict(full.gate.state_dict())
+        for i, expert in enumerate(ep.experts):
+            expert.load_state_dict(full.experts[ep.first_expert + i].state_dict())
+        x = torch.randn(3, 8, D, generator=torch.Generator().manual_seed(100 + rank))  # each process its own tokens
+        y_ref, r_ref, x_grad_ref, grads_ref = forward_backward(full, x, fast)
+        y, r, x_grad, grads = forward_backward(ep, x, fast)
+        case = f"{gate} {options} rank {rank}"
+        assert torch.equal(r.expert_index, r_ref.expert_index), case
+        assert bool((r.expert_index < 0).any()) == ("capacity_factor" in options), case  # drops where asked
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5, msg=case)
+        torch.testing.assert_close(x_grad, x_grad_ref, rtol=0, atol=1e-5, msg=case)
+        torch.testing.assert_close(grads["gate.router.weight"], grads_ref["gate.router.weight"], rtol=0, atol=1e-5)
+        # an expert's gradient sums the contributions of the tokens every process sent it
+        for e in range(E):
+            for name in ("fc.weight", "fc.bias", "proj.weight", "proj.bias"):
+                ref = grads_ref[f"experts.{e}.{name}"].clone()
+                dist.all_reduce(ref)  # the single-process gradient of expert e, summed over the processes' tokens
+                if ep.first_expert <= e < ep.first_expert + len(ep.experts):
+                    local = grads[f"experts.{e - ep.first_expert}.{name}"]
+                    torch.testing.assert_close(local, ref, rtol=0, atol=1e-5, msg=f"{case} expert {e} {name}")
+    dist.destroy_process_group()
+
+
+def test_expert_parallel_moe_equals_the_single_process_moe_for_every_gate():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(expert_parallel_worker, args=(2, port), nprocs=2, join=True)
+
+
+def test_expert_parallel_needs_experts_divisible_by_processes():
+    from minimodels.moe import MoE
+
+    MoE(8, 4, "switch", d_ff=16, expert_parallel=True)  # a world of one holds every expert
+    with pytest.raises(ValueError, match="model.moe.num_experts: 3 experts cannot be split evenly over 2"):
+        import unittest.mock
+
+        with unittest.mock.patch("torch.distributed.is_initialized", return_value=True), \
+                unittest.mock.patch("torch.distributed.get_world_size", return_value=2):
+            MoE(8, 3, "switch", d_ff=16, expert_parallel=True)
+
+
+EP = ("model.moe.num_experts=4", "model.moe.expert_parallel=true", "model.moe.gate=topk", "model.moe.top_k=1",
+      "model.moe.aux_loss_coef=0", "model.moe.capacity_factor=null")
+
+
+def test_switch_gpt_with_expert_parallelism_trains_like_one_process(config, tmp_path):
+    """2 processes x batch 2 with the experts sharded (2 of 4 each) == 1 process x batch 4 with all 4: the same
+    losses and the same whole model after 20 steps. Exact when routing does not depend on the batch: dropless,
+    without the load-balancing loss (capacity and f_i count each process's own tokens; the z-loss is a mean
+    over tokens, so it stays on) and without random routing (Switch's jitter draws other numbers on each
+    process than one process draws for the whole batch), hence top-1 routing by the plain TopKGate."""
+    train(config, tmp_path / "ep", "train.batch_size=2", "train.max_steps=20", "train.save_interval=10", *EP, nproc=2)
+    train(config, tmp_path / "one", "train.batch_size=4", "train.max_steps=20", "train.save_interval=10", *EP)
+    whole = weights(tmp_path / "ep")
+    assert sum(".experts." in name for name in whole) == 4 * 2  # block 1: all 4 experts x 2 weights (no biases)
+    assert_same(whole, weights(tmp_path / "one"), atol=1e-5)
+    losses = [[e["loss"] for e in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+               if "loss" in e] for name in ("ep", "one")]
+    assert losses[0] == pytest.approx(losses[1], rel=0, abs=1e-5)
+    # resuming under 2 processes repeats the run; under 1 process it is refused with a clear message
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "ep", again)
+    shutil.rmtree(again / "checkpoints" / "step_00000020")
+    train(config, again, nproc=2, resume=True)
+    assert_same(weights(again), whole)
+    shutil.rmtree(again / "checkpoints" / "step_00000020")
+    r = subprocess.run([sys.executable, "scripts/train.py", "--resume", str(again), "--quiet"], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 2 and "resumes only with expert parallelism over as many processes" in r.stderr
