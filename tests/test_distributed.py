@@ -173,9 +173,11 @@ def test_switch_gpt_with_expert_parallelism_trains_like_one_process(config, tmp_
     without the load-balancing loss (capacity and f_i count each process's own tokens; the z-loss is a mean
     over tokens, so it stays on) and without random routing (Switch's jitter draws other numbers on each
     process than one process draws for the whole batch), hence top-1 routing by the plain TopKGate."""
-    train(config, tmp_path / "ep", "train.batch_size=2", "train.max_steps=20", "train.save_interval=10", *EP, nproc=2)
+    train(config, tmp_path / "ep", "train.batch_size=2", "train.max_steps=20", "train.save_interval=10",
+          "output.sample_tokens=8", *EP, nproc=2)  # the sample decodes on both processes (all-to-all per token)
     train(config, tmp_path / "one", "train.batch_size=4", "train.max_steps=20", "train.save_interval=10", *EP)
     whole = weights(tmp_path / "ep")
+    assert (tmp_path / "ep" / "sample.txt").read_text()
     assert sum(".experts." in name for name in whole) == 4 * 2  # block 1: all 4 experts x 2 weights (no biases)
     assert_same(whole, weights(tmp_path / "one"), atol=1e-5)
     losses = [[e["loss"] for e in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())

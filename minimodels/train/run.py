@@ -94,14 +94,18 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
             if baseline:
                 print("unigram baseline: " + "  ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
     metrics = trainer.fit()
+    text = None
+    # the sample: rank 0, or every process when the experts are sharded over them (each step is an all-to-all)
+    if cfg.output.sample_tokens > 0 and hasattr(task, "sample") and hasattr(model, "generate") \
+            and (world.main or trainer.shards):
+        text = task.sample(model, cfg.output.sample_prompt, cfg.output.sample_tokens,
+                           generator=torch.Generator(trainer.device).manual_seed(cfg.train.seed))
     if not world.main:
         return metrics
     if cfg.output.plot:
         plot_metrics(run_dir)
         plot_shares(run_dir)
-    if cfg.output.sample_tokens > 0 and hasattr(task, "sample") and hasattr(model, "generate"):
-        text = task.sample(model, cfg.output.sample_prompt, cfg.output.sample_tokens,
-                           generator=torch.Generator(trainer.device).manual_seed(cfg.train.seed))
+    if text is not None:
         (run_dir / "sample.txt").write_text(text)
         if not quiet:
             print(f"--- sample ---\n{text}\n--------------")
