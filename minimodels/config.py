@@ -49,6 +49,7 @@ class DataConfig:
 @dataclass
 class DistributedConfig:
     backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl; used only under torchrun
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""torchrun on CPU with gloo, 2 processes: DDP trains exactly like one process with the whole batch, with
-and without gradient accumulation, and a checkpoint written by 2 processes resumes under 2 or under 1."""
+"""torchrun on CPU with gloo, 2 processes: DDP and FSDP2 train exactly like one process with the whole batch,
+with and without gradient accumulation; a checkpoint written by 2 processes resumes under 2 or under 1;
+expert parallelism gives the single-process MoE's outputs, gradients and training run."""
 
 import json
 import os
@@ -58,9 +59,11 @@ def assert_same(a, b, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(config, tmp_path, grad_accum):
-    train(config, tmp_path / "ddp", "train.batch_size=2", f"train.grad_accum={grad_accum}", nproc=2)
+@pytest.mark.parametrize("grad_accum,fsdp", [(1, False), (2, False), (2, True)])
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(config, tmp_path, grad_accum, fsdp):
+    """DDP, and FSDP2 (parameters, gradients and optimizer state sharded over the 2 processes)."""
+    train(config, tmp_path / "ddp", "train.batch_size=2", f"train.grad_accum={grad_accum}",
+          f"train.distributed.fsdp={str(fsdp).lower()}", nproc=2)
     train(config, tmp_path / "one", "train.batch_size=4", f"train.grad_accum={grad_accum}")
     assert_same(weights(tmp_path / "ddp"), weights(tmp_path / "one"))
     initial = weights(tmp_path / "one", step=2)
@@ -73,9 +76,10 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(config, tmp_
     assert losses["ddp"] == pytest.approx(losses["one"], rel=0, abs=1e-6)
 
 
-def test_a_two_process_checkpoint_resumes_under_two_and_under_one_process(config, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_two_process_checkpoint_resumes_under_two_and_under_one_process(config, tmp_path, fsdp):
     full = tmp_path / "full"
-    train(config, full, "train.batch_size=2", nproc=2)
+    train(config, full, "train.batch_size=2", f"train.distributed.fsdp={str(fsdp).lower()}", nproc=2)
     for name, nproc, overrides in [("two", 2, []), ("one", 1, ["train.batch_size=4"])]:
         out = tmp_path / name
         shutil.copytree(full, out)

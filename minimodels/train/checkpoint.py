@@ -54,7 +54,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trai
     if weights is None:
         save_model(model, str(tmp / "model.safetensors"))
     else:
-        save_file(stored_once(weights), str(tmp / "model.safetensors"))
+        save_file(stored_once(weights, model), str(tmp / "model.safetensors"))
     torch.save(trainer_state, tmp / "trainer.pt")
     if final.exists():  # re-saving the same step (e.g. the final step after resume)
         shutil.rmtree(final)
@@ -64,14 +64,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trai
     return final
 
 
-def stored_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tied weights (GPT's lm_head.weight is tok_emb.weight) under one name only, as safetensors requires."""
-    out, seen = {}, set()
-    for name in sorted(state):
-        if state[name].data_ptr() not in seen:
-            seen.add(state[name].data_ptr())
-            out[name] = state[name].contiguous()
-    return out
+def stored_once(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Tied weights (GPT's lm_head.weight is tok_emb.weight) under one name only, as safetensors requires:
+    the alphabetically first, the one safetensors' save_model keeps."""
+    names_of = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    aliases = {name for names in names_of.values() for name in sorted(names)[1:]}
+    return {name: t.contiguous() for name, t in state.items() if name not in aliases}
+
+
+def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's model.safetensors, by name."""
+    return load_file(str(Path(ckpt) / "model.safetensors"))
 
 
 def load_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu", shards: dict[str, str] | None = None) -> None:

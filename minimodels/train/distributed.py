@@ -10,6 +10,10 @@ Data parallelism (DDP): every process holds the whole model and reads its own sh
 backward, DDP averages the gradients over processes (an all-reduce), so every copy takes the same step.
 With train.batch_size = b per process, N processes train exactly like one process with batch N*b.
 
+Fully sharded data parallelism (train.distributed.fsdp, FSDP2's `fully_shard`): each process keeps only
+1/N of every parameter, gradient and optimizer state; a block's parameters are gathered just before it runs
+and freed after, so a model N times larger than one process's memory trains. The arithmetic is DDP's.
+
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for a world of one.
 """
 
@@ -73,3 +77,16 @@ def close_world(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def shard_fully(model: torch.nn.Module) -> None:
+    """FSDP2: every transformer block is one unit of gathering (PreLNBlock / PostLNBlock, whatever the model),
+    the rest of the model (embeddings, heads, norms) the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    from minimodels.nn import PostLNBlock, PreLNBlock
+
+    for module in model.modules():
+        if isinstance(module, (PreLNBlock, PostLNBlock)):
+            fully_shard(module)
+    fully_shard(model)

@@ -95,9 +95,9 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
                 print("unigram baseline: " + "  ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
     metrics = trainer.fit()
     text = None
-    # the sample: rank 0, or every process when the experts are sharded over them (each step is an all-to-all)
+    # the sample: rank 0, or every process when the model is sharded over them (its forward is collective)
     if cfg.output.sample_tokens > 0 and hasattr(task, "sample") and hasattr(model, "generate") \
-            and (world.main or trainer.shards):
+            and (world.main or trainer.shards or trainer.fsdp):
         text = task.sample(model, cfg.output.sample_prompt, cfg.output.sample_tokens,
                            generator=torch.Generator(trainer.device).manual_seed(cfg.train.seed))
     if not world.main:

@@ -29,13 +29,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from minimodels.config import ConfigError, TrainConfig
-from minimodels.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, rng_state, save_checkpoint, set_rng_state
+from minimodels.train.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, read_weights, rng_state,
+                                         save_checkpoint, set_rng_state)
 from minimodels.moe.parallel import expert_shards
-from minimodels.train.distributed import World
+from minimodels.train.distributed import World, shard_fully
 from minimodels.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -86,8 +89,12 @@ class Trainer:
         self.model = model.to(self.device)  # the plain model: evaluation, checkpoints
         # parameters this process alone holds (expert shards): {own name: name in the whole model}
         self.shards = expert_shards(self.model)
-        self.ddp = None
-        if self.world.size > 1:
+        self.ddp, self.fsdp = None, self.world.size > 1 and cfg.distributed.fsdp
+        if self.fsdp:
+            if self.shards:
+                raise ConfigError("train.distributed.fsdp: not combined with model.moe.expert_parallel yet")
+            shard_fully(self.model)  # in place: parameters become DTensors holding 1/N each
+        elif self.world.size > 1:
             # DDP broadcasts rank 0's weights at start and all-reduces (averages) gradients in backward,
             # except for the expert shards, which differ from process to process
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, list(self.shards))
@@ -133,7 +140,9 @@ class Trainer:
         total, tokens = self.world.sum([sum(counts), tokens])
         loss_sum, metrics = 0.0, {}
         for j, (batch, count) in enumerate(zip(batches, counts)):
-            last = j == len(batches) - 1  # DDP all-reduces the gradients only in the last backward
+            last = j == len(batches) - 1  # DDP / FSDP reduce the gradients only in the last backward
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
             with self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext():
                 with autocast(self.device, self.dtype):
                     out = self.forward(**batch)
@@ -190,34 +199,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
-        """Write a checkpoint (rank 0; every process must call this, since the RNG states are gathered)."""
+        """Write a checkpoint (rank 0; every process must call this: RNG states, expert shards and FSDP's
+        parameter shards are gathered). model.safetensors always holds the whole model."""
         rngs = self.world.gather(rng_state())
-        weights = optimizers = None
-        if self.shards:  # rank 0 writes the whole model: every process's experts under their global names
+        weights, optimizer, extra = None, None, {}
+        if self.fsdp:  # whole tensors to rank 0; the optimizer state keyed by parameter name
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(self.model, options=full)
+            optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=full)
+            extra["optimizer_by_name"] = True
+        if self.shards:  # every process's experts under their names in the whole model
             mine = {self.shards[n]: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.shards}
             weights = {n: t for n, t in self.model.state_dict().items() if n not in self.shards}
             for part in self.world.gather(mine):
                 weights.update(part)
-            optimizers = self.world.gather(self.optimizer.state_dict())  # the experts' AdamW moments differ
+            extra["optimizer_per_rank"] = self.world.gather(self.optimizer.state_dict())  # experts' moments differ
         if not self.world.main:
             return None
         state = {
             "step": self.step,
             "data_position": self.position,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer or self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rngs[0],
             "rng_per_rank": rngs,  # dropout and random collators differ per process
+            **extra,
         }
-        if optimizers:
-            state["optimizer_per_rank"] = optimizers
         return save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.keep_last, weights)
 
     def load(self, ckpt: str | Path) -> None:
-        load_weights(self.model, ckpt, self.device, self.shards)
         state = load_trainer_state(ckpt)
-        if self.shards or "optimizer_per_rank" in state:
+        by_name = state.get("optimizer_by_name", False)  # written under FSDP
+        if self.fsdp and not by_name:
+            raise ConfigError(f"{ckpt}: resuming under FSDP needs a checkpoint written under FSDP")
+        if self.fsdp:
+            set_model_state_dict(self.model, read_weights(ckpt), options=StateDictOptions(full_state_dict=True))
+        else:
+            load_weights(self.model, ckpt, self.device, self.shards)
+        if by_name:  # whole tensors by parameter name: loads under FSDP, DDP or in one process alike
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        elif self.shards or "optimizer_per_rank" in state:
             if len(state.get("optimizer_per_rank", [])) != self.world.size or not self.shards:
                 raise ConfigError(f"{ckpt}: an expert-parallel checkpoint resumes only with expert parallelism "
                                   f"over as many processes as wrote it ({len(state.get('optimizer_per_rank', []))})"
