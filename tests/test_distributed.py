@@ -197,3 +197,12 @@ def test_switch_gpt_with_expert_parallelism_trains_like_one_process(config, tmp_
     r = subprocess.run([sys.executable, "scripts/train.py", "--resume", str(again), "--quiet"], capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 2 and "resumes only with expert parallelism over as many processes" in r.stderr
+
+
+def test_experts_that_do_not_split_evenly_stop_with_a_one_line_error(config, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "scripts/train.py", str(config), f"output.dir={tmp_path / 'odd'}", "model.moe.num_experts=3",
+                        "model.moe.expert_parallel=true", "--quiet"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode != 0
+    assert "error: " in r.stderr and "model.moe.num_experts: 3 experts cannot be split evenly over 2 processes" in r.stderr

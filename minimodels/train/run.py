@@ -72,7 +72,10 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
     if world.main:
         world.barrier()
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    try:
+        model = build_model(cfg.model)
+    except ValueError as e:  # e.g. "model.moe.num_experts: 6 experts cannot be split evenly over 4 processes"
+        raise ConfigError(str(e)) from None
     if getattr(cfg.model, "init_from", None) and not resume:
         init_from_run(model, Path(cfg.model.init_from), run_dir, quiet)
     if world.main:
