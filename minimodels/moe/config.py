@@ -38,7 +38,7 @@ class MoEConfig:
     eval_capacity_factor: float | None = 2.0  # switch only: the factor in eval mode
     aux_loss_coef: float = 0.01  # weight of the mean load-balancing loss (Switch: alpha = 0.01)
     z_loss_coef: float = 0.001  # weight of the mean router z-loss (ST-MoE: 0.001)
-    expert_parallel: bool = False  # under torchrun: shard each layer's experts over the processes (README)
+    expert_parallel: bool = False  # under torchrun: shard each layer's experts over the processes (done by build_model)
 
     def validate(self) -> None:
         if self.num_experts < 1:

@@ -11,8 +11,8 @@ A gate (minimodels/moe/gates.py) fills expert_index and weight; any nn.Module ma
     4. combine     scale each slot by its weight and add it back to its token's row
 
 Expert parallelism (expert_parallel=True, minimodels/moe/parallel.py) slots in between 2 and 3 (an
-all-to-all sends each slice to the process holding its expert) and between 3 and 4 (the way back). `moe_reference` below is the per-token loop the tests hold
-the fast path to.
+all-to-all sends each slice to the process holding its expert) and between 3 and 4 (the way back).
+`moe_reference` below is the per-token loop the tests hold the fast path to.
 
 Why a list of per-expert FFNs and not stacked (E, d_model, d_ff) weights with a batched matmul: measured on
 this 2-core CPU (T=4096, d_model=256, d_ff=1024, E=64, forward+backward, fp32 and bf16) the sort-and-split
@@ -129,7 +129,9 @@ def sort_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
     """The slow, obvious MoE: route with moe.gate, then loop over tokens and their slots. Same contract
-    as moe(x); the tests hold the fast dispatch to it."""
+    as moe(x); the tests hold the fast dispatch to it. Needs every expert in this process (not sharded)."""
+    if len(moe.experts) < moe.num_experts:
+        raise ValueError("moe_reference: this MoE holds only its process's experts (expert parallelism)")
     tokens = x.reshape(-1, x.shape[-1])  # (T, d_model)
     routing = moe.gate(tokens)
     rows = []
