@@ -418,3 +418,26 @@ def test_training_logs_routing_metrics_and_draws_the_expert_load(tmp_path):
         assert len(e["moe_block1_load"]) == 4 and abs(sum(e["moe_block1_load"]) - 1) < 1e-4
         assert e["moe_aux_loss"] >= 1.0 - 1e-4  # 1.0 is perfect balance, never lower for k = 1
     assert (out / "moe_block1_load.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5"])
+def test_padding_takes_no_expert_capacity(arch):
+    """With drops, padding that took expert slots would displace real tokens: changing the padding (its ids,
+    its amount) must not change the outputs at real positions, as for the dense models."""
+    model = tiny(arch, dict(num_experts=4, every=1, capacity_factor=0.5, eval_capacity_factor=0.5)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # row 0 has 5 padding positions
+    longer = torch.cat([ids, torch.randint(1, 50, (2, 4), generator=g)], dim=1)  # 4 more padding positions
+    longer_mask = torch.cat([mask, torch.zeros(2, 4, dtype=mask.dtype)], dim=1)
+    other = longer.masked_fill(~longer_mask.bool(), 7)  # other ids at the padding
+    if arch == "bert":
+        a = model(ids, attention_mask=mask).hidden_states
+        b = model(other, attention_mask=longer_mask).hidden_states
+    else:
+        a = model.encode(ids, mask)[0]
+        b = model.encode(other, longer_mask)[0]
+    real = mask.bool()
+    torch.testing.assert_close(a[real], b[:, :12][real], rtol=0, atol=1e-5)
+    assert model(ids, attention_mask=mask, **({"labels": ids} if arch == "t5" else {})).routings[0].expert_index.shape[0] == int(mask.sum())

@@ -62,7 +62,8 @@ class MoE(nn.Module):
     gate: a name for build_gate ("topk", "noisy_topk", "switch", "gshard", "expert_choice") built with
     k and gate_options (e.g. capacity_factor), or a gate module. expert, d_ff: see build_experts.
     forward(x) takes x (..., d_model) and returns (y, routing): y shaped and typed like x, routing for the
-    T = x.numel() // d_model tokens in x's row-major order, which is also their capacity priority.
+    T = x.numel() // d_model tokens in x's row-major order, which is also their capacity priority (with a
+    padding_mask: for the real tokens only, in the same order).
     A token whose slots were all dropped gets y = 0, so a residual block passes it through unchanged.
 
     expert_parallel: call `shard()` at the end of construction (see there).
@@ -96,8 +97,22 @@ class MoE(nn.Module):
         self.first_expert = torch.distributed.get_rank() * local if world > 1 else 0
         self.experts = self.experts[self.first_expert:self.first_expert + local]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    routes_tokens = True  # blocks pass it the padding mask (minimodels/nn/block.py feed_forward)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """padding_mask (x's shape without d_model, True = real token): padding is not routed, so it takes no
+        expert capacity from real tokens; it gets y = 0, and the routing covers the real tokens only."""
         tokens = x.reshape(-1, x.shape[-1])  # (T, d_model)
+        if padding_mask is None:
+            y, routing = self.route_and_run(tokens)
+        else:
+            real = padding_mask.reshape(-1, 1).bool()  # (T, 1)
+            y_real, routing = self.route_and_run(tokens[real[:, 0]])  # (T_real, d_model)
+            y = torch.zeros_like(tokens).masked_scatter(real, y_real)  # (T, d_model), 0 at padding
+        return y.view(x.shape), routing
+
+    def route_and_run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """tokens (T, d_model) -> (y (T, d_model), routing): the four stages."""
         routing = self.gate(tokens)  # 1. route
         slot_token, slot_weight, counts = sort_slots(routing)  # 2. permute: (N,), (N,), E split sizes
         x_slots = tokens[slot_token]  # (N, d_model), grouped by expert
@@ -106,9 +121,9 @@ class MoE(nn.Module):
         else:
             y_slots = self.run_experts(x_slots, counts)
         # 4. combine: y_t = sum over t's slots of weight * expert output
-        y_slots = y_slots.to(x.dtype) * slot_weight.to(x.dtype).unsqueeze(1)  # (N, d_model)
-        y = torch.zeros_like(tokens).index_add(0, slot_token, y_slots)  # (T, d_model)
-        return y.view(x.shape), routing
+        y_slots = y_slots.to(tokens.dtype) * slot_weight.to(tokens.dtype).unsqueeze(1)  # (N, d_model)
+        y = torch.zeros_like(tokens).index_add(0, slot_token, y_slots.to(tokens.dtype))  # (T, d_model)
+        return y, routing
 
     def run_experts(self, x_slots: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_slots (N, d_model) sorted by expert, counts[i] rows for expert i -> outputs (N, d_model).

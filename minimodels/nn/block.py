@@ -25,9 +25,10 @@ from minimodels.nn.norm import build_norm
 ATTN_IMPLS = ("auto", "manual", "sdpa")
 
 
-def feed_forward(ffn: nn.Module, x):
-    """ffn(x) as (y, routing): routing is the MoE layer's Routing, or None for a dense FFN."""
-    out = ffn(x)
+def feed_forward(ffn: nn.Module, x, padding_mask=None):
+    """ffn(x) as (y, routing): routing is the MoE layer's Routing, or None for a dense FFN. A module that
+    routes tokens (routes_tokens = True, the MoE layer) also gets the padding mask: padding is not routed."""
+    out = ffn(x, padding_mask=padding_mask) if getattr(ffn, "routes_tokens", False) else ffn(x)
     return out if isinstance(out, tuple) else (out, None)
 
 
@@ -77,7 +78,7 @@ class PreLNBlock(nn.Module):
                                        past_kv=past_kv[2:] if past_kv else None, use_cache=use_cache)
             x = x + a
             present = present + cross if use_cache else None
-        y, routing = feed_forward(self.ffn, self.ln2(x))
+        y, routing = feed_forward(self.ffn, self.ln2(x), padding_mask)
         x = x + y
         return x, present, routing  # (B, T, C), cache or None, Routing or None
 
@@ -100,5 +101,5 @@ class PostLNBlock(nn.Module):
     def forward(self, x, padding_mask=None):
         """x (B, T, C), padding_mask (B, T) bool, True = real token. Returns (B, T, C) and the routing (or None)."""
         x = self.ln1(x + self.attn(x, padding_mask=padding_mask)[0])
-        y, routing = feed_forward(self.ffn, x)
+        y, routing = feed_forward(self.ffn, x, padding_mask)
         return self.ln2(x + y), routing
