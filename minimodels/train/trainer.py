@@ -47,6 +47,9 @@ class TrainingError(RuntimeError):
 
 
 def resolve_device(name: str, world: World | None = None) -> torch.device:
+    """auto: CUDA, else MPS, else CPU. Under torchrun, "auto" and "cuda" mean this process's GPU, cuda:LOCAL_RANK."""
+    if name == "cuda" and world:
+        return torch.device("cuda", world.local_rank)
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
