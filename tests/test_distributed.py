@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unittest.mock
 
 import pytest
 import torch
@@ -159,12 +160,10 @@ def test_expert_parallel_needs_experts_divisible_by_processes():
     from minimodels.moe import MoE
 
     MoE(8, 4, "switch", d_ff=16, expert_parallel=True)  # a world of one holds every expert
-    with pytest.raises(ValueError, match="model.moe.num_experts: 3 experts cannot be split evenly over 2"):
-        import unittest.mock
-
-        with unittest.mock.patch("torch.distributed.is_initialized", return_value=True), \
-                unittest.mock.patch("torch.distributed.get_world_size", return_value=2):
-            MoE(8, 3, "switch", d_ff=16, expert_parallel=True)
+    with pytest.raises(ValueError, match="model.moe.num_experts: 3 experts cannot be split evenly over 2"), \
+            unittest.mock.patch("torch.distributed.is_initialized", return_value=True), \
+            unittest.mock.patch("torch.distributed.get_world_size", return_value=2):
+        MoE(8, 3, "switch", d_ff=16, expert_parallel=True)
 
 
 EP = ("model.moe.num_experts=4", "model.moe.expert_parallel=true", "model.moe.gate=topk", "model.moe.top_k=1",

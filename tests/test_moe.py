@@ -416,7 +416,7 @@ def test_training_logs_routing_metrics_and_draws_the_expert_load(tmp_path):
     for e in train:
         assert {"moe_aux_loss", "moe_z_loss", "moe_block1_dropped", "moe_block1_load_entropy"} <= e.keys()
         assert len(e["moe_block1_load"]) == 4 and abs(sum(e["moe_block1_load"]) - 1) < 1e-4
-        assert e["moe_aux_loss"] >= 1.0 - 1e-4  # 1.0 is perfect balance, never lower for k = 1
+        assert e["moe_aux_loss"] >= 1.0 - 1e-4  # 1.0 is perfect balance; this seeded tiny run stays above it
     assert (out / "moe_block1_load.png").stat().st_size > 0
 
 

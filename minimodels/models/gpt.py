@@ -51,10 +51,7 @@ class GPTConfig:
             raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
         check_block_options(self)
         if self.moe is not None:
-            self.moe.validate()
-            if self.moe.gate == "expert_choice":
-                raise ValueError("model.moe.gate: expert_choice picks tokens by looking at the whole batch, future "
-                                 "tokens included, so a causal model cannot use it (use it in BERT)")
+            self.moe.validate(causal=True)
 
 
 @dataclass

@@ -68,10 +68,7 @@ class T5Config:
         if self.vocab_size is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"model.pad_token_id: {self.pad_token_id} is not an id of a vocabulary of {self.vocab_size}")
         if self.moe is not None:
-            self.moe.validate()
-            if self.moe.gate == "expert_choice":
-                raise ValueError("model.moe.gate: expert_choice picks tokens by looking at the whole batch, future "
-                                 "tokens included, so T5's causal decoder cannot use it (use it in BERT)")
+            self.moe.validate(causal=True)  # the decoder is causal
 
 
 @dataclass

@@ -40,7 +40,8 @@ class MoEConfig:
     z_loss_coef: float = 0.001  # weight of the mean router z-loss (ST-MoE: 0.001)
     expert_parallel: bool = False  # under torchrun: shard each layer's experts over the processes (done by build_model)
 
-    def validate(self) -> None:
+    def validate(self, causal: bool = False) -> None:
+        """causal: the model has a causal stack (GPT, T5's decoder), which expert choice cannot serve."""
         if self.num_experts < 1:
             raise ValueError(f"model.moe.num_experts: must be positive, got {self.num_experts}")
         if self.gate not in GATES:
@@ -51,6 +52,9 @@ class MoEConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"model.moe.{name}: must be > 0 or null (dropless), got {value}")
+        if self.gate == "expert_choice" and causal:
+            raise ValueError("model.moe.gate: expert_choice picks tokens by looking at the whole batch, future "
+                             "tokens included, so a causal model cannot use it (use it in BERT)")
         if self.gate == "expert_choice" and self.capacity_factor is None:
             raise ValueError("model.moe.capacity_factor: expert_choice needs one (it is the average experts per token)")
         for name in ("aux_loss_coef", "z_loss_coef"):

@@ -82,17 +82,12 @@ def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu", shards: dict[str, str] | None = None) -> None:
     """Load model.safetensors into `model`. shards (expert parallelism, moe/parallel.py expert_shards): the
     file holds the whole model; this process takes its own experts from it."""
-    path = str(Path(ckpt) / "model.safetensors")
     if not shards:
-        load_model(model, path, device=str(device))
+        load_model(model, str(Path(ckpt) / "model.safetensors"), device=str(device))
         return
-    state = localize(load_file(path, device=str(device)), shards)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    own = model.state_dict()
-    loaded = {own[name].data_ptr() for name in state if name in own}
-    missing = [name for name in missing if own[name].data_ptr() not in loaded]  # a tied weight was loaded
+    missing, unexpected = load_pretrained(model, ckpt, shards)
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{ckpt}/model.safetensors does not fit this model: missing {missing}, unexpected {unexpected}")
 
 
 def load_trainer_state(ckpt: str | Path) -> dict:
@@ -106,7 +101,7 @@ def load_pretrained(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, 
     classifier head keeps its initialisation) and checkpoint tensors `model` has no place for (e.g. the
     MLM head). A name present in both with different shapes raises ValueError naming it. shards: see
     load_weights."""
-    state = localize(load_file(str(Path(ckpt) / "model.safetensors")), shards or {})
+    state = localize(read_weights(ckpt), shards or {})
     own = model.state_dict()
     for name, tensor in state.items():
         if name in own and own[name].shape != tensor.shape:

@@ -12,9 +12,10 @@ Determinism: the order of training examples is a function of (seed, epoch) and t
 generator a function of (seed, micro-batch index), so the data position is a single integer and a
 resumed run sees exactly the batches an uninterrupted run would have seen.
 
-Under torchrun (minimodels/train/distributed.py) the model is wrapped in DDP and micro-batch i is the
-slice rank*b .. (rank+1)*b of a global batch of world_size*b examples, so N processes with batch b see
-exactly the examples one process with batch N*b would; rank 0 alone logs and writes checkpoints.
+Under torchrun (minimodels/train/distributed.py) the model is wrapped in DDP (or sharded by FSDP2 with
+train.distributed.fsdp) and micro-batch i is the slice rank*b .. (rank+1)*b of a global batch of
+world_size*b examples, so N processes with batch b see exactly the examples one process with batch N*b
+would; rank 0 alone logs and writes checkpoints.
 With expert parallelism (model.moe.expert_parallel) each process holds only its share of the experts: DDP
 leaves those parameters alone, and checkpoints gather them so that model.safetensors is the whole model.
 """
@@ -35,9 +36,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from minimodels.config import ConfigError, TrainConfig
+from minimodels.moe.parallel import expert_shards
 from minimodels.train.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, read_weights, rng_state,
                                          save_checkpoint, set_rng_state)
-from minimodels.moe.parallel import expert_shards
 from minimodels.train.distributed import World, shard_fully
 from minimodels.train.optim import build_optimizer, build_scheduler, lr_factor
 
