@@ -3,6 +3,8 @@
 `data.source` picks one of:
 
 - "stdlib"            the docstrings of this Python's own standard library (the default: no download);
+- a generated source  a name in GENERATED (e.g. the synthetic knowledge base "kb"): documents made by our
+                      own code, deterministic, with a train/val split of the generator's choosing;
 - a .txt/.md file     one document per paragraph (paragraphs are separated by one or more blank lines);
 - a .json file        a list of strings, or a list of records holding the text in `data.text_field`;
 - a .jsonl file       one string or one record per line;
@@ -34,6 +36,9 @@ class DataError(ValueError):
 
 
 TEXT_SUFFIXES = (".txt", ".md", ".json", ".jsonl")
+
+# data.source name -> function(cfg: DataConfig) -> {"train": [...], "val": [...]}; filled by minimodels/data/__init__.py
+GENERATED: dict = {}
 
 
 # --------------------------------------------------------------------------- the split rule
@@ -256,6 +261,8 @@ def load_corpus(cfg: DataConfig) -> dict[str, list[str]]:
     """Documents of `cfg.source`, split into {"train": [...], "val": [...]}; both are non-empty."""
     if cfg.source == "stdlib":
         split = stdlib_docstrings(cfg.val_fraction)
+    elif cfg.source in GENERATED:
+        split = GENERATED[cfg.source](cfg)
     elif Path(cfg.source).expanduser().exists():
         split = local_corpus(Path(cfg.source).expanduser(), cfg.text_field, cfg.val_fraction)
     elif cfg.source.endswith(TEXT_SUFFIXES) or cfg.source.startswith(("/", ".", "~")):
