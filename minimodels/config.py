@@ -44,6 +44,7 @@ class DataConfig:
     whole_word_mask: bool = False  # masked LM: select whole words (all their ## pieces) instead of single tokens
     noise_density: float = 0.15  # span corruption: share of tokens dropped into the targets (T5)
     mean_span_length: float = 3.0  # span corruption: mean length of a dropped span
+    template: list | None = None  # P-tuning (kb_probe): prompt, e.g. [3, subject, 3, mask, 3]; null = that (GPT: [3, subject, 3])
 
 
 @dataclass
@@ -219,7 +220,7 @@ def convert(value: Any, tp: Any, key: str, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if tp in (str, bool) and isinstance(value, tp):
+    if tp in (str, bool, list, dict) and isinstance(value, tp):
         return value
     if tp is Any:
         return value

@@ -105,7 +105,12 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
 
     from minimodels.models import build_model
 
+    from minimodels.config import to_dict
+
     cfg = load_config(path)
     filled = {k: v for k, v in dict(vocab_size=128, num_labels=8).items() if hasattr(cfg.model, k)}
+    if cfg.model.arch == "ptuning":  # its backbone is the run of configs/<name>.yaml, e.g. runs/kb_bert
+        backbone = to_dict(load_config(Path("configs") / f"{Path(cfg.model.init_from).name}.yaml"))["model"]
+        filled = dict(backbone={**backbone, "vocab_size": 128}, num_relations=10, num_prompt_tokens=6)
     model = build_model(dataclasses.replace(cfg.model, **filled))
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from minimodels.config import DataConfig
-from minimodels.data.corpus import DataError, load_corpus
+from minimodels.data.corpus import GENERATED, DataError, load_corpus
 from minimodels.data.docstring_to_text import DocstringToNameTask, DocstringToPackageTask
+from minimodels.data.kb import KBProbeTask, kb_corpus
 from minimodels.data.mlm import MaskedLMTask
 from minimodels.data.package_classification import PackageClassificationTask
 from minimodels.data.span_corruption import SpanCorruptionTask
@@ -24,6 +25,8 @@ TASKS["package_classification"] = PackageClassificationTask  # BERT fine-tuning
 TASKS["span_corruption"] = SpanCorruptionTask  # T5 pretraining
 TASKS["docstring_to_package"] = DocstringToPackageTask  # T5 fine-tuning
 TASKS["docstring_to_name"] = DocstringToNameTask  # T5 fine-tuning (harder)
+TASKS["kb_probe"] = KBProbeTask  # P-tuning: LAMA-style probing of a model pretrained on data.source kb
+GENERATED["kb"] = kb_corpus  # the synthetic knowledge base's facts as text (minimodels/data/kb.py)
 
 __all__ = ["DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
 

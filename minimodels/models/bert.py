@@ -137,7 +137,8 @@ class BERT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                next_sentence_label: torch.Tensor | None = None) -> BERTOutput:
+                next_sentence_label: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> BERTOutput:
         """input_ids (B, T); attention_mask (B, T), 1 = real token, 0 = padding (Hugging Face convention);
         token_type_ids (B, T) segment ids, default all 0. labels: head mlm (B, T) with -100 where no token
         is predicted; head classify (B,) class ids. next_sentence_label (B,): 0 = B follows A, 1 = random B.
@@ -146,19 +147,28 @@ class BERT(nn.Module):
         masked positions before the output layer): with ~15% of positions labelled this skips most of the
         (B, T, V) output matmul, ~1.6x faster training here. Then `logits` is None and `masked_logits[i]`
         scores the i-th labelled position in row-major order, i.e. it predicts labels[labels != -100][i].
-        Without labels the head scores every position: `logits` (B, T, V)."""
+        Without labels the head scores every position: `logits` (B, T, V).
+
+        P-tuning (minimodels/models/ptuning.py) drives a frozen BERT through two more inputs: inputs_embeds
+        (B, T, C) replaces the token embeddings E_tok[input_ids] (positions and segments are still added), and
+        prefix_kv, one (k, v) per block, each (B, nh, P, hs): P extra keys and values every position attends
+        to in that block's self-attention (P-tuning v2)."""
         B, T = input_ids.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than model.block_size={self.config.block_size}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         pos = torch.arange(T, device=input_ids.device)  # (T,)
-        x = self.tok_emb(input_ids) + self.pos_emb(pos) + self.seg_emb(token_type_ids)  # (B, T, C)
+        tokens = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        x = tokens + self.pos_emb(pos) + self.seg_emb(token_type_ids)  # (B, T, C)
         x = self.drop(self.emb_norm(x))
         padding_mask = None if attention_mask is None else attention_mask.bool()  # (B, T), True = attend
+        if prefix_kv is not None:  # the prefix keys are always attended: (B, P + T)
+            padding_mask = F.pad(torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask,
+                                 (prefix_kv[0][0].size(2), 0), value=True)
         routings = {}  # name -> Routing of each MoE block
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, padding_mask=padding_mask)  # (B, T, C)
+            x, routing = block(x, padding_mask=padding_mask, prefix_kv=prefix_kv[i] if prefix_kv else None)  # (B, T, C)
             if routing is not None:
                 routings[f"moe_block{i}"] = routing
         pooled = torch.tanh(self.pooler(x[:, 0])) if hasattr(self, "pooler") else None  # (B, C) from [CLS]

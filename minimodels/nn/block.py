@@ -98,8 +98,12 @@ class PostLNBlock(nn.Module):
         self.ffn = ffn
         self.ln2 = nn.LayerNorm(d_model, eps=norm_eps)
 
-    def forward(self, x, padding_mask=None):
-        """x (B, T, C), padding_mask (B, T) bool, True = real token. Returns (B, T, C) and the routing (or None)."""
-        x = self.ln1(x + self.attn(x, padding_mask=padding_mask)[0])
+    def forward(self, x, padding_mask=None, prefix_kv: KVCache | None = None):
+        """x (B, T, C), padding_mask (B, T) bool, True = real token. prefix_kv: (k, v), each (B, nh, P, hs),
+        keys and values attended to before the sequence's own (P-tuning v2); then padding_mask is (B, P + T).
+        Returns (B, T, C) and the routing (or None)."""
+        x = self.ln1(x + self.attn(x, padding_mask=padding_mask, past_kv=prefix_kv)[0])
+        if prefix_kv is not None:
+            padding_mask = padding_mask[:, prefix_kv[0].size(2):]  # (B, T): the FFN routes the sequence's own tokens
         y, routing = feed_forward(self.ffn, x, padding_mask)
         return self.ln2(x + y), routing

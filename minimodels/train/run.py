@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config
-from minimodels.data import build_task
+from minimodels.data import TASKS, build_task
 from minimodels.models import build_model
 from minimodels.moe.parallel import expert_shards
 from minimodels.train.checkpoint import latest_checkpoint, load_pretrained, load_weights
@@ -32,7 +32,7 @@ RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "samp
 def prepare(cfg: ExperimentConfig, run_dir: Path):
     """Build the task (corpus + tokenizer) and fill what the model config takes from the data (vocab_size)."""
     seq_len = cfg.data.seq_len or getattr(cfg.model, "block_size", None)
-    if seq_len is None:
+    if seq_len is None and getattr(TASKS.get(cfg.data.task), "needs_seq_len", True):  # kb_probe builds its own
         raise ConfigError(f"data.seq_len: must be set for model.arch={cfg.model.arch} (it has no block_size)")
     task = build_task(cfg.data, seq_len, run_dir / "tokenizer.json")
     for key, value in task.model_overrides().items():
@@ -119,7 +119,8 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
 
 def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> None:
     """Start from the weights of the pretraining run `source` (model.init_from): same tokenizer, same
-    shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation."""
+    shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation.
+    A model that wraps a pretrained LM (P-tuning's `backbone`) gets the weights into that LM."""
     from minimodels.data import Tokenizer
 
     ckpt = latest_checkpoint(source)
@@ -130,7 +131,8 @@ def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> No
         raise ConfigError(f"model.init_from: {source}/tokenizer.json is not this run's tokenizer "
                           f"(set data.tokenizer: {source}/tokenizer.json)")
     try:
-        new, dropped = load_pretrained(model, ckpt, expert_shards(model))
+        target = model.backbone if isinstance(getattr(model, "backbone", None), torch.nn.Module) else model
+        new, dropped = load_pretrained(target, ckpt, expert_shards(target))
     except ValueError as e:
         raise ConfigError(f"model.init_from: {e} (the model sections must match {source}/config.yaml)") from None
     if not quiet:

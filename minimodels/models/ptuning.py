@@ -1,0 +1,167 @@
+"""P-tuning: continuous prompts for a frozen language model (Liu et al. 2021, "GPT Understands, Too").
+
+A manual prompt asks a pretrained LM for a fact in words: "Dante was born in [MASK] .". P-tuning keeps the
+LM frozen and searches the prompt in embedding space instead. A template mixes trainable pseudo tokens
+[P_i], the input (the subject x) and the target slot; with data.template [3, subject, 3, mask, 3]:
+
+    [CLS] [P_0] [P_1] [P_2] x [P_3] [P_4] [P_5] [MASK] [P_6] [P_7] [P_8] [SEP]
+
+The pseudo tokens' input embeddings are not looked up in the vocabulary but produced by a prompt encoder
+from trainable vectors p_0..p_{n-1} (section 3.2: a bidirectional LSTM, so that the prompts depend on each
+other, then a two-layer MLP with ReLU):
+
+    h_0..h_{n-1} = MLP(BiLSTM(p_0..p_{n-1}))        encoder: lstm (the paper)
+    h_i = MLP(p_i)                                  encoder: mlp
+    h_i = p_i                                       encoder: none (the raw embeddings are the parameters)
+
+    min_h  -log P_LM(y | e([CLS]), h_0, h_1, h_2, e(x), h_3, ...)        only the prompt is trained
+
+Template words other than subject/mask are anchors: real tokens, embedded by the LM itself (section 3.2
+found that an anchor such as "?" in "[PRE][prompt tokens][HYP]?[prompt tokens][MASK]" helps).
+
+A GPT backbone predicts the object as the next token after the template ([3, subject, 3]), from the logits
+at the position before it. With `deep`, every block of the LM also attends to trainable prefix keys and
+values (P-tuning v2, Liu et al. 2022: "deep prompt tuning"), as many per block as the template has pseudo
+tokens. The model keeps one prompt per relation of the knowledge base (the paper trains a prompt per LAMA
+relation): batches carry `relation`, and each example gets its own relation's prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+ENCODERS = ("lstm", "mlp", "none")
+
+
+@dataclass
+class PTuningConfig:
+    arch: str = "ptuning"  # selects this model in configs
+    init_from: str | None = None  # the pretrained LM's run folder (runs/kb_bert, runs/kb_gpt); it stays frozen
+    encoder: str = "lstm"  # prompt encoder: lstm (BiLSTM + MLP, the paper) | mlp | none (raw embeddings)
+    hidden: int | None = None  # width of p_i and of the encoder; null = the LM's n_embd
+    deep: bool = False  # P-tuning v2: trainable prefix keys/values in every block of the LM too
+    num_prompt_tokens: int | None = None  # pseudo tokens in the template; null = counted from data.template
+    num_relations: int | None = None  # one prompt per relation; null = from the task
+    backbone: dict | None = None  # the LM's model section, read from init_from/config.yaml (leave null)
+
+    def validate(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"model.encoder: must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        if self.init_from is None and self.backbone is None:
+            raise ValueError("model.init_from: P-tuning needs the run folder of a pretrained LM (e.g. runs/kb_bert)")
+        for name in ("hidden", "num_prompt_tokens", "num_relations"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be positive or null, got {getattr(self, name)}")
+
+
+@dataclass
+class PTuningOutput:
+    logits: torch.Tensor  # (B, V): the LM's scores for the object slot of each example
+    loss: torch.Tensor | None = None  # mean cross-entropy of the objects (nats), when labels are given
+
+
+def backbone_config(config: PTuningConfig):
+    """The frozen LM's model config: config.backbone, or the model section of init_from/config.yaml."""
+    from minimodels.config import load_config  # reads the pretraining run's resolved config (imported late: a cycle)
+    from minimodels.models import MODEL_CONFIGS
+
+    if config.backbone is None:
+        path = Path(config.init_from) / "config.yaml"
+        if not path.is_file():
+            raise ValueError(f"model.init_from: {path} not found (train the backbone first, e.g. configs/kb_bert.yaml)")
+        return load_config(path).model
+    from minimodels.config import build
+
+    arch = config.backbone.get("arch")
+    if arch not in MODEL_CONFIGS:
+        raise ValueError(f"model.backbone.arch: unknown model {arch!r}")
+    return build(MODEL_CONFIGS[arch], config.backbone, "model.backbone", "config")
+
+
+class PromptEncoder(nn.Module):
+    """The n pseudo-token embeddings h_0..h_{n-1} (n, C) of one relation, from trainable p_0..p_{n-1} (n, H)."""
+
+    def __init__(self, n: int, hidden: int, n_embd: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.p = nn.Parameter(torch.randn(n, n_embd if kind == "none" else hidden) * 0.02)  # p_i
+        if kind == "lstm":  # 2 layers, H/2 per direction: the concatenated states are H wide
+            self.lstm = nn.LSTM(hidden, hidden // 2, num_layers=2, bidirectional=True, batch_first=True)
+        if kind in ("lstm", "mlp"):
+            self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
+
+    def forward(self) -> torch.Tensor:
+        if self.kind == "none":
+            return self.p  # h_i = p_i
+        x = self.p[None]  # (1, n, H)
+        if self.kind == "lstm":
+            x = self.lstm(x)[0]  # (1, n, H): each h_i sees every p_j, left and right
+        return self.mlp(x)[0]  # (n, C)
+
+
+class PTuning(nn.Module):
+    def __init__(self, config: PTuningConfig):
+        super().__init__()
+        from minimodels.models import MODELS  # the backbone is any registered LM (imported late: a cycle)
+
+        config.validate()
+        if config.num_relations is None or config.num_prompt_tokens is None:
+            raise ValueError("model.num_relations / model.num_prompt_tokens: must be set (the kb_probe task fills them)")
+        self.config = c = config
+        lm_config = backbone_config(config)
+        if lm_config.arch not in ("bert", "gpt"):
+            raise ValueError(f"model.init_from: P-tuning drives a BERT or GPT, got model.arch={lm_config.arch}")
+        self.causal = lm_config.arch == "gpt"
+        self.backbone = MODELS[lm_config.arch][1](lm_config)  # weights: model.init_from, loaded by the run
+        self.backbone.requires_grad_(False)
+        C, n = lm_config.n_embd, c.num_prompt_tokens
+        self.prompts = nn.ModuleList(PromptEncoder(n, c.hidden or C, C, c.encoder) for _ in range(c.num_relations))
+        if c.deep:  # per relation and block: (k, v) of n prefix positions, each (nh, n, hs)
+            L, nh = lm_config.n_layer, lm_config.n_head
+            self.prefix = nn.Parameter(torch.randn(c.num_relations, L, 2, nh, n, C // nh) * 0.02)
+
+    def train(self, mode: bool = True):
+        """The LM stays in eval mode (no dropout) while the prompts train: it is frozen."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, input_ids: torch.Tensor, prompt_index: torch.Tensor, relation: torch.Tensor,
+                labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PTuningOutput:
+        """input_ids, prompt_index, labels, attention_mask (B, T) and relation (B,), from the kb_probe task:
+        prompt_index[b, t] = i where position t holds pseudo token [P_i], else -1; labels hold the object's id
+        at its one position per row (BERT: the [MASK]; GPT: the object token itself, scored from t - 1)."""
+        emb = self.backbone.tok_emb(input_ids)  # (B, T, C): e(x_t)
+        prompts = torch.stack([encode() for encode in self.prompts])[relation]  # (R, n, C) -> (B, n, C)
+        is_prompt = prompt_index >= 0  # (B, T)
+        h = prompts.gather(1, prompt_index.clamp(min=0)[..., None].expand_as(emb))  # (B, T, C): h_{prompt_index}
+        emb = torch.where(is_prompt[..., None], h.to(emb.dtype), emb)  # pseudo tokens take h_i, the rest e(x_t)
+        prefix = None
+        if self.config.deep:
+            per_layer = self.prefix[relation].unbind(1)  # L x (B, 2, nh, n, hs)
+            prefix = [tuple(kv.unbind(1)) for kv in per_layer]  # L x ((B, nh, n, hs) keys, (B, nh, n, hs) values)
+        return self.score(input_ids, labels, attention_mask, emb, prefix)
+
+    def score(self, input_ids, labels, attention_mask=None, inputs_embeds=None, prefix=None) -> PTuningOutput:
+        """Run the LM and return its scores for the object slot (B, V) and the loss. Also scores manual
+        prompts (scripts/probe.py): then there are no inputs_embeds and no prefix."""
+        if self.causal:
+            out = self.backbone(input_ids, labels=labels, inputs_embeds=inputs_embeds, past_key_values=prefix)
+            # the object at position t is predicted by the logits at t - 1 (the next-token shift)
+            target = (labels != -100).int().argmax(dim=1)  # (B,)
+            logits = out.logits[torch.arange(len(labels)), target - 1]  # (B, V)
+        else:
+            out = self.backbone(input_ids, attention_mask=attention_mask, labels=labels, inputs_embeds=inputs_embeds,
+                                prefix_kv=prefix)
+            logits = out.masked_logits  # (B, V): one labelled position per row, in row order
+        if len(logits) != len(labels):
+            raise ValueError(f"labels: expected one object per example, got {len(logits)} for {len(labels)} examples")
+        return PTuningOutput(logits=logits, loss=out.loss)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

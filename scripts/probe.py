@@ -1,0 +1,80 @@
+"""LAMA-style probing table of a P-tuning run: manual prompts vs the trained prompt, P@1 on held-out subjects.
+
+    python scripts/probe.py runs/ptuning_bert [--device cpu]
+
+For every relation of the synthetic knowledge base (minimodels/data/kb.py), on the held-out half of its
+subjects: the majority baseline (always the most frequent object among the other half's facts), the P@1 of
+each manual prompt (best and mean), the P@1 of the corpus's own phrasings used as prompts (how much the LM
+knows when asked in words it was trained on; object-first phrasings are skipped for a causal LM), and
+P-tuning's. The last row averages over relations (macro average, as LAMA reports). "best manual" picks
+each relation's best prompt on the held-out subjects themselves, so it is an optimistic number.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+
+from minimodels.data.kb import RELATIONS, KBProbeTask, manual_template
+from minimodels.train.run import load_run
+from minimodels.train.trainer import autocast, resolve_dtype, to_device
+
+
+def p_at_1(model, task, examples, score, device, dtype, batch_size: int = 256) -> float:
+    """Share of `examples` whose object is the top token of `score(batch)` (B, V)."""
+    hits = 0
+    for i in range(0, len(examples), batch_size):
+        batch = to_device(task.collate(examples[i:i + batch_size]), device)
+        with autocast(device, dtype):
+            logits = score(batch)  # (B, V)
+        hits += int((logits.argmax(-1) == batch["labels"].max(dim=1).values).sum())
+    return hits / len(examples)
+
+
+def corpus_prompts(relation, causal: bool) -> list[str]:
+    """The corpus's phrasings of `relation` as cloze prompts ({o} -> [MASK]); for a causal LM only those
+    with the object after the subject."""
+    prompts = [t.replace("{o}", "[MASK]") for t in relation.corpus]
+    return [p for p in prompts if not causal or p.index("{s}") < p.index("[MASK]")]
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a P-tuning run folder, e.g. runs/ptuning_bert")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    cfg, model, tokenizer = load_run(args.run, args.device)
+    device = next(model.parameters()).device
+    dtype = resolve_dtype("auto", device)
+    task = KBProbeTask(tokenizer, cfg=cfg.data)
+    causal = task.causal
+    manual_score = lambda b: model.score(b["input_ids"], b["labels"], b["attention_mask"]).logits  # noqa: E731
+    ptuned_score = lambda b: model(**b).logits  # noqa: E731
+
+    print(f"{args.run}: {'GPT' if causal else 'BERT'} backbone {cfg.model.init_from}, template {task.template}, "
+          f"encoder {cfg.model.encoder}{' + deep prefixes' if cfg.model.deep else ''}, "
+          f"{model.num_trainable():,} trainable parameters ({model.num_trainable() // len(RELATIONS):,} per relation)\n")
+    header = ["relation", "test subjects", "majority", "best manual", "mean manual", "corpus phrasing", "P-tuning"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    rows = []
+    for i, r in enumerate(RELATIONS):
+        test = task.examples(task.template, "test", [i])
+        counts = Counter(task.kb.facts[r.name][s] for s in task.kb.probe_split[r.name]["train"])
+        majority = sum(e.object == counts.most_common(1)[0][0] for e in test) / len(test)
+        manual = [p_at_1(model, task, task.examples(manual_template(t, causal), "test", [i]), manual_score, device, dtype)
+                  for t in r.manual]
+        corpus = [p_at_1(model, task, task.examples(manual_template(t, causal), "test", [i]), manual_score, device, dtype)
+                  for t in corpus_prompts(r, causal)]
+        ptuned = p_at_1(model, task, test, ptuned_score, device, dtype)
+        row = [majority, max(manual), sum(manual) / len(manual), max(corpus), ptuned]
+        rows.append(row)
+        print(f"| {r.name} | {len(test)} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
+    mean = [sum(col) / len(col) for col in zip(*rows)]
+    print("| **mean over relations** | | " + " | ".join(f"**{100 * v:.1f}**" for v in mean) + " |")
+
+
+if __name__ == "__main__":
+    main()
