@@ -187,3 +187,17 @@ def test_ptuning_config_errors(backbones, tmp_path):
         run(ptuning_cfg(backbones, "bert", tmp_path / "x", f"model.init_from={tmp_path / 'nothing'}"), quiet=True)
     with pytest.raises(ConfigError, match="model.init_from: P-tuning needs the run folder of a pretrained LM"):
         ptuning_cfg(backbones, "bert", tmp_path, "model.init_from=null")
+
+
+def test_probe_script_prints_one_row_per_relation(backbones, tmp_path):
+    import subprocess
+    import sys
+
+    run(ptuning_cfg(backbones, "gpt", tmp_path / "pt"), quiet=True)
+    r = subprocess.run([sys.executable, "scripts/probe.py", str(tmp_path / "pt")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split("|")[1].strip() for row in rows[1:-1]] == [rel.name for rel in RELATIONS]
+    for row in rows[1:]:
+        numbers = [float(x.strip("* ")) for x in row.split("|")[3:-1] if x.strip()]
+        assert len(numbers) == 5 and all(0 <= x <= 100 for x in numbers)

@@ -91,7 +91,8 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
             MetricsLog(run_dir / "metrics.jsonl").write(step=0, **{f"unigram_{k}": v for k, v in baseline.items()})
         if not quiet:
             n = sum(p.numel() for p in model.parameters())
-            print(f"{cfg.model.arch}: {n / 1e6:.2f}M parameters, {len(task.train)} train / {len(task.val)} val examples, "
+            frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+            print(f"{cfg.model.arch}: {n / 1e6:.2f}M parameters{f' ({n - frozen:,} trained)' if frozen else ''}, {len(task.train)} train / {len(task.val)} val examples, "
                   f"device {trainer.device}, dtype {str(trainer.dtype).removeprefix('torch.')} -> {run_dir}"
                   + (f", {world.size} processes x batch {cfg.train.batch_size}" if world.size > 1 else ""))
             if baseline:
