@@ -142,7 +142,7 @@ def build_kb(seed: int = SEED) -> KnowledgeBase:
     return kb
 
 
-def kb_corpus(cfg: DataConfig | None = None, seed: int = SEED, train_docs: int = 4) -> dict[str, list[str]]:
+def kb_corpus(cfg: DataConfig | None = None, seed: int = SEED, train_docs: int = 16) -> dict[str, list[str]]:
     """The pretraining corpus, data.source: kb. A document lists all facts of one subject, in random order,
     each in a random corpus template; every subject gets `train_docs` such documents (so each fact is
     seen in several phrasings). val: one more document for every 8th subject: new phrasings and orders of
@@ -216,14 +216,17 @@ def num_pseudo(template: list) -> int:
     return sum(p for p in template if isinstance(p, int))
 
 
-def fill_template(template: list, subject: list[int], obj: int, tokenizer: Tokenizer) -> tuple[list[int], list[int], list[int]]:
+def fill_template(template: list, subject: str, obj: int, tokenizer: Tokenizer) -> tuple[list[int], list[int], list[int]]:
     """One prompt: (input_ids, prompt_index, labels), all of one length.
 
     Masked LM: [CLS] template [SEP], the object's id as the label at "mask" (the input there is [MASK]).
     Causal LM: <eos> template object — a document starts after <eos> in pretraining — with the object's
     id as the label at its own position; the model scores it from the position before (labels are shifted
     inside the LM, as for next-token prediction). prompt_index is k at the k-th pseudo token (the input id
-    there is a placeholder, [PAD]; the model replaces its embedding) and -1 everywhere else."""
+    there is a placeholder, [PAD]; the model replaces its embedding) and -1 everywhere else.
+
+    Words are encoded as they appear in running text: after a space, except at the very start. Byte-level
+    BPE keeps the space in the token ("Ġborn"), so "born" alone would be another token than in the corpus."""
     causal = tokenizer.mask_id is None
     ids, index, labels = [tokenizer.eos_id if causal else tokenizer.cls_id], [-1], [-100]
     k = 0
@@ -234,7 +237,8 @@ def fill_template(template: list, subject: list[int], obj: int, tokenizer: Token
             labels += [-100] * part
             k += part
             continue
-        piece = subject if part == "subject" else [tokenizer.mask_id] if part == "mask" else tokenizer.encode(part)
+        text = subject if part == "subject" else part
+        piece = [tokenizer.mask_id] if part == "mask" else tokenizer.encode(text if len(ids) == 1 else " " + text)
         ids += piece
         index += [-1] * len(piece)
         labels += [obj if part == "mask" else -100] * len(piece)
@@ -281,7 +285,7 @@ class KBProbeTask:
             r = RELATIONS[i]
             for s in self.kb.probe_split[r.name][half]:
                 o = self.kb.facts[r.name][s]
-                filled = fill_template(template, self.tokenizer.encode(s), self.object_ids[i][o], self.tokenizer)
+                filled = fill_template(template, s, self.object_ids[i][o], self.tokenizer)
                 out.append(ProbeExample(i, s, o, *filled))
         return out
 
