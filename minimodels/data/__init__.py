@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from minimodels.config import DataConfig
-from minimodels.data.corpus import DataError, load_corpus
+from minimodels.data.corpus import GENERATED, DataError, load_corpus
 from minimodels.data.docstring_to_text import DocstringToNameTask, DocstringToPackageTask
 from minimodels.data.mlm import MaskedLMTask
 from minimodels.data.package_classification import PackageClassificationTask
+from minimodels.data.shapes import ShapesRetrievalTask, shapes_corpus
 from minimodels.data.span_corruption import SpanCorruptionTask
 from minimodels.data.tasks import LMTask
 from minimodels.data.tokenizer import Tokenizer, train_tokenizer
@@ -24,6 +25,8 @@ TASKS["package_classification"] = PackageClassificationTask  # BERT fine-tuning
 TASKS["span_corruption"] = SpanCorruptionTask  # T5 pretraining
 TASKS["docstring_to_package"] = DocstringToPackageTask  # T5 fine-tuning
 TASKS["docstring_to_name"] = DocstringToNameTask  # T5 fine-tuning (harder)
+TASKS["image_text"] = ShapesRetrievalTask  # BriVL / CLIP: image-caption retrieval
+GENERATED["shapes"] = shapes_corpus  # captions of procedurally drawn scenes (data/shapes.py)
 
 __all__ = ["DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
 

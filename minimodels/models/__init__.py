@@ -4,6 +4,7 @@ The trainer builds models only through this table, so adding a model never touch
 """
 
 from minimodels.models.bert import BERT, BERTConfig
+from minimodels.models.brivl import BriVL, BriVLConfig
 from minimodels.models.gpt import GPT, GPTConfig
 from minimodels.models.t5 import T5, T5Config
 from minimodels.moe.parallel import shard_experts
@@ -12,6 +13,7 @@ MODELS = {
     "gpt": (GPTConfig, GPT),
     "bert": (BERTConfig, BERT),
     "t5": (T5Config, T5),
+    "brivl": (BriVLConfig, BriVL),
 }
 MODEL_CONFIGS = {name: cfg for name, (cfg, _) in MODELS.items()}
 
@@ -26,4 +28,4 @@ def build_model(config):
     return model
 
 
-__all__ = ["BERT", "BERTConfig", "GPT", "GPTConfig", "T5", "T5Config", "MODELS", "MODEL_CONFIGS", "build_model"]
+__all__ = ["BERT", "BERTConfig", "BriVL", "BriVLConfig", "GPT", "GPTConfig", "T5", "T5Config", "MODELS", "MODEL_CONFIGS", "build_model"]
