@@ -4,6 +4,9 @@ import dataclasses
 import itertools
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +22,10 @@ from minimodels.models.brivl import (BriVL, BriVLConfig, ContrastiveConfig, clip
                                      info_nce, momentum_loss)
 
 
-def tiny(kind="momentum_queue", queue_size=8, momentum=0.9, regions=True):
-    cfg = BriVLConfig(vocab_size=20, n_layer=1, n_embd=32, n_head=2, embed_dim=16, regions=regions,
-                      text=BERTConfig(head="none", n_layer=1, n_embd=32, n_head=2, block_size=16, dropout=0.0),
+def tiny(kind="momentum_queue", queue_size=8, momentum=0.9, regions=True, vocab_size=20, text_init_from=None):
+    cfg = BriVLConfig(vocab_size=vocab_size, n_layer=1, n_embd=32, n_head=2, embed_dim=16, regions=regions,
+                      text=BERTConfig(head="none", n_layer=1, n_embd=32, n_head=2, block_size=16, dropout=0.0,
+                                      init_from=text_init_from),
                       contrastive=ContrastiveConfig(kind=kind, queue_size=queue_size, momentum=momentum,
                                                   learn_temperature=kind == "inbatch"))  # as the configs
     torch.manual_seed(0)
@@ -263,3 +267,34 @@ def test_config_trains_a_few_steps(name, tmp_path, monkeypatch):
     weights = read_weights(latest_checkpoint(tmp_path))
     if name == "brivl":  # the queues are buffers: the checkpoint holds 3 steps x 8 keys
         assert int(weights["queue_filled"]) == 24 and weights["image_queue"][:24].norm(dim=-1).min() > 0.99
+        r = subprocess.run([sys.executable, "scripts/search.py", str(tmp_path), "a red circle", "--top", "3"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert '"a red circle" is true of' in r.stdout and len(r.stdout.splitlines()) == 6  # cache note, truth, 3 rows, grid
+        assert (tmp_path / "search.png").is_file() and (tmp_path / "gallery_embeddings.pt").is_file()
+
+
+def test_text_tower_starts_from_a_bert_run(tmp_path):
+    from minimodels.data.tokenizer import train_tokenizer
+    from minimodels.models.bert import BERT
+    from minimodels.train.checkpoint import save_checkpoint
+    from minimodels.train.run import init_from_run, init_sources
+
+    captions = [sample_caption(s, random.Random(0)).text for s in make_split(50, 0, SEEN_PAIRS).scenes]
+    tok = train_tokenizer("wordpiece", captions, 64)
+    for run_dir in ("bert_run", "brivl_run"):
+        tok.save(tmp_path / run_dir / "tokenizer.json")
+    torch.manual_seed(1)
+    bert = BERT(BERTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=tok.vocab_size))  # head mlm
+    save_checkpoint(tmp_path / "bert_run", 1, bert, {}, keep_last=1)
+    model = tiny(vocab_size=tok.vocab_size, text_init_from=str(tmp_path / "bert_run"))
+    assert init_sources(model, model.config) == [("text.bert", str(tmp_path / "bert_run"))]
+    for name, source in init_sources(model, model.config):
+        init_from_run(model.get_submodule(name), Path(source), tmp_path / "brivl_run", quiet=True)
+    pretrained = dict(bert.named_parameters())  # the MLM head has no place here; the pooler is new
+    shared = [n for n, _ in model.text.bert.named_parameters() if n in pretrained]
+    assert len(shared) == len(list(model.text.bert.parameters())) - 2  # all but pooler.weight and pooler.bias
+    assert all(torch.equal(model.text.bert.get_parameter(n), pretrained[n]) for n in shared)
+    assert not torch.equal(model.text_m.bert.tok_emb.weight, bert.tok_emb.weight)  # built before the loading ...
+    model.momentum_update()  # ... so the first update copies the loaded weights into the momentum tower
+    assert all(torch.equal(model.text_m.bert.get_parameter(n), pretrained[n]) for n in shared)

@@ -74,7 +74,8 @@ class BriVLConfig:
     n_region_layer: int = 1  # blocks of the transformer over [whole image; regions]
     embed_dim: int = 128  # D, the shared embedding space
     dropout: float = 0.0  # in the image tower's blocks
-    text: BERTConfig = field(default_factory=lambda: BERTConfig(head="none", n_layer=2, n_embd=128, block_size=32))  # the text tower: BERT's own config (head: none; vocab_size from model.vocab_size)
+    # the text tower: BERT's own config (head: none; vocab_size comes from model.vocab_size; init_from: a BERT run)
+    text: BERTConfig = field(default_factory=lambda: BERTConfig(head="none", n_layer=2, n_embd=128, block_size=32))
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # the objective, see above
 
     def validate(self) -> None:
@@ -256,6 +257,11 @@ class BriVL(nn.Module):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to write
             self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots holding keys, <= K
             self.register_buffer("momentum_steps", torch.zeros((), dtype=torch.long))  # updates done
+
+    def pretrained_parts(self) -> dict[str, str | None]:
+        """Submodules the run starts from a pretraining run (minimodels/train/run.py): the text tower's BERT
+        from model.text.init_from, e.g. runs/bert (then data.tokenizer: runs/bert/tokenizer.json)."""
+        return {"text.bert": self.config.text.init_from}
 
     def embed_images(self, images, boxes=None, box_mask=None) -> torch.Tensor:
         return self.image(images, boxes, box_mask)  # (B, D)
