@@ -234,9 +234,7 @@ class TextTower(nn.Module):
 class BriVL(nn.Module):
     def __init__(self, config: BriVLConfig):
         super().__init__()
-        config.validate()
-        if config.vocab_size is None:
-            raise ValueError("model.vocab_size: must be set (the trainer fills it from the tokenizer)")
+        config.validate()  # (the text tower's BERT insists on model.vocab_size)
         self.config = c = config
         self.image = ImageTower(c)
         self.image.apply(BERT._init_weights)  # N(0, 0.02) matrices, zero biases
