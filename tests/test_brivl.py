@@ -272,6 +272,8 @@ def test_config_trains_a_few_steps(name, tmp_path, monkeypatch):
         assert r.returncode == 0, r.stderr[-2000:]
         assert '"a red circle" is true of' in r.stdout and len(r.stdout.splitlines()) == 6  # cache note, truth, 3 rows, grid
         assert (tmp_path / "search.png").is_file() and (tmp_path / "gallery_embeddings.pt").is_file()
+        r = subprocess.run([sys.executable, "scripts/generate.py", str(tmp_path)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "search it with python scripts/search.py" in r.stderr
 
 
 def test_text_tower_starts_from_a_bert_run(tmp_path):

@@ -367,9 +367,8 @@ class ShapesRetrievalTask:
             m |= recall_metrics(name, s, paired)
             m |= {k: v for k, v in recall_metrics(f"{name}_sem", s, t).items() if "rank" not in k}
             m |= {k: v for k, v in recall_metrics(f"unseen_{name}", s[unseen], paired[unseen]).items() if "rank" not in k}
-            m[f"{name}_sem_r1_chance"] = chance_of_hit(t.cpu(), 1)
-            m[f"{name}_true_per_query"] = t.sum(1).float().mean().item()  # gallery items each query is true of
-        m["chance_r1"] = 1 / N
+        m["chance_r1"], m["sem_r1_chance"] = 1 / N, chance_of_hit(truth.cpu(), 1)  # the same in both directions at k = 1
+        m["true_per_caption"] = truth.sum(1).float().mean().item()  # gallery images a caption is true of, on average
         return m | self.zero_shot(model)
 
     @torch.no_grad()
