@@ -1,6 +1,6 @@
 """What the momentum queue buys at a small batch: in-batch negatives against BriVL's momentum queue of 0 / 1k / 4k keys.
 
-    python scripts/ablate_brivl.py [--batch-size 16] [--steps 1000] [--out runs/ablate_brivl]
+    python scripts/ablate_brivl.py [--batch-size 16] [--steps 1000] [--seed 1337] [--out runs/ablate_brivl]
 
 Every variant is configs/brivl.yaml with the same overrides (batch size, steps, seed) plus its own
 model.contrastive settings, trained by the ordinary Trainer into <out>/<name>; the last row is CLIP's
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1337, help="train.seed: model init and data order")
     p.add_argument("--out", default="runs/ablate_brivl")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
     a = p.parse_args(argv)
@@ -41,8 +42,8 @@ def main(argv=None) -> int:
 
     def go():
         for name in a.only or VARIANTS:
-            common = [f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}", f"train.eval_interval={a.steps}",
-                      f"train.save_interval={a.steps}", f"train.warmup_steps={a.steps // 10}", f"output.dir={out / name}"]
+            common = [f"train.seed={a.seed}", f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}",
+                      f"train.eval_interval={a.steps}", f"train.save_interval={a.steps}", f"train.warmup_steps={a.steps // 10}", f"output.dir={out / name}"]
             cfg = load_config("configs/brivl.yaml", common + VARIANTS[name])
             t0 = time.perf_counter()
             metrics = run(cfg, overwrite=True, quiet=True)
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
             print(f"{name}: " + "  ".join(f"{k} {metrics[k]:.3f}" for k in COLUMNS), flush=True)
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(results, indent=1))
-        table = [f"batch {a.batch_size}, {a.steps} steps", "",
+        table = [f"batch {a.batch_size}, {a.steps} steps, seed {a.seed}", "",
                  "| variant | " + " | ".join(COLUMNS) + " | wall time |", "|---|" + "---:|" * (len(COLUMNS) + 1)]
         table += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in COLUMNS) + f" | {r['seconds']:.0f} s |"
                   for name, r in results.items()]
