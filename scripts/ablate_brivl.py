@@ -1,11 +1,12 @@
 """What the momentum queue buys at a small batch: in-batch negatives against BriVL's momentum queue of 0 / 1k / 4k keys.
 
-    python scripts/ablate_brivl.py [--batch-size 16] [--steps 1000] [--seed 1337] [--out runs/ablate_brivl]
+    python scripts/ablate_brivl.py [--batch-size 16] [--steps 1000] [--seeds 1337 2 3] [--out runs/ablate_brivl]
 
-Every variant is configs/brivl.yaml with the same overrides (batch size, steps, seed) plus its own
-model.contrastive settings, trained by the ordinary Trainer into <out>/<name>; the last row is CLIP's
-learned temperature for comparison. Prints a Markdown table of the final held-out metrics and writes it
-to <out>/results.md (and every run's numbers to <out>/results.json).
+Every variant is configs/brivl.yaml with the same overrides (seed, batch size, steps) plus its own
+model.contrastive settings, trained by the ordinary Trainer into <out>/seed<S>/<name>; the last row is CLIP's
+learned temperature for comparison. Each run's final held-out metrics are kept in <out>/results.json, and a
+(variant, seed) already there is not trained again (delete the file to start over). Prints a Markdown table
+of the mean over the seeds (with t2i R@1 of every seed) and writes it to <out>/results.md.
 """
 
 import argparse
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=1337, help="train.seed: model init and data order")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337], help="train.seed of each repetition")
     p.add_argument("--out", default="runs/ablate_brivl")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
     a = p.parse_args(argv)
@@ -38,23 +39,34 @@ def main(argv=None) -> int:
     from minimodels.train.run import run
 
     out = Path(a.out)
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    names = a.only or list(VARIANTS)
 
     def go():
-        for name in a.only or VARIANTS:
-            common = [f"train.seed={a.seed}", f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}",
-                      f"train.eval_interval={a.steps}", f"train.save_interval={a.steps}", f"train.warmup_steps={a.steps // 10}", f"output.dir={out / name}"]
-            cfg = load_config("configs/brivl.yaml", common + VARIANTS[name])
-            t0 = time.perf_counter()
-            metrics = run(cfg, overwrite=True, quiet=True)
-            results[name] = metrics | {"seconds": round(time.perf_counter() - t0, 1), "overrides": common + VARIANTS[name]}
-            print(f"{name}: " + "  ".join(f"{k} {metrics[k]:.3f}" for k in COLUMNS), flush=True)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "results.json").write_text(json.dumps(results, indent=1))
-        table = [f"batch {a.batch_size}, {a.steps} steps, seed {a.seed}", "",
-                 "| variant | " + " | ".join(COLUMNS) + " | wall time |", "|---|" + "---:|" * (len(COLUMNS) + 1)]
-        table += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in COLUMNS) + f" | {r['seconds']:.0f} s |"
-                  for name, r in results.items()]
+        for seed in a.seeds:
+            for name in names:
+                key = f"{name}/seed{seed}/batch{a.batch_size}/steps{a.steps}"
+                if key in results:
+                    continue
+                common = [f"train.seed={seed}", f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}",
+                          f"train.eval_interval={a.steps}", f"train.save_interval={a.steps}",
+                          f"train.warmup_steps={a.steps // 10}", f"output.dir={out / f'seed{seed}' / name}"]
+                cfg = load_config("configs/brivl.yaml", common + VARIANTS[name])
+                t0 = time.perf_counter()
+                metrics = run(cfg, overwrite=True, quiet=True)
+                results[key] = metrics | {"seconds": round(time.perf_counter() - t0, 1), "overrides": common + VARIANTS[name]}
+                print(f"{key}: " + "  ".join(f"{k} {metrics[k]:.3f}" for k in COLUMNS), flush=True)
+                out.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(results, indent=1))
+        table = [f"batch {a.batch_size}, {a.steps} steps; mean over seeds {', '.join(map(str, a.seeds))}", "",
+                 "| variant | " + " | ".join(COLUMNS) + " | t2i_r1 per seed | wall time |",
+                 "|---|" + "---:|" * (len(COLUMNS) + 2)]
+        for name in names:
+            runs = [results[f"{name}/seed{s}/batch{a.batch_size}/steps{a.steps}"] for s in a.seeds]
+            mean = {k: sum(r[k] for r in runs) / len(runs) for k in (*COLUMNS, "seconds")}
+            table.append(f"| {name} | " + " | ".join(f"{mean[k]:.3f}" for k in COLUMNS) + " | "
+                         + " / ".join(f"{r['t2i_r1']:.3f}" for r in runs) + f" | {mean['seconds']:.0f} s |")
         (out / "results.md").write_text("\n".join(table) + "\n")
         print("\n".join(table))
 

@@ -84,7 +84,7 @@ def draw_grid(rows, gallery, query: str, out: Path) -> None:
 
     cols = min(4, len(rows))
     n_rows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 2.9 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 3.3 * n_rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (i, score, mark) in zip(axes.flat, rows):

@@ -1,4 +1,5 @@
 """Shapes: an image–caption data set drawn by our own code, for the dual-tower model (models/brivl.py).
+In a config: `data: {source: shapes, task: image_text, tokenizer: wordpiece}` (configs/brivl.yaml).
 
 Each scene is a 32x32 RGB picture of 1–3 coloured shapes on a noisy dark background; the generator knows
 every object's colour, shape, size and box. A caption is made from a small grammar:
