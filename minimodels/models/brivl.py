@@ -291,7 +291,8 @@ class BriVL(nn.Module):
     @torch.no_grad()
     def momentum_update(self) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q for every parameter of the key towers. The first update
-        uses m = 0, a copy, so that weights loaded after construction (init_from, a checkpoint) reach them."""
+        uses m = 0, a copy, so that weights loaded into the query towers after construction (model.text.init_from)
+        reach the key towers too."""
         m = self.config.contrastive.momentum if self.momentum_steps > 0 else 0.0
         query = [*self.image.parameters(), *self.text.parameters()]
         keys = [*self.image_m.parameters(), *self.text_m.parameters()]
