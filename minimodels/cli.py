@@ -84,6 +84,9 @@ def generate_main(argv: list[str] | None = None) -> int:
         device = next(model.parameters()).device
         g = torch.Generator(device).manual_seed(a.seed)
         arch = cfg.model.arch
+        if arch == "brivl":
+            raise ConfigError(f"generate: a brivl run embeds images and texts; search it with "
+                              f"python scripts/search.py {a.run_dir} \"a red circle\"")
         if arch == "bert":
             return fill_mask(model, tok, a.prompt, a.top_k or 5, device)
         if arch == "t5":

@@ -15,6 +15,7 @@ from minimodels.data.docstring_to_text import DocstringToNameTask, DocstringToPa
 from minimodels.data.kb import KBProbeTask, kb_corpus
 from minimodels.data.mlm import MaskedLMTask
 from minimodels.data.package_classification import PackageClassificationTask
+from minimodels.data.shapes import ShapesRetrievalTask, shapes_corpus
 from minimodels.data.span_corruption import SpanCorruptionTask
 from minimodels.data.tasks import LMTask
 from minimodels.data.tokenizer import Tokenizer, train_tokenizer
@@ -27,6 +28,8 @@ TASKS["docstring_to_package"] = DocstringToPackageTask  # T5 fine-tuning
 TASKS["docstring_to_name"] = DocstringToNameTask  # T5 fine-tuning (harder)
 TASKS["kb_probe"] = KBProbeTask  # P-tuning: LAMA-style probing of a model pretrained on data.source kb
 GENERATED["kb"] = kb_corpus  # the synthetic knowledge base's facts as text (minimodels/data/kb.py)
+TASKS["image_text"] = ShapesRetrievalTask  # BriVL / CLIP: image-caption retrieval
+GENERATED["shapes"] = shapes_corpus  # captions of procedurally drawn scenes (data/shapes.py)
 
 __all__ = ["DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
 

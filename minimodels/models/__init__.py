@@ -4,6 +4,7 @@ The trainer builds models only through this table, so adding a model never touch
 """
 
 from minimodels.models.bert import BERT, BERTConfig
+from minimodels.models.brivl import BriVL, BriVLConfig
 from minimodels.models.gpt import GPT, GPTConfig
 from minimodels.models.ptuning import PTuning, PTuningConfig
 from minimodels.models.t5 import T5, T5Config
@@ -14,6 +15,7 @@ MODELS = {
     "bert": (BERTConfig, BERT),
     "t5": (T5Config, T5),
     "ptuning": (PTuningConfig, PTuning),
+    "brivl": (BriVLConfig, BriVL),
 }
 MODEL_CONFIGS = {name: cfg for name, (cfg, _) in MODELS.items()}
 
@@ -28,4 +30,5 @@ def build_model(config):
     return model
 
 
-__all__ = ["BERT", "BERTConfig", "GPT", "GPTConfig", "PTuning", "PTuningConfig", "T5", "T5Config", "MODELS", "MODEL_CONFIGS", "build_model"]
+__all__ = ["BERT", "BERTConfig", "BriVL", "BriVLConfig", "GPT", "GPTConfig", "PTuning", "PTuningConfig", "T5", "T5Config",
+           "MODELS", "MODEL_CONFIGS", "build_model"]

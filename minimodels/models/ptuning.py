@@ -117,13 +117,17 @@ class PTuning(nn.Module):
         if lm_config.arch not in ("bert", "gpt"):
             raise ValueError(f"model.init_from: P-tuning drives a BERT or GPT, got model.arch={lm_config.arch}")
         self.causal = lm_config.arch == "gpt"
-        self.backbone = MODELS[lm_config.arch][1](lm_config)  # weights: model.init_from, loaded by the run
+        self.backbone = MODELS[lm_config.arch][1](lm_config)  # weights: pretrained_parts(), loaded by the run
         self.backbone.requires_grad_(False)
         C, n = lm_config.n_embd, c.num_prompt_tokens
         self.prompts = nn.ModuleList(PromptEncoder(n, c.hidden or C, C, c.encoder) for _ in range(c.num_relations))
         if c.deep:  # per relation and block: (k, v) of n prefix positions, each (nh, n, hs)
             L, nh = lm_config.n_layer, lm_config.n_head
             self.prefix = nn.Parameter(torch.randn(c.num_relations, L, 2, nh, n, C // nh) * 0.02)
+
+    def pretrained_parts(self) -> dict[str, str | None]:
+        """What the run loads from a pretraining run (minimodels/train/run.py): the LM, from model.init_from."""
+        return {"backbone": self.config.init_from}
 
     def train(self, mode: bool = True):
         """The LM stays in eval mode (no dropout) while the prompts train: it is frozen."""

@@ -76,8 +76,9 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
         model = build_model(cfg.model)
     except ValueError as e:  # e.g. "model.moe.num_experts: 6 experts cannot be split evenly over 4 processes"
         raise ConfigError(str(e)) from None
-    if getattr(cfg.model, "init_from", None) and not resume:
-        init_from_run(model, Path(cfg.model.init_from), run_dir, quiet)
+    if not resume:
+        for name, source in init_sources(model, cfg.model):
+            init_from_run(model.get_submodule(name), Path(source), run_dir, quiet)
     if world.main:
         save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet, world=world)
@@ -118,10 +119,18 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
     return metrics
 
 
+def init_sources(model, config) -> list[tuple[str, str]]:
+    """(submodule name, pretraining run folder) pairs to start from: model.init_from for the whole model
+    (name ""), or the parts a model names in `pretrained_parts()` (BriVL: its BERT from model.text.init_from;
+    P-tuning: its frozen LM from model.init_from)."""
+    if hasattr(model, "pretrained_parts"):
+        return [(name, source) for name, source in model.pretrained_parts().items() if source]
+    return [("", config.init_from)] if getattr(config, "init_from", None) else []
+
+
 def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> None:
     """Start from the weights of the pretraining run `source` (model.init_from): same tokenizer, same
-    shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation.
-    A model that wraps a pretrained LM (P-tuning's `backbone`) gets the weights into that LM."""
+    shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation."""
     from minimodels.data import Tokenizer
 
     ckpt = latest_checkpoint(source)
@@ -132,8 +141,7 @@ def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> No
         raise ConfigError(f"model.init_from: {source}/tokenizer.json is not this run's tokenizer "
                           f"(set data.tokenizer: {source}/tokenizer.json)")
     try:
-        target = model.backbone if isinstance(getattr(model, "backbone", None), torch.nn.Module) else model
-        new, dropped = load_pretrained(target, ckpt, expert_shards(target))
+        new, dropped = load_pretrained(model, ckpt, expert_shards(model))
     except ValueError as e:
         raise ConfigError(f"model.init_from: {e} (the model sections must match {source}/config.yaml)") from None
     if not quiet:
