@@ -44,6 +44,7 @@ class DataConfig:
     whole_word_mask: bool = False  # masked LM: select whole words (all their ## pieces) instead of single tokens
     noise_density: float = 0.15  # span corruption: share of tokens dropped into the targets (T5)
     mean_span_length: float = 3.0  # span corruption: mean length of a dropped span
+    kb_documents: int = 16  # source kb: documents about each subject in the pretraining corpus (each fact phrased anew)
     template: list | None = None  # P-tuning (kb_probe): prompt, e.g. [3, subject, 3, mask, 3]; null = that (GPT: [3, subject, 3])
 
 
@@ -259,6 +260,7 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
     need(d.mean_span_length >= 1, "data.mean_span_length", f"must be >= 1, got {d.mean_span_length}")
     need(d.vocab_size > 0, "data.vocab_size", f"must be positive, got {d.vocab_size}")
     need(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    need(d.kb_documents > 0, "data.kb_documents", f"must be positive, got {d.kb_documents}")
     need(cfg.output.sample_tokens >= 0, "output.sample_tokens", "must be >= 0")
     block_size = getattr(cfg.model, "block_size", None)
     if d.seq_len is not None:

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from minimodels.config import ConfigError, load_config
+from minimodels.config import ConfigError, DataConfig, load_config
 from minimodels.data import build_task
 from minimodels.data.corpus import DataError
 from minimodels.data.kb import RELATIONS, KBProbeTask, build_kb, fill_template, kb_corpus, manual_template
@@ -48,6 +48,8 @@ def test_corpus_states_every_fact_and_no_manual_prompt():
             for rel in RELATIONS:
                 assert all(prompt.replace("[MASK]", "{o}") not in t for t in rel.corpus), (prompt, rel.name)
     assert set(corpus["val"]) - set(corpus["train"])  # val holds new renderings
+    subjects = len({s for facts in kb.facts.values() for s in facts})
+    assert len(corpus["train"]) == 16 * subjects and len(kb_corpus(DataConfig(kb_documents=2))["train"]) == 2 * subjects
 
 
 def test_manual_templates_to_prompt_parts():

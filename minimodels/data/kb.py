@@ -142,12 +142,13 @@ def build_kb(seed: int = SEED) -> KnowledgeBase:
     return kb
 
 
-def kb_corpus(cfg: DataConfig | None = None, seed: int = SEED, train_docs: int = 16) -> dict[str, list[str]]:
+def kb_corpus(cfg: DataConfig | None = None, seed: int = SEED) -> dict[str, list[str]]:
     """The pretraining corpus, data.source: kb. A document lists all facts of one subject, in random order,
-    each in a random corpus template; every subject gets `train_docs` such documents (so each fact is
+    each in a random corpus template; every subject gets data.kb_documents such documents (so each fact is
     seen in several phrasings). val: one more document for every 8th subject: new phrasings and orders of
     the same facts, so the val loss measures how well the facts are known, not how well the text is."""
     kb, rng = build_kb(seed), random.Random(seed + 1)
+    train_docs = (cfg or DataConfig()).kb_documents
     about: dict[str, list[tuple[Relation, str]]] = {}  # subject -> [(relation, object)]
     for r in RELATIONS:
         for s, o in kb.facts[r.name].items():
