@@ -84,9 +84,12 @@ def generate_main(argv: list[str] | None = None) -> int:
         device = next(model.parameters()).device
         g = torch.Generator(device).manual_seed(a.seed)
         arch = cfg.model.arch
-        if arch == "brivl":
-            raise ConfigError(f"generate: a brivl run embeds images and texts; search it with "
-                              f"python scripts/search.py {a.run_dir} \"a red circle\"")
+        elsewhere = {  # runs whose model does not write text, and the script that uses them
+            "brivl": f"a brivl run embeds images and texts; search it with python scripts/search.py {a.run_dir} \"a red circle\"",
+            "ptuning": f"a ptuning run answers its probe's prompts; print its table with python scripts/probe.py {a.run_dir}",
+        }
+        if arch in elsewhere:
+            raise ConfigError(f"generate: {elsewhere[arch]}")
         if arch == "bert":
             return fill_mask(model, tok, a.prompt, a.top_k or 5, device)
         if arch == "t5":

@@ -206,3 +206,5 @@ def test_probe_script_prints_one_row_per_relation(backbones, tmp_path):
     for row in rows[1:]:
         numbers = [float(x.strip("* ")) for x in row.split("|")[3:-1] if x.strip()]
         assert len(numbers) == 5 and all(0 <= x <= 100 for x in numbers)
+    r = subprocess.run([sys.executable, "scripts/generate.py", str(tmp_path / "pt")], capture_output=True, text=True)
+    assert r.returncode == 2 and "python scripts/probe.py" in r.stderr  # a P-tuning run writes no text
