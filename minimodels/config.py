@@ -55,6 +55,14 @@ class DistributedConfig:
 
 
 @dataclass
+class TeacherConfig:
+    run: str  # a trained (smaller) model's run folder with this run's tokenizer, e.g. runs/gpt
+    alpha: float = 1.0  # the teacher's share of the loss at step 0 (minimodels/train/inherit.py)
+    decay_steps: int | None = None  # alpha decays linearly to 0 over this many steps; null = constant alpha
+    temperature: float = 2.0  # T: both distributions are softened by T before the KL
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps
     seed: int = 1337  # seeds model init, data order and dropout
@@ -76,6 +84,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept on disk
     compile: bool = False  # torch.compile the model (costs ~15 s on first call)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # options for torchrun (README)
+    teacher: TeacherConfig | None = None  # knowledge inheritance: distil from this trained run; null = off
 
 
 @dataclass
@@ -251,6 +260,11 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
     need(all(0 <= b < 1 for b in t.betas), "train.betas", f"each beta must be in [0, 1), got {list(t.betas)}")
     need(t.dtype in ("auto", "bf16", "fp32", "fp16"), "train.dtype", f"must be auto, bf16, fp32 or fp16, got {t.dtype!r}")
     need(t.eval_batches is None or t.eval_batches > 0, "train.eval_batches", "must be positive or null")
+    if t.teacher is not None:
+        need(0 <= t.teacher.alpha <= 1, "train.teacher.alpha", f"must be in [0, 1], got {t.teacher.alpha}")
+        need(t.teacher.temperature > 0, "train.teacher.temperature", f"must be positive, got {t.teacher.temperature}")
+        need(t.teacher.decay_steps is None or t.teacher.decay_steps > 0, "train.teacher.decay_steps",
+             f"must be positive or null (constant alpha), got {t.teacher.decay_steps}")
     need(t.distributed.backend in ("auto", "gloo", "nccl"), "train.distributed.backend",
          f"must be auto, gloo or nccl, got {t.distributed.backend!r}")
     need(d.tokenizer in ("char", "bpe", "wordpiece") or d.tokenizer.endswith(".json"), "data.tokenizer",

@@ -81,7 +81,8 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
             init_from_run(model.get_submodule(name), Path(source), run_dir, quiet)
     if world.main:
         save_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet, world=world)
+    teacher = load_teacher(Path(cfg.train.teacher.run), run_dir, cfg.train.device, world) if cfg.train.teacher else None
+    trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet, world=world, teacher=teacher)
     if resume:
         trainer.load(ckpt)
         if not quiet:
@@ -131,15 +132,10 @@ def init_sources(model, config) -> list[tuple[str, str]]:
 def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> None:
     """Start from the weights of the pretraining run `source` (model.init_from): same tokenizer, same
     shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation."""
-    from minimodels.data import Tokenizer
-
     ckpt = latest_checkpoint(source)
     if ckpt is None:
         raise ConfigError(f"model.init_from: {source} holds no checkpoint (train that run first)")
-    theirs, ours = Tokenizer.load(source / "tokenizer.json"), Tokenizer.load(run_dir / "tokenizer.json")
-    if theirs.backend.get_vocab(with_added_tokens=True) != ours.backend.get_vocab(with_added_tokens=True):
-        raise ConfigError(f"model.init_from: {source}/tokenizer.json is not this run's tokenizer "
-                          f"(set data.tokenizer: {source}/tokenizer.json)")
+    check_same_tokenizer(source, run_dir, "model.init_from")
     try:
         new, dropped = load_pretrained(model, ckpt, expert_shards(model))
     except ValueError as e:
@@ -147,6 +143,27 @@ def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> No
     if not quiet:
         print(f"initialised from {ckpt}" + (f"; new: {', '.join(new)}" if new else "")
               + (f"; not used: {', '.join(dropped)}" if dropped else ""))
+
+
+def check_same_tokenizer(source: Path, run_dir: Path, key: str) -> None:
+    """A run whose weights we use (key: the YAML key naming it) must share this run's tokenizer."""
+    from minimodels.data import Tokenizer
+
+    if not (source / "tokenizer.json").is_file():
+        raise ConfigError(f"{key}: {source}/tokenizer.json not found (is {source} a run folder?)")
+    theirs, ours = Tokenizer.load(source / "tokenizer.json"), Tokenizer.load(run_dir / "tokenizer.json")
+    if theirs.backend.get_vocab(with_added_tokens=True) != ours.backend.get_vocab(with_added_tokens=True):
+        raise ConfigError(f"{key}: {source}/tokenizer.json is not this run's tokenizer "
+                          f"(set data.tokenizer: {source}/tokenizer.json)")
+
+
+def load_teacher(source: Path, run_dir: Path, device: str, world: World):
+    """train.teacher.run as a frozen model in eval mode, on this process's device."""
+    if latest_checkpoint(source) is None:
+        raise ConfigError(f"train.teacher.run: {source} holds no checkpoint (train the teacher first)")
+    check_same_tokenizer(source, run_dir, "train.teacher.run")
+    _, teacher, _ = load_run(source, str(resolve_device(device, world)))
+    return teacher.requires_grad_(False)
 
 
 def load_run(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()):

@@ -40,6 +40,7 @@ from minimodels.moe.parallel import expert_shards
 from minimodels.train.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, read_weights, rng_state,
                                          save_checkpoint, set_rng_state)
 from minimodels.train.distributed import World, shard_fully
+from minimodels.train.inherit import alpha_at, inheritance_loss
 from minimodels.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -84,13 +85,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, task, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False,
-                 world: World | None = None):
+                 world: World | None = None, teacher: torch.nn.Module | None = None):
         self.world = world or World()
         self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
         self.quiet = quiet or not self.world.main  # only rank 0 prints
         self.device = resolve_device(cfg.device, self.world)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = model.to(self.device)  # the plain model: evaluation, checkpoints
+        self.teacher = teacher  # train.teacher: a trained model to distil from (minimodels/train/inherit.py), frozen
         # parameters this process alone holds (expert shards): {own name: name in the whole model}
         self.shards = expert_shards(self.model)
         self.ddp, self.fsdp = None, self.world.size > 1 and cfg.distributed.fsdp
@@ -150,7 +152,15 @@ class Trainer:
             with self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext():
                 with autocast(self.device, self.dtype):
                     out = self.forward(**batch)
-                loss = out.loss * (count * self.world.size / total)
+                    loss = out.loss
+                    if self.teacher is not None:  # knowledge inheritance: (1 - a) L_self + a T^2 KL(teacher || student)
+                        with torch.no_grad():
+                            teacher_out = self.teacher(**batch)
+                        alpha = alpha_at(self.step, self.cfg.teacher)
+                        loss, kl = inheritance_loss(out, teacher_out, batch, alpha, self.cfg.teacher.temperature)
+                        metrics["inherit_kl"] = metrics.get("inherit_kl", 0) + kl / len(batches)
+                        metrics["inherit_alpha"] = torch.tensor(alpha)
+                loss = loss * (count * self.world.size / total)
                 self.scaler.scale(loss).backward()
             loss_sum += loss.item() / self.world.size
             for k, v in (getattr(out, "metrics", None) or {}).items():  # this process's own

@@ -1,0 +1,84 @@
+"""Knowledge inheritance (minimodels/train/inherit.py): the alpha schedule, the loss, and train.teacher end to end."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from minimodels.config import ConfigError, TeacherConfig, load_config
+from minimodels.train.checkpoint import latest_checkpoint, read_weights
+from minimodels.train.inherit import alpha_at, inheritance_loss, target_logits
+from minimodels.train.run import run
+
+TINY = ["model.n_layer=1", "model.n_head=2", "model.block_size=32", "train.batch_size=4", "train.eval_batches=1",
+        "data.tokenizer=char", "output.sample_tokens=0", "train.warmup_steps=0"]
+
+
+def test_alpha_decays_linearly_to_zero_or_stays_constant():
+    decaying = TeacherConfig(run="r", alpha=0.8, decay_steps=10)
+    assert [alpha_at(s, decaying) for s in (0, 5, 10, 20)] == [0.8, 0.4, 0.0, 0.0]
+    assert alpha_at(1000, TeacherConfig(run="r", alpha=0.3)) == 0.3
+
+
+def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
+    torch.manual_seed(0)
+    labels = torch.tensor([[5, 6, -100, -100], [1, 2, 3, 4]])  # (B, T): row 0 is padded after 2 tokens
+    s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)  # (B, T, V)
+    student = SimpleNamespace(logits=s, loss=torch.tensor(2.5), masked_logits=None)
+    teacher = SimpleNamespace(logits=t, masked_logits=None)
+    batch = {"labels": labels}
+    # a causal LM: position t is scored against label t + 1 -> rows (0, 0), (1, 0), (1, 1), (1, 2)
+    expected_rows = torch.stack([s[0, 0], s[1, 0], s[1, 1], s[1, 2]])
+    torch.testing.assert_close(target_logits(student, batch), expected_rows)
+    T = 2.0
+    p_t = torch.softmax(torch.stack([t[0, 0], t[1, 0], t[1, 1], t[1, 2]]) / T, -1)
+    log_p_s = torch.log_softmax(expected_rows / T, -1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()  # KL(teacher || student), averaged over the 4 positions
+    loss, got_kl = inheritance_loss(student, teacher, batch, alpha=0.25, temperature=T)
+    torch.testing.assert_close(got_kl, kl)
+    torch.testing.assert_close(loss, 0.75 * 2.5 + 0.25 * T**2 * kl)
+    same, zero = inheritance_loss(student, SimpleNamespace(logits=s, masked_logits=None), batch, 1.0, T)
+    assert zero.abs() < 1e-6 and same.abs() < 1e-5  # a teacher that agrees adds nothing
+    # a masked LM's scores at its labelled positions are used as they are
+    bert = SimpleNamespace(masked_logits=expected_rows, loss=torch.tensor(1.0))
+    torch.testing.assert_close(inheritance_loss(bert, SimpleNamespace(masked_logits=p_t.log() * T), batch, 1.0, T)[1], kl)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "gpt_small"
+    run(load_config("configs/gpt.yaml", TINY + ["model.n_embd=16", "train.max_steps=3", f"output.dir={out}"]), quiet=True)
+    return out
+
+
+def test_student_trains_with_a_teacher_that_stays_frozen(teacher, tmp_path):
+    before = read_weights(latest_checkpoint(teacher))
+    out = tmp_path / "student"
+    cfg = load_config("configs/gpt.yaml", TINY + [
+        "model.n_embd=32", "train.max_steps=4", "train.log_interval=1", f"output.dir={out}",
+        f"data.tokenizer={teacher}/tokenizer.json", f"train.teacher={{run: {teacher}, alpha: 0.5, decay_steps: 2}}"])
+    metrics = run(cfg, quiet=True)
+    assert math.isfinite(metrics["val_loss"])
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [(e["step"], e["inherit_alpha"], e["inherit_kl"]) for e in events if "inherit_alpha" in e]
+    assert [(step, alpha) for step, alpha, _ in logged] == [(1, 0.5), (2, 0.25), (3, 0.0), (4, 0.0)]
+    assert all(kl > 0 for _, _, kl in logged)
+    after = read_weights(latest_checkpoint(teacher))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_teacher_errors_name_the_key(teacher, tmp_path):
+    with pytest.raises(ConfigError, match="train.teacher.alpha: must be in"):
+        load_config("configs/gpt.yaml", [f"train.teacher={{run: {teacher}, alpha: 2}}"])
+    with pytest.raises(ConfigError, match="missing required key train.teacher.run"):
+        load_config("configs/gpt.yaml", ["train.teacher={alpha: 0.5}"])
+    bpe = load_config("configs/gpt.yaml", TINY + ["data.tokenizer=bpe", "data.vocab_size=300", "train.max_steps=1",
+                                                    f"output.dir={tmp_path / 'bpe'}", f"train.teacher={{run: {teacher}}}"])
+    with pytest.raises(ConfigError, match="train.teacher.run: .*is not this run's tokenizer"):
+        run(bpe, quiet=True)
+    nothing = load_config("configs/gpt.yaml", TINY + ["train.max_steps=1", f"output.dir={tmp_path / 'x'}",
+                                                        f"train.teacher={{run: {tmp_path / 'none'}}}"])
+    with pytest.raises(ConfigError, match="train.teacher.run: .* holds no checkpoint"):
+        run(nothing, quiet=True)
