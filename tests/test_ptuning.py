@@ -9,7 +9,6 @@ from minimodels.config import ConfigError, DataConfig, load_config
 from minimodels.data import build_task
 from minimodels.data.corpus import DataError
 from minimodels.data.kb import RELATIONS, KBProbeTask, build_kb, fill_template, kb_corpus, manual_template
-from minimodels.data.tokenizer import Tokenizer
 from minimodels.models import PTuning
 from minimodels.train.checkpoint import latest_checkpoint, read_weights
 from minimodels.train.run import load_run, run

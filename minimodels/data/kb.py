@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,7 @@ def pseudo_words(n: int, rng: random.Random, taken: set[str]) -> list[str]:
 class KnowledgeBase:
     entities: dict[str, list[str]]  # entity type -> names
     facts: dict[str, dict[str, str]]  # relation name -> {subject: object}
-    probe_split: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # relation -> {"train", "test"} subjects
+    probe_split: dict[str, dict[str, list[str]]]  # relation name -> {"train": subjects, "test": subjects}
 
 
 def build_kb(seed: int = SEED) -> KnowledgeBase:
@@ -133,13 +133,13 @@ def build_kb(seed: int = SEED) -> KnowledgeBase:
             facts[r.name] = dict(zip(subjects, rng.sample(objects, len(subjects))))
         else:
             facts[r.name] = {s: rng.choice(objects) for s in subjects}
-    kb = KnowledgeBase(entities, facts)
-    for r in RELATIONS:  # probe split: half of each relation's subjects train the prompt, half are held out
+    probe_split = {}
+    for r in RELATIONS:  # half of each relation's subjects train the prompt, half are held out
         subjects = sorted(facts[r.name])
         rng.shuffle(subjects)
         half = len(subjects) // 2
-        kb.probe_split[r.name] = {"train": sorted(subjects[:half]), "test": sorted(subjects[half:])}
-    return kb
+        probe_split[r.name] = {"train": sorted(subjects[:half]), "test": sorted(subjects[half:])}
+    return KnowledgeBase(entities, facts, probe_split)
 
 
 def kb_corpus(cfg: DataConfig | None = None, seed: int = SEED) -> dict[str, list[str]]:
@@ -195,22 +195,22 @@ def manual_template(text: str, causal: bool) -> list:
     return parts[:parts.index("mask")] if causal else parts
 
 
-def check_template(template: list, causal: bool, key: str = "data.template") -> None:
+def check_template(template: list, causal: bool) -> None:
     """A template is a list of: ints (that many trainable pseudo tokens), "subject", "mask" (masked LM only:
     where the object is predicted) and other strings (real anchor words, e.g. "born in")."""
     if not isinstance(template, (list, tuple)) or not template:
-        raise DataError(f"{key}: expected a list like [3, subject, 3, mask, 3], got {template!r}")
+        raise DataError(f"data.template: expected a list like [3, subject, 3, mask, 3], got {template!r}")
     for part in template:
         if isinstance(part, bool) or not isinstance(part, (int, str)) or (isinstance(part, int) and part < 0):
-            raise DataError(f"{key}: each entry is a count of pseudo tokens (int >= 0), 'subject', 'mask' or "
+            raise DataError(f"data.template: each entry is a count of pseudo tokens (int >= 0), 'subject', 'mask' or "
                             f"anchor words; got {part!r}")
     if template.count("subject") != 1:
-        raise DataError(f"{key}: must contain 'subject' exactly once, got {template!r}")
+        raise DataError(f"data.template: must contain 'subject' exactly once, got {template!r}")
     if causal and "mask" in template:
-        raise DataError(f"{key}: a causal LM (GPT) predicts the object as the next token after the template; "
+        raise DataError(f"data.template: a causal LM (GPT) predicts the object as the next token after the template; "
                         f"drop 'mask' from {template!r}")
     if not causal and template.count("mask") != 1:
-        raise DataError(f"{key}: a masked LM (BERT) needs 'mask' exactly once, got {template!r}")
+        raise DataError(f"data.template: a masked LM (BERT) needs 'mask' exactly once, got {template!r}")
 
 
 def num_pseudo(template: list) -> int:

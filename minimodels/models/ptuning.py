@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 ENCODERS = ("lstm", "mlp", "none")
 
@@ -67,7 +66,7 @@ class PTuningOutput:
 
 def backbone_config(config: PTuningConfig):
     """The frozen LM's model config: config.backbone, or the model section of init_from/config.yaml."""
-    from minimodels.config import load_config  # reads the pretraining run's resolved config (imported late: a cycle)
+    from minimodels.config import build, load_config  # imported late: config imports the model table
     from minimodels.models import MODEL_CONFIGS
 
     if config.backbone is None:
@@ -75,8 +74,6 @@ def backbone_config(config: PTuningConfig):
         if not path.is_file():
             raise ValueError(f"model.init_from: {path} not found (train the backbone first, e.g. configs/kb_bert.yaml)")
         return load_config(path).model
-    from minimodels.config import build
-
     arch = config.backbone.get("arch")
     if arch not in MODEL_CONFIGS:
         raise ValueError(f"model.backbone.arch: unknown model {arch!r}")

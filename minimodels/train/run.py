@@ -94,7 +94,8 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
         if not quiet:
             n = sum(p.numel() for p in model.parameters())
             frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-            print(f"{cfg.model.arch}: {n / 1e6:.2f}M parameters{f' ({n - frozen:,} trained)' if frozen else ''}, {len(task.train)} train / {len(task.val)} val examples, "
+            trained = f" ({n - frozen:,} trained)" if frozen else ""  # P-tuning: the LM is frozen
+            print(f"{cfg.model.arch}: {n / 1e6:.2f}M parameters{trained}, {len(task.train)} train / {len(task.val)} val examples, "
                   f"device {trainer.device}, dtype {str(trainer.dtype).removeprefix('torch.')} -> {run_dir}"
                   + (f", {world.size} processes x batch {cfg.train.batch_size}" if world.size > 1 else ""))
             if baseline:
@@ -130,7 +131,7 @@ def init_sources(model, config) -> list[tuple[str, str]]:
 
 
 def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> None:
-    """Start from the weights of the pretraining run `source` (model.init_from): same tokenizer, same
+    """Start from the weights of the pretraining run `source` (model.init_from, or a part's): same tokenizer, same
     shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation."""
     ckpt = latest_checkpoint(source)
     if ckpt is None:
