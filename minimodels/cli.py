@@ -53,11 +53,12 @@ def train_main(argv: list[str] | None = None) -> int:
 def generate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="generate", description="Use a trained run: GPT continues the prompt; T5 "
                                 "writes the output for the prompt as input (sentinels like <extra_id_0> mark "
-                                "blanks); BERT (head mlm) fills each [MASK] of the prompt.")
+                                "blanks); BERT (head mlm) fills each [MASK] of the prompt with one token; GLM fills "
+                                "each [MASK] / [sMASK] / [gMASK] with as many tokens as it likes.")
     p.add_argument("run_dir", help="run folder written by train (config.yaml, tokenizer.json, checkpoints/)")
     p.add_argument("--prompt", default="", help="GPT: text to continue (empty: start a new document); "
-                   "T5: the input text; BERT: text with [MASK] tokens")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+                   "T5: the input text; BERT and GLM: text with [MASK] tokens (GLM without one: continue the text)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="GLM: per blank")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (GPT, T5)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest; BERT: candidates shown (5)")
     p.add_argument("--top-p", type=float, default=None)
@@ -92,6 +93,14 @@ def generate_main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"generate: {elsewhere[arch]}")
         if arch == "bert":
             return fill_mask(model, tok, a.prompt, a.top_k or 5, device)
+        if arch == "glm":
+            from minimodels.data.blank_infilling import encode_blanks, fill_blanks, show_fills
+
+            part_a, blanks = encode_blanks(tok, a.prompt)
+            for i in range(a.num_samples):
+                fills = fill_blanks(model, tok, part_a, blanks, a.max_new_tokens, a.temperature, a.top_k, a.top_p, g)
+                print(("-" * 40 + "\n") * (i > 0) + show_fills(tok, part_a, blanks, fills))
+            return
         if arch == "t5":
             ids = tok.encode(a.prompt) + [tok.eos_id]  # the encoder input ends with eos, as in training
         else:

@@ -42,8 +42,9 @@ class DataConfig:
     val_fraction: float = 0.1  # share of source files (or documents) held out for validation
     mask_prob: float = 0.15  # masked LM: share of non-special tokens selected for prediction (BERT)
     whole_word_mask: bool = False  # masked LM: select whole words (all their ## pieces) instead of single tokens
-    noise_density: float = 0.15  # span corruption: share of tokens dropped into the targets (T5)
-    mean_span_length: float = 3.0  # span corruption: mean length of a dropped span
+    noise_density: float = 0.15  # span corruption: share of tokens dropped into the targets (T5; GLM [MASK])
+    mean_span_length: float = 3.0  # span corruption: mean length of a dropped span (GLM [MASK]: Poisson mean)
+    infill_mix: dict | None = None  # GLM blank infilling: share of examples per blank kind {mask, smask, gmask}; null = {mask: 1}
     kb_documents: int = 16  # source kb: documents about each subject in the pretraining corpus (each fact phrased anew)
     template: list | None = None  # P-tuning (kb_probe): prompt, e.g. [3, subject, 3, mask, 3]; null = that (GPT: [3, subject, 3])
 

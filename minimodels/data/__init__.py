@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minimodels.config import DataConfig
+from minimodels.data.blank_infilling import BlankInfillingTask
 from minimodels.data.corpus import GENERATED, DataError, load_corpus
 from minimodels.data.docstring_to_text import DocstringToNameTask, DocstringToPackageTask
 from minimodels.data.kb import KBProbeTask, kb_corpus
@@ -30,6 +31,7 @@ TASKS["kb_probe"] = KBProbeTask  # P-tuning: LAMA-style probing of a model pretr
 GENERATED["kb"] = kb_corpus  # the synthetic knowledge base's facts as text (minimodels/data/kb.py)
 TASKS["image_text"] = ShapesRetrievalTask  # BriVL / CLIP: image-caption retrieval
 GENERATED["shapes"] = shapes_corpus  # captions of procedurally drawn scenes (data/shapes.py)
+TASKS["blank_infilling"] = BlankInfillingTask  # GLM pretraining
 
 __all__ = ["DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
 

@@ -5,6 +5,7 @@ The trainer builds models only through this table, so adding a model never touch
 
 from minimodels.models.bert import BERT, BERTConfig
 from minimodels.models.brivl import BriVL, BriVLConfig
+from minimodels.models.glm import GLM, GLMConfig
 from minimodels.models.gpt import GPT, GPTConfig
 from minimodels.models.ptuning import PTuning, PTuningConfig
 from minimodels.models.t5 import T5, T5Config
@@ -16,6 +17,7 @@ MODELS = {
     "t5": (T5Config, T5),
     "ptuning": (PTuningConfig, PTuning),
     "brivl": (BriVLConfig, BriVL),
+    "glm": (GLMConfig, GLM),
 }
 MODEL_CONFIGS = {name: cfg for name, (cfg, _) in MODELS.items()}
 
@@ -30,5 +32,5 @@ def build_model(config):
     return model
 
 
-__all__ = ["BERT", "BERTConfig", "BriVL", "BriVLConfig", "GPT", "GPTConfig", "PTuning", "PTuningConfig", "T5", "T5Config",
+__all__ = ["BERT", "BERTConfig", "BriVL", "BriVLConfig", "GLM", "GLMConfig", "GPT", "GPTConfig", "PTuning", "PTuningConfig", "T5", "T5Config",
            "MODELS", "MODEL_CONFIGS", "build_model"]

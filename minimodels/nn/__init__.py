@@ -1,7 +1,8 @@
 """Shared building blocks: attention, feed-forward, norms, positions, blocks, sampling.
 
-GPT, BERT and T5 are three arrangements of these parts:
+GPT, BERT, T5 and GLM are four arrangements of these parts:
     GPT   learned positions + PreLNBlock(causal)                                     + tied LM head
+    GLM   two learned positions (2D) + PreLNBlock(half bidirectional, half causal)   + tied LM head
     BERT  learned positions + segments + PostLNBlock(bidirectional)                  + MLM / NSP / classifier heads
     T5    relative position bias + PreLNBlock(bidirectional, RMSNorm)  -> encoder
                              + PreLNBlock(causal, cross-attention, RMSNorm) -> decoder + LM head

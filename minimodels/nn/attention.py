@@ -94,11 +94,13 @@ class MultiHeadAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, memory=None, padding_mask=None, position_bias=None, past_kv: KVCache | None = None,
-                use_cache: bool = False):
+                use_cache: bool = False, attn_mask=None):
         """x (B, T, C). Self-attention: padding_mask (B, T_past + T) bool, True = real token; past_kv the
         (k, v) of earlier positions. Cross-attention: memory (B, S, C), padding_mask (B, S); past_kv the
         (k, v) of memory computed on the first decoding step (memory is not needed again).
-        position_bias broadcastable to (B, nh, T, Tk). Returns (y (B, T, C), (k, v) if use_cache else None)."""
+        position_bias broadcastable to (B, nh, T, Tk). attn_mask (B, T, Tk) bool, True = query t may attend
+        key j: a mask of any shape (GLM's, half bidirectional and half causal), combined with the others.
+        Returns (y (B, T, C), (k, v) if use_cache else None)."""
         if self.cross:
             q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.n_head)  # (B, nh, T, hs)
             if past_kv is not None:
@@ -112,6 +114,8 @@ class MultiHeadAttention(nn.Module):
                 k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
                 v = torch.cat([past_kv[1], v], dim=2)
         mask = None if padding_mask is None else padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
+        if attn_mask is not None:
+            mask = attn_mask[:, None] if mask is None else mask & attn_mask[:, None]  # (B, 1, T, Tk)
         p = self.dropout if self.training else 0.0
         y = attention(q, k, v, mask=mask, bias=position_bias, causal=self.causal, dropout_p=p, scale=self.scale,
                       impl=self.impl)  # (B, nh, T, hs)

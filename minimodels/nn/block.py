@@ -67,11 +67,12 @@ class PreLNBlock(nn.Module):
         self.ffn = ffn
 
     def forward(self, x, padding_mask=None, position_bias=None, memory=None, memory_mask=None,
-                past_kv: KVCache | None = None, use_cache: bool = False):
-        """x (B, T, C); memory (B, S, C) and memory_mask (B, S) for cross-attention. The cache of a layer is
-        (k, v) of self-attention, followed by (k, v) of cross-attention in a decoder block."""
+                past_kv: KVCache | None = None, use_cache: bool = False, attn_mask=None):
+        """x (B, T, C); memory (B, S, C) and memory_mask (B, S) for cross-attention; attn_mask (B, T, Tk) a full
+        self-attention mask (GLM). The cache of a layer is (k, v) of self-attention, followed by (k, v) of
+        cross-attention in a decoder block."""
         a, present = self.attn(self.ln1(x), padding_mask=padding_mask, position_bias=position_bias,
-                               past_kv=past_kv[:2] if past_kv else None, use_cache=use_cache)
+                               past_kv=past_kv[:2] if past_kv else None, use_cache=use_cache, attn_mask=attn_mask)
         x = x + a
         if hasattr(self, "cross_attn"):
             a, cross = self.cross_attn(self.ln_cross(x), memory=memory, padding_mask=memory_mask,

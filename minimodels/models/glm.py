@@ -1,0 +1,190 @@
+"""GLM: General Language Model pretraining with autoregressive blank infilling (Du et al. 2021).
+
+One Transformer reads a text with blanks bidirectionally (like BERT) and writes what fills each blank
+autoregressively (like GPT), so it does not need to be told how long a blank is. The data side
+(minimodels/data/blank_infilling.py) cuts a text x1..x6 with blanks {x3} and {x5, x6} into
+
+    Part A  x1 x2 [M] x4 [M]                      the text, each span replaced by one mask token
+    Part B  [S] x5 x6 [S] x3                      the spans in shuffled order, each after a start token [sop]
+    targets             x5 x6 [E] x3 [E]          each span followed by [eop]; the loss covers Part B only
+
+and this file is the model that reads [Part A; Part B] as one sequence (section 2.2):
+
+    attention   Part A tokens attend to all of Part A (bidirectional) and never to Part B;
+                Part B tokens attend to all of Part A and causally to Part B (earlier spans included)
+    positions   h_0 = E_tok[x] + E_pos1[p1] + E_pos2[p2]     2D positional encoding (section 2.2.2):
+                p1 = position in Part A (a Part B token takes its [MASK]'s position),
+                p2 = 0 in Part A, 1..len + 1 inside a span ([sop] is 1)
+    blocks      h_l = Block(h_{l-1})  pre-LN, GELU (section 2.3: "rearranged" layer norm, as Megatron-LM)
+    output      P(token) = softmax(LN(h_L) E_tok^T)           tied to the token embedding
+
+Read top to bottom: the config, the attention mask, the model, generation (filling the blanks one after
+another with a KV cache), and initialisation. The mask kinds [MASK] / [sMASK] / [gMASK] differ only in how
+the data picks spans; the model treats them alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, sample_next
+
+
+@dataclass
+class GLMConfig:
+    arch: str = "glm"  # selects this model in configs
+    vocab_size: int | None = None  # null = size of the run's tokenizer (with the mask, [sop] and [eop] tokens)
+    block_size: int = 128  # longest Part A (learned positions p1) and longest span (p2 up to block_size + 1)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 256  # model width d_model
+    d_ff: int | None = None  # feed-forward width; null = 4 * n_embd
+    ffn: str = "mlp"  # feed-forward kind, see minimodels/nn/feedforward.py FFN_KINDS
+    activation: str = "gelu"  # gelu | gelu_tanh | relu
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches
+    bias: bool = True  # biases in Linear layers and LayerNorms
+    attn_impl: str = "auto"  # auto | manual | sdpa (see minimodels/nn/attention.py)
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+    init_from: str | None = None  # a run folder whose latest weights this model starts from
+
+    def validate(self) -> None:
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("vocab_size", "d_ff"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be positive or null, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
+        check_block_options(self)
+
+
+@dataclass
+class GLMOutput:
+    logits: torch.Tensor  # (B, T, vocab_size); logits[:, t] scores labels[:, t] (no shift)
+    loss: torch.Tensor | None = None  # cross-entropy (nats) over the Part B targets, when labels are given
+    past_key_values: list[KVCache] | None = None  # one (k, v) per layer when use_cache=True
+
+
+def glm_attention_mask(part_a_len: torch.Tensor, t_q: int, t_k: int) -> torch.Tensor:
+    """(B, t_q, t_k) bool, True where a query may attend a key. Every query sees all of Part A (keys before
+    part_a_len) and every key up to itself: Part A is bidirectional, Part B causal over itself, and Part A
+    never sees Part B (a Part A query's "up to itself" stays inside Part A). As in `causal_mask`, the queries
+    are the last t_q of t_k positions (the first t_k - t_q are in a KV cache). Right padding at the end of
+    the sequence is harmless: only padding queries, whose outputs are not scored, can reach a padding key."""
+    key = torch.arange(t_k, device=part_a_len.device)  # (Tk,)
+    query = torch.arange(t_k - t_q, t_k, device=part_a_len.device)  # (Tq,) absolute positions
+    causal = key[None, :] <= query[:, None]  # (Tq, Tk)
+    return causal[None] | (key[None, None, :] < part_a_len[:, None, None])  # (B, Tq, Tk)
+
+
+class GLM(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("model.vocab_size: must be set (the trainer fills it from the tokenizer)")
+        config.validate()
+        self.config = c = config
+        d_ff = c.d_ff or 4 * c.n_embd
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)  # E_tok
+        self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # E_pos1: position in Part A
+        self.block_pos_emb = nn.Embedding(c.block_size + 2, c.n_embd)  # E_pos2: 0 in Part A, 1..len + 1 in a span
+        self.drop = nn.Dropout(c.dropout)
+        # causal=False: the mask comes from glm_attention_mask, half bidirectional and half causal
+        self.blocks = nn.ModuleList(
+            PreLNBlock(c.n_embd, c.n_head, build_ffn(c.ffn, c.n_embd, d_ff, c.activation, c.dropout, c.bias),
+                       bias=c.bias, dropout=c.dropout, causal=False, attn_impl=c.attn_impl, norm_eps=c.norm_eps)
+            for _ in range(c.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied: scores against the token embeddings
+        self.apply(self._init_weights)
+        # as GPT-2: residual output projections scaled by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
+                part_a_len: torch.Tensor, labels: torch.Tensor | None = None,
+                past_key_values: list[KVCache] | None = None, use_cache: bool = False) -> GLMOutput:
+        """input_ids (B, T) = [Part A; Part B] (right-padded); position_ids and block_position_ids (B, T) the two
+        position ids; part_a_len (B,) the length of each row's Part A. labels (B, T): the token each position
+        must predict (no shift: the data already put span + [eop] under [sop] + span), -100 in Part A and padding.
+        With past_key_values, input_ids are the newest tokens after the cached ones (generation)."""
+        B, T = input_ids.shape
+        c = self.config
+        if int(position_ids.max()) >= c.block_size or int(block_position_ids.max()) > c.block_size + 1:
+            raise ValueError(f"position ids reach {int(position_ids.max())} (Part A) and {int(block_position_ids.max())} "
+                             f"(in a span); model.block_size={c.block_size} allows at most {c.block_size - 1} and {c.block_size + 1}")
+        past = past_key_values[0][0].size(2) if past_key_values else 0  # tokens already in the cache
+        # h_0 = E_tok[x] + E_pos1[p1] + E_pos2[p2]
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids) + self.block_pos_emb(block_position_ids))  # (B, T, C)
+        mask = glm_attention_mask(part_a_len, T, past + T)  # (B, T, past + T)
+        presents = [] if use_cache else None
+        for i, block in enumerate(self.blocks):
+            x, kv, _ = block(x, attn_mask=mask, past_kv=past_key_values[i] if past_key_values else None, use_cache=use_cache)
+            if use_cache:
+                presents.append(kv)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            # L = -1/|B| sum over Part B targets of log P(target | Part A, earlier Part B tokens)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return GLMOutput(logits=logits, loss=loss, past_key_values=presents)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, mask_positions: list[int], sop_id: int, eop_id: int,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Fill the blanks of one text: input_ids (1, T) is Part A, mask_positions the indices of its mask
+        tokens. Blanks are filled left to right, each by [sop] then tokens until [eop] (or max_new_tokens), at
+        the blank's position p1 and p2 = 1, 2, ...; later blanks see the earlier fills, as in training.
+        Returns the tokens of each fill, without [sop] and [eop]; a fill cut at max_new_tokens (at most
+        block_size + 1) just ends there. Part A is encoded once, then one token per step with the KV cache.
+        temperature 0 = greedy."""
+        if input_ids.size(0) != 1:
+            raise ValueError(f"generate fills the blanks of one text: input_ids must be (1, T), got {tuple(input_ids.shape)}")
+        T = input_ids.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"Part A of {T} tokens is longer than model.block_size={self.config.block_size}")
+        max_new_tokens = min(max_new_tokens, self.config.block_size + 1)  # p2 of the last input token <= block_size + 1
+        was_training = self.training
+        self.eval()
+        device = input_ids.device
+        part_a_len = torch.tensor([T], device=device)
+
+        def step(ids: list[int], p1: list[int], p2: list[int], cache):
+            as_tensor = lambda v: torch.tensor([v], device=device)  # noqa: E731  (1, n)
+            out = self(as_tensor(ids), as_tensor(p1), as_tensor(p2), part_a_len, past_key_values=cache, use_cache=True)
+            return out.logits[:, -1, :], out.past_key_values  # (1, V)
+
+        _, cache = step(input_ids[0].tolist(), list(range(T)), [0] * T, None)  # Part A, bidirectional
+        fills = []
+        for pos in mask_positions:
+            token, fill = sop_id, []
+            for k in range(1, max_new_tokens + 1):  # feed [sop] or the last token at p2 = k, read the next one
+                logits, cache = step([token], [pos], [k], cache)
+                token = int(sample_next(logits, temperature, top_k, top_p, generator))
+                if token == eop_id:
+                    break
+                fill.append(token)
+            fills.append(fill)
+        self.train(was_training)
+        return fills
+
+    def num_params(self, exclude_positions: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() - self.block_pos_emb.weight.numel() if exclude_positions else n

@@ -1,0 +1,152 @@
+"""Fill blanks in held-out docstrings: GLM (length unknown) vs BERT (told the length) vs GPT (left context only).
+
+    python scripts/infill.py runs/glm runs/bert runs/gpt [--blanks 500] [--seed 0]
+
+The blanks come from the validation split of the stdlib docstrings (whole source files no run trained on).
+Each docstring, cut to its first --chars characters, gets at most one blank: 1, 2 or 3 consecutive words
+(letters only, separated by single spaces, after at least 3 words of left context). Then each run fills it:
+
+- glm   Part A = the text with one [MASK]; it writes tokens until [eop]: it is not told how long the blank is;
+- bert  the blank becomes as many [MASK] tokens as the answer has word pieces; each is its own argmax;
+- gpt   the text before the blank (after a document break); it writes as many tokens as the answer has.
+
+A fill is an exact match when it equals the blanked words, compared lowercased and without whitespace (BERT's
+tokenizer lowercases and spaces out punctuation). All fills are greedy. Blanks whose text does not fit into
+every run's block_size are skipped (the count is printed). Each run may use its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+from collections import defaultdict
+
+import torch
+
+from minimodels.data import load_corpus
+from minimodels.data.blank_infilling import special_ids
+from minimodels.train.run import load_run
+
+WORD = re.compile(r"[A-Za-z]+")
+
+
+def make_blanks(docs: list[str], n: int, chars: int, seed: int) -> list[tuple[str, str, str]]:
+    """Up to n (before, answer, after) triples, one per docstring: text == before + " " + answer + after."""
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    blanks = []
+    for i in order:
+        text = docs[i][:chars]
+        words = list(WORD.finditer(text))  # maximal runs of letters
+        k = rng.choice((1, 2, 3))
+        candidates = []
+        for j in range(3, len(words) - k + 1):  # at least 3 words of left context
+            a, b = words[j].start(), words[j + k - 1].end()
+            whole = text[a - 1] == " " and b < len(text) and not (text[b].isalnum() or text[b] == "_")  # not foo_bar, x2
+            if whole and re.fullmatch(r"[A-Za-z]+( [A-Za-z]+)*", text[a:b]):
+                candidates.append((a, b))
+        if candidates:
+            a, b = rng.choice(candidates)
+            blanks.append((text[:a - 1], text[a:b], text[b:]))
+        if len(blanks) == n:
+            break
+    return blanks
+
+
+def normal(text: str) -> str:
+    return "".join(text.split()).lower()
+
+
+def fill_glm(model, tok, before: str, after: str, answer: str, device) -> tuple[str, int] | None:
+    ids = special_ids(tok)
+    part_a = tok.encode(before) + [ids["mask"]] + tok.encode(after)
+    if len(part_a) > model.config.block_size:
+        return None
+    fill = model.generate(torch.tensor([part_a], device=device), [len(tok.encode(before))], ids["sop"], ids["eop"], 32)[0]
+    return tok.decode(fill), len(part_a)
+
+
+def fill_bert(model, tok, before: str, after: str, answer: str, device) -> tuple[str, int] | None:
+    n = len(tok.encode(answer))
+    ids = [tok.cls_id] + tok.encode(before) + [tok.mask_id] * n + tok.encode(after) + [tok.sep_id]
+    if len(ids) > model.config.block_size:
+        return None
+    logits = model(torch.tensor([ids], device=device)).logits[0]  # (T, V)
+    at = [t for t, i in enumerate(ids) if i == tok.mask_id]
+    return tok.decode(logits[at].argmax(-1).tolist()), len(ids)
+
+
+def fill_gpt(model, tok, before: str, after: str, answer: str, device) -> tuple[str, int] | None:
+    n = len(tok.encode(" " + answer))
+    ids = [tok.eos_id] + tok.encode(before)
+    if len(ids) + n > model.config.block_size:
+        return None
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, temperature=0.0)
+    return tok.decode(out[0, len(ids):].tolist()), len(ids)
+
+
+FILL = {"glm": fill_glm, "bert": fill_bert, "gpt": fill_gpt}
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run folders of GLM, BERT (head mlm) or GPT runs")
+    ap.add_argument("--blanks", type=int, default=500, help="how many blanks (one per docstring)")
+    ap.add_argument("--chars", type=int, default=300, help="each docstring is cut to this many characters")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--examples", type=int, default=5, help="print this many blanks with every run's fill")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    runs = {}
+    for path in args.runs:
+        cfg, model, tok = load_run(path, args.device)
+        if cfg.model.arch not in FILL:
+            raise SystemExit(f"error: {path} is a {cfg.model.arch} run; this script fills blanks with {', '.join(FILL)}")
+        runs[path] = (cfg, model, tok)
+    data_cfg = next(iter(runs.values()))[0].data
+    docs = load_corpus(data_cfg)["val"]
+    blanks = make_blanks(docs, args.blanks, args.chars, args.seed)
+
+    fills = defaultdict(dict)  # blank index -> run -> fill text
+    skipped = set()
+    for path, (cfg, model, tok) in runs.items():
+        device = next(model.parameters()).device
+        for i, (before, answer, after) in enumerate(blanks):
+            out = FILL[cfg.model.arch](model, tok, before, after, answer, device)
+            if out is None:
+                skipped.add(i)
+            else:
+                fills[i][path] = out[0]
+    kept = [i for i in range(len(blanks)) if i not in skipped]
+    print(f"{len(kept)} blanks in {len(kept)} held-out docstrings ({len(skipped)} skipped: longer than a block_size); "
+          f"source {data_cfg.source}, val split\n")
+    for i in kept[:args.examples]:
+        before, answer, after = blanks[i]
+        print(f"...{before[-60:]} [{answer}] {after[:40]}...".replace("\n", " "))
+        for path in runs:
+            print(f"    {path}: {fills[i][path]!r}")
+    print()
+    sizes = sorted({len(blanks[i][1].split()) for i in kept})
+    header = ["run", "arch", "knows the length"] + [f"EM {k} word{'s' * (k > 1)}" for k in sizes] + ["EM all"]
+    rows = []
+    for path, (cfg, _, _) in runs.items():
+        row = [path, cfg.model.arch, "no" if cfg.model.arch == "glm" else "yes"]
+        for k in sizes + [None]:
+            idx = [i for i in kept if k is None or len(blanks[i][1].split()) == k]
+            hits = sum(normal(fills[i][path]) == normal(blanks[i][1]) for i in idx)
+            row.append(f"{hits / max(len(idx), 1):.3f} ({len(idx)})" if k is not None else f"{hits / max(len(idx), 1):.3f}")
+        rows.append(row)
+    widths = [max(len(str(r[c])) for r in rows + [header]) for c in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+    for path, (cfg, _, _) in runs.items():
+        if cfg.model.arch == "glm":
+            same = sum(len(fills[i][path].split()) == len(blanks[i][1].split()) for i in kept) / max(len(kept), 1)
+            print(f"\n{path} wrote as many words as the blank had in {same:.1%} of the blanks (it was not told)")
+
+
+if __name__ == "__main__":
+    main()

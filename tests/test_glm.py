@@ -1,0 +1,285 @@
+"""GLM: the paper's worked example (attention mask and 2D positions), Part A never seeing Part B, Part A + Part B
+giving back the text, the loss on Part B only, where the blanks fall, generation with the cache, and a tiny run."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimodels.config import DataConfig, load_config
+from minimodels.data import Tokenizer, train_tokenizer
+from minimodels.data.blank_infilling import (BlankInfillingCollator, BlankInfillingTask, blank_infill, encode_blanks,
+                                             gmask_span, mask_spans, place_spans, sentence_ends, sentence_spans,
+                                             show_fills, special_ids)
+from minimodels.data.corpus import DataError
+from minimodels.models.glm import GLM, GLMConfig, glm_attention_mask
+
+V, M, S, E = 40, 37, 38, 39  # vocabulary of the small test models; ids of [MASK], [sop], [eop] in it
+
+
+def tiny_glm(**kw) -> GLM:
+    torch.manual_seed(0)
+    return GLM(GLMConfig(**{**dict(vocab_size=V, block_size=24, n_layer=2, n_head=2, n_embd=32), **kw})).eval()
+
+
+def paper_example() -> dict:
+    """x1..x6 (ids 1..6) with spans {x3} and {x5, x6}; Part B holds {x5, x6} first, as in the paper's figure 2."""
+    return blank_infill(torch.arange(1, 7), [(2, 3), (4, 6)], [M, M], order=[1, 0], sop_id=S, eop_id=E)
+
+
+def forward(model, row: dict, **kw):
+    """The model on one example from blank_infill, as a batch of one."""
+    return model(row["input_ids"][None], row["position_ids"][None], row["block_position_ids"][None], row["part_a_len"],
+                 **kw)
+
+
+# ---------------------------------------------------------------------------------------------- the paper's example
+
+
+def test_paper_example_tokens_positions_and_targets():
+    r = paper_example()
+    assert r["input_ids"].tolist() == [1, 2, M, 4, M, S, 5, 6, S, 3]  # x1 x2 [M] x4 [M] | [S] x5 x6 [S] x3
+    # Du et al. figure 2(c), numbered from 1 there: position 1 2 3 4 5 5 5 5 3 3, position 0 0 0 0 0 1 2 3 1 2
+    assert (r["position_ids"] + 1).tolist() == [1, 2, 3, 4, 5, 5, 5, 5, 3, 3]
+    assert r["block_position_ids"].tolist() == [0, 0, 0, 0, 0, 1, 2, 3, 1, 2]
+    assert r["labels"].tolist() == [-100] * 5 + [5, 6, E, 3, E]  # x5 x6 [E] x3 [E]
+    assert r["part_a_len"].tolist() == [5]
+
+
+def test_paper_example_attention_mask():
+    """Figure 2(d): rows are queries, columns keys; Part A sees Part A only, Part B sees Part A and itself causally."""
+    expected = torch.tensor([
+        # x1 x2 M  x4 M  S  x5 x6 S  x3
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # x1
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # x2
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # [M]
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # x4
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # [M]
+        [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],  # [S]
+        [1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # x5
+        [1, 1, 1, 1, 1, 1, 1, 1, 0, 0],  # x6
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 0],  # [S]
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],  # x3
+    ], dtype=torch.bool)
+    assert torch.equal(glm_attention_mask(paper_example()["part_a_len"], 10, 10)[0], expected)
+    # with a cache: the last 3 queries of the same mask
+    assert torch.equal(glm_attention_mask(torch.tensor([5]), 3, 10)[0], expected[7:])
+
+
+# ---------------------------------------------------------------------------------------------- what the model sees
+
+
+def test_part_a_never_sees_part_b_and_part_b_is_causal():
+    model, r = tiny_glm(), paper_example()
+    out = forward(model, r).logits[0]  # (10, V)
+    changed = dict(r, input_ids=r["input_ids"].clone())
+    changed["input_ids"][7:] = torch.tensor([11, 12, 13])  # the last three Part B tokens
+    out2 = forward(model, changed).logits[0]
+    assert torch.equal(out[:7], out2[:7])  # Part A and the Part B tokens before the change: identical
+    assert not torch.allclose(out[7:], out2[7:])
+    changed = dict(r, input_ids=r["input_ids"].clone())
+    changed["input_ids"][3] = 20  # x4, in Part A: everything after it sees it
+    assert not torch.allclose(forward(model, changed).logits[0, 5:], out[5:])
+
+
+def test_part_a_is_bidirectional_and_positions_matter():
+    model, r = tiny_glm(), paper_example()
+    out = forward(model, r).logits[0]
+    changed = dict(r, input_ids=r["input_ids"].clone())
+    changed["input_ids"][4] = 21  # the last Part A token changes the first one's output
+    assert not torch.allclose(forward(model, changed).logits[0, 0], out[0])
+    for key in ("position_ids", "block_position_ids"):
+        moved = dict(r, **{key: r[key].clone()})
+        moved[key][6] += 1  # x5's position (or position within its span)
+        assert not torch.allclose(forward(model, moved).logits[0, 6], out[6]), key
+
+
+def test_parts_a_and_b_reconstruct_the_text():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        L = int(torch.randint(2, 60, (1,), generator=g))
+        tokens = torch.randint(0, 30, (L,), generator=g)
+        spans = mask_spans(L, 0.15, 3.0, g) if trial % 2 else gmask_span(L, g)
+        order = torch.randperm(len(spans), generator=g).tolist()
+        r = blank_infill(tokens, spans, [M] * len(spans), order, S, E)
+        A = int(r["part_a_len"])
+        part_a, part_b, labels = r["input_ids"][:A].tolist(), r["input_ids"][A:].tolist(), r["labels"][A:].tolist()
+        fills = {}  # Part A position of the blank -> its span, read back from Part B
+        for k, p1 in enumerate(r["position_ids"][A:].tolist()):
+            if part_b[k] == S:
+                fills[p1] = []
+            else:
+                fills[p1].append(part_b[k])
+        assert sorted(fills) == [i for i, t in enumerate(part_a) if t == M]
+        rebuilt = [t for i, tok in enumerate(part_a) for t in (fills[i] if tok == M else [tok])]
+        assert rebuilt == tokens.tolist()
+        # each span's targets are its tokens then [eop]; Part B's inputs are [sop] then the same tokens
+        assert [t for t in labels if t != E] == [t for t in part_b if t != S] and labels.count(E) == len(spans)
+
+
+def test_loss_covers_part_b_only():
+    model, r = tiny_glm(), paper_example()
+    out = forward(model, r, labels=r["labels"][None])
+    manual = F.cross_entropy(out.logits[0, 5:].float(), r["labels"][5:])  # the five Part B targets
+    torch.testing.assert_close(out.loss, manual)
+    logits = out.logits.detach().requires_grad_()
+    F.cross_entropy(logits.flatten(0, 1), r["labels"], ignore_index=-100).backward()
+    assert logits.grad[0, :5].abs().sum() == 0 and logits.grad[0, 5:].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- where the blanks fall
+
+
+def test_mask_spans_cover_the_budget_with_gaps_between():
+    g = torch.Generator().manual_seed(0)
+    for L in (2, 3, 10, 64, 128):
+        for _ in range(20):
+            spans = mask_spans(L, 0.15, 3.0, g)
+            assert sum(b - a for a, b in spans) == min(max(round(0.15 * L), 1), L - 1)
+            assert all(a < b for a, b in spans) and spans[0][0] >= 0 and spans[-1][1] <= L
+            assert all(b1 < a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))  # at least one token between spans
+    with pytest.raises(ValueError, match="do not fit"):
+        place_spans(5, [3, 2], g)
+
+
+def test_place_spans_is_uniform_over_placements():
+    """Two spans of 1 in 4 tokens with a gap: the 3 placements (0,2) (0,3) (1,3) are equally likely."""
+    g = torch.Generator().manual_seed(0)
+    counts = {}
+    for _ in range(3000):
+        key = tuple(a for a, _ in place_spans(4, [1, 1], g))
+        counts[key] = counts.get(key, 0) + 1
+    assert sorted(counts) == [(0, 2), (0, 3), (1, 3)] and all(900 < c < 1100 for c in counts.values())
+
+
+def test_gmask_is_a_suffix_of_half_to_all_of_the_text():
+    g = torch.Generator().manual_seed(0)
+    lengths = {b - a for a, b in (gmask_span(10, g)[0] for _ in range(300))}
+    assert lengths == set(range(5, 11)) and all(gmask_span(10, g)[0][1] == 10 for _ in range(20))
+
+
+def test_sentence_spans_are_whole_sentences():
+    # sentences end at tokens 2, 6 and 9 (the last token ends one too); token 7 is a document break
+    ends = torch.tensor([0, 0, 1, 0, 0, 0, 1, 1, 0, 1], dtype=torch.bool)
+    blankable = torch.ones(10, dtype=torch.bool)
+    blankable[7] = False
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        spans = sentence_spans(ends, blankable, 0.15, g)
+        seen.update(spans)
+        assert 0 < len(spans) and sum(b - a for a, b in spans[:-1]) < 0.15 * 10  # stop once 15% is covered
+    assert seen == {(0, 3), (3, 7), (8, 10)}  # the break (7, 8) is never blanked
+
+
+def test_sentence_ends_from_a_bpe_tokenizer():
+    tok = train_tokenizer("bpe", ["Return the list. Sort it!\nDone? yes e.g. this"] * 20, 300)
+    is_end, starts_word = sentence_ends(tok)
+    ids = tok.encode("Return the list. Sort it!\nDone? yes e.g. this")
+    ends = is_end[ids] & F.pad(starts_word[torch.tensor(ids[1:])], (0, 1), value=True)  # as the collator marks them
+    assert [(tok.decode(ids[i - 1:i + 1])) for i in ends.nonzero().squeeze(1).tolist()] == [" list.", " it!", "Done?", "g."]
+    # the last is a false end ("e.g. this"): the rule is punctuation followed by a space, nothing smarter
+
+
+# ---------------------------------------------------------------------------------------------- batches and the task
+
+
+@pytest.fixture(scope="module")
+def task():
+    docs = [f"Return the {w} of the list. It is sorted first." for w in ("sum", "length", "max", "min")] * 30
+    tok = train_tokenizer("bpe", docs, 300)
+    return BlankInfillingTask(tok, {"train": docs, "val": docs[:8]}, 24,
+                              DataConfig(tokenizer="bpe", infill_mix={"mask": 1, "smask": 1, "gmask": 1}))
+
+
+def test_batches_pad_right_and_padding_changes_nothing(task):
+    batch = task.collate([task.train[i] for i in range(4)], torch.Generator().manual_seed(0))
+    assert set(batch) == {"input_ids", "position_ids", "block_position_ids", "part_a_len", "labels"}
+    assert all(batch[k].shape == batch["input_ids"].shape for k in ("position_ids", "block_position_ids", "labels"))
+    model = tiny_glm(vocab_size=task.tokenizer.vocab_size, block_size=24)
+    out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    for b in range(4):  # each row alone, without padding, gives the same outputs
+        n = int((batch["input_ids"][b] != task.tokenizer.pad_id).sum())
+        alone = model(*(batch[k][b:b + 1, :n] for k in ("input_ids", "position_ids", "block_position_ids")),
+                      batch["part_a_len"][b:b + 1]).logits
+        torch.testing.assert_close(alone[0], out[b, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_every_blank_kind_appears_and_uses_its_token(task):
+    ids, seen = special_ids(task.tokenizer), set()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        batch = task.collate([task.train[0]], g)
+        A = int(batch["part_a_len"][0])
+        kinds = {k for k in ("mask", "smask", "gmask") if (batch["input_ids"][0, :A] == ids[k]).any()}
+        assert len(kinds) == 1
+        seen |= kinds
+    assert seen == {"mask", "smask", "gmask"}
+
+
+def test_evaluate_is_deterministic_and_counts_part_b(task):
+    model = tiny_glm(vocab_size=task.tokenizer.vocab_size, block_size=24)
+    batches = lambda: [task.collate([task.val[i] for i in range(4)], torch.Generator().manual_seed(0))]  # noqa: E731
+    m1, m2 = task.evaluate(model, batches()), task.evaluate(model, batches())
+    assert m1 == m2 and set(m1) == {"val_loss", "val_acc"}
+    b = batches()[0]
+    torch.testing.assert_close(m1["val_loss"], model(**b).loss.item(), atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_the_cache_equals_greedy_full_forwards():
+    """Fills from generate (KV cache, blanks one after another) are what greedy decoding over the whole
+    [Part A; Part B] sequence picks at every step."""
+    model = tiny_glm()
+    part_a = torch.tensor([[1, 2, M, 4, 5, M, 7]])
+    fills = model.generate(part_a, [2, 5], S, E, max_new_tokens=6)
+    assert len(fills) == 2
+    ids, p1, p2 = part_a[0].tolist(), list(range(7)), [0] * 7
+    for blank, fill in zip([2, 5], fills):
+        for k, token in enumerate([S] + fill):
+            ids, p1, p2 = ids + [token], p1 + [blank], p2 + [k + 1]
+            logits = model(torch.tensor([ids]), torch.tensor([p1]), torch.tensor([p2]), torch.tensor([7])).logits
+            want = fill[k] if k < len(fill) else E
+            if k < len(fill) or len(fill) < 6:  # a fill cut at max_new_tokens has no [eop] to check
+                assert int(logits[0, -1].argmax()) == want
+
+
+def test_encode_blanks_and_show_fills(task):
+    tok, ids = task.tokenizer, special_ids(task.tokenizer)
+    part_a, blanks = encode_blanks(tok, "Return the [MASK] of the list.")
+    assert [part_a[b] for b in blanks] == [ids["mask"]]
+    assert tok.decode(part_a[: blanks[0]]) == "Return the"  # the space before the blank belongs to the fill
+    assert show_fills(tok, part_a, blanks, [tok.encode(" sum")]) == "Return the« sum» of the list."
+    part_a, blanks = encode_blanks(tok, "Return the")  # no blank: [gMASK] at the end
+    assert part_a[-1] == ids["gmask"] and blanks == [len(part_a) - 1]
+    with pytest.raises(DataError, match="no GLM tokens"):
+        special_ids(train_tokenizer("bpe", ["plain text"] * 5, 270))
+
+
+def test_config_errors_name_the_key(task):
+    docs = ["Return the sum of the list."] * 40
+    split = {"train": docs, "val": docs[:4]}
+    with pytest.raises(DataError, match="data.infill_mix"):
+        BlankInfillingTask(train_tokenizer("bpe", docs, 280), split, 16, DataConfig(infill_mix={"mask": 1, "span": 1}))
+    with pytest.raises(DataError, match="data.tokenizer.*bpe or char"):
+        BlankInfillingTask(train_tokenizer("wordpiece", docs, 100), split, 16, DataConfig())
+    with pytest.raises(ValueError, match="model.block_size"):
+        r = paper_example()
+        forward(tiny_glm(block_size=4), r)
+
+
+def test_tiny_run_samples_and_generate_fills_blanks(tmp_path):
+    from minimodels.train.run import run
+
+    out = tmp_path / "glm"
+    overrides = ["train.max_steps=3", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
+                 "train.batch_size=4", "train.eval_batches=2", "data.vocab_size=300", "output.sample_tokens=5",
+                 f"output.dir={out}"]
+    metrics = run(load_config("configs/glm.yaml", overrides), quiet=True)
+    assert set(metrics) >= {"val_loss", "val_acc"} and (out / "sample.txt").read_text().count("«") == 1
+    r = subprocess.run([sys.executable, "scripts/generate.py", str(out), "--prompt", "Return the [MASK] of [MASK].",
+                        "--max-new-tokens", "4", "--temperature", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("«") == 2 and r.stdout.startswith("Return the«")
+    assert Tokenizer.load(out / "tokenizer.json").backend.token_to_id("[gMASK]") is not None
