@@ -262,6 +262,8 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
     need(t.dtype in ("auto", "bf16", "fp32", "fp16"), "train.dtype", f"must be auto, bf16, fp32 or fp16, got {t.dtype!r}")
     need(t.eval_batches is None or t.eval_batches > 0, "train.eval_batches", "must be positive or null")
     if t.teacher is not None:
+        need(cfg.model.arch in ("gpt", "bert"), "train.teacher",
+             f"knowledge inheritance compares a GPT's or BERT's token scores; model.arch is {cfg.model.arch!r}")
         need(0 <= t.teacher.alpha <= 1, "train.teacher.alpha", f"must be in [0, 1], got {t.teacher.alpha}")
         need(t.teacher.temperature > 0, "train.teacher.temperature", f"must be positive, got {t.teacher.temperature}")
         need(t.teacher.decay_steps is None or t.teacher.decay_steps > 0, "train.teacher.decay_steps",

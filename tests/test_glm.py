@@ -223,7 +223,7 @@ def test_evaluate_is_deterministic_and_counts_part_b(task):
     model = tiny_glm(vocab_size=task.tokenizer.vocab_size, block_size=24)
     batches = lambda: [task.collate([task.val[i] for i in range(4)], torch.Generator().manual_seed(0))]  # noqa: E731
     m1, m2 = task.evaluate(model, batches()), task.evaluate(model, batches())
-    assert m1 == m2 and set(m1) == {"val_loss", "val_acc"}
+    assert m1 == m2 and set(m1) == {"val_loss", "val_acc", "val_span_acc"}
     b = batches()[0]
     torch.testing.assert_close(m1["val_loss"], model(**b).loss.item(), atol=1e-5, rtol=1e-5)
 
@@ -283,3 +283,36 @@ def test_tiny_run_samples_and_generate_fills_blanks(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("«") == 2 and r.stdout.startswith("Return the«")
     assert Tokenizer.load(out / "tokenizer.json").backend.token_to_id("[gMASK]") is not None
+
+
+def test_a_tiny_glm_learns_to_fill_blanks_from_part_a():
+    """Texts are runs of 40 consecutive ids (17 18 19 ...), blanked by the [MASK] rule. The first span of Part B
+    starts with the id after the one before its blank, so a model gets it right by finding its blank in Part A
+    through the position p1; without p1 it can only guess among the 2-3 blanks (measured: 0.22 after these 500
+    steps when Part B's p1 is zeroed, 0.72 with it). About 20 s on 1 thread."""
+    V_, M_, S_, E_ = 120, 100, 101, 102
+    torch.manual_seed(0)
+    model = GLM(GLMConfig(vocab_size=V_, block_size=64, n_layer=2, n_head=4, n_embd=64, attn_impl="manual"))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    no_sentences = (torch.zeros(V_, dtype=torch.bool), torch.zeros(V_, dtype=torch.bool))
+    collate = BlankInfillingCollator({"mask": M_, "smask": M_, "gmask": M_, "sop": S_, "eop": E_}, 0, 1, no_sentences,
+                                     {"mask": 1.0})
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n=32):
+        return collate([torch.arange(s, s + 40) for s in torch.randint(2, 60, (n,), generator=g).tolist()], g)
+
+    def first_span_accuracy() -> float:
+        b = batch(128)
+        with torch.no_grad():
+            pred = model(**b).logits.argmax(-1)  # (B, T)
+        at, rows = b["part_a_len"], torch.arange(128)  # each row's first [sop], which predicts its span's first id
+        return (pred[rows, at] == b["labels"][rows, at]).float().mean().item()
+
+    assert first_span_accuracy() < 0.05
+    for _ in range(500):
+        loss = model(**batch()).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first_span_accuracy() > 0.5

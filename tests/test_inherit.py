@@ -74,6 +74,8 @@ def test_teacher_errors_name_the_key(teacher, tmp_path):
         load_config("configs/gpt.yaml", [f"train.teacher={{run: {teacher}, alpha: 2}}"])
     with pytest.raises(ConfigError, match="missing required key train.teacher.run"):
         load_config("configs/gpt.yaml", ["train.teacher={alpha: 0.5}"])
+    with pytest.raises(ConfigError, match="train.teacher: knowledge inheritance .* model.arch is 'glm'"):
+        load_config("configs/glm.yaml", [f"train.teacher={{run: {teacher}}}"])
     bpe = load_config("configs/gpt.yaml", TINY + ["data.tokenizer=bpe", "data.vocab_size=300", "train.max_steps=1",
                                                     f"output.dir={tmp_path / 'bpe'}", f"train.teacher={{run: {teacher}}}"])
     with pytest.raises(ConfigError, match="train.teacher.run: .*is not this run's tokenizer"):
