@@ -11,18 +11,23 @@ Each docstring, cut to its first --chars characters, gets at most one blank: 1, 
 - gpt   the text before the blank (after a document break); it writes as many tokens as the answer has.
 
 A fill is an exact match when it equals the blanked words, compared lowercased and without whitespace (BERT's
-tokenizer lowercases and spaces out punctuation). All fills are greedy. Blanks whose text does not fit into
-every run's block_size are skipped (the count is printed). Each run may use its own tokenizer.
+tokenizer lowercases and spaces out punctuation). All fills are greedy. "answer bits/char" scores the true answer
+instead, fed to the model (teacher-forced): -log2 P(its tokens) per character, which compares across tokenizers
+(BERT's is a pseudo-likelihood: each piece given the others masked; GLM's leaves out [eop], as the others are
+told the length). Blanks whose text does not fit into every run's block_size are skipped (the count is
+printed). Each run may use its own tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import re
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
 from minimodels.data import load_corpus
 from minimodels.data.blank_infilling import special_ids
@@ -59,32 +64,46 @@ def normal(text: str) -> str:
     return "".join(text.split()).lower()
 
 
-def fill_glm(model, tok, before: str, after: str, answer: str, device) -> tuple[str, int] | None:
+def nats(logits: torch.Tensor, targets: list[int]) -> float:
+    """-sum log P(targets), logits (n, V) scoring them in order."""
+    return F.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device), reduction="sum").item()
+
+
+def fill_glm(model, tok, before: str, after: str, answer: str, device) -> tuple[str, float] | None:
+    """(the fill, nats of the true answer's tokens with [sop] + answer fed as Part B), or None if too long."""
     ids = special_ids(tok)
+    blank, span = len(tok.encode(before)), tok.encode(" " + answer)
     part_a = tok.encode(before) + [ids["mask"]] + tok.encode(after)
     if len(part_a) > model.config.block_size:
         return None
-    fill = model.generate(torch.tensor([part_a], device=device), [len(tok.encode(before))], ids["sop"], ids["eop"], 32)[0]
-    return tok.decode(fill), len(part_a)
+    fill = model.generate(torch.tensor([part_a], device=device), [blank], ids["sop"], ids["eop"], 32)[0]
+    A, n = len(part_a), len(span)
+    as_tensor = lambda v: torch.tensor([v], device=device)  # noqa: E731
+    logits = model(as_tensor(part_a + [ids["sop"]] + span[:-1]), as_tensor(list(range(A)) + [blank] * n),
+                   as_tensor([0] * A + list(range(1, n + 1))), as_tensor(A)).logits[0, A:]  # (n, V)
+    return tok.decode(fill), nats(logits, span)
 
 
-def fill_bert(model, tok, before: str, after: str, answer: str, device) -> tuple[str, int] | None:
-    n = len(tok.encode(answer))
-    ids = [tok.cls_id] + tok.encode(before) + [tok.mask_id] * n + tok.encode(after) + [tok.sep_id]
+def fill_bert(model, tok, before: str, after: str, answer: str, device) -> tuple[str, float] | None:
+    """(the argmax at each of the answer's word pieces, each [MASK]; nats of the true pieces there)."""
+    span = tok.encode(answer)
+    ids = [tok.cls_id] + tok.encode(before) + [tok.mask_id] * len(span) + tok.encode(after) + [tok.sep_id]
     if len(ids) > model.config.block_size:
         return None
     logits = model(torch.tensor([ids], device=device)).logits[0]  # (T, V)
     at = [t for t, i in enumerate(ids) if i == tok.mask_id]
-    return tok.decode(logits[at].argmax(-1).tolist()), len(ids)
+    return tok.decode(logits[at].argmax(-1).tolist()), nats(logits[at], span)
 
 
-def fill_gpt(model, tok, before: str, after: str, answer: str, device) -> tuple[str, int] | None:
-    n = len(tok.encode(" " + answer))
+def fill_gpt(model, tok, before: str, after: str, answer: str, device) -> tuple[str, float] | None:
+    """(as many greedy tokens as the answer has after the left context; nats of the true answer there)."""
+    span = tok.encode(" " + answer)
     ids = [tok.eos_id] + tok.encode(before)
-    if len(ids) + n > model.config.block_size:
+    if len(ids) + len(span) > model.config.block_size:
         return None
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, temperature=0.0)
-    return tok.decode(out[0, len(ids):].tolist()), len(ids)
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=len(span), temperature=0.0)
+    logits = model(torch.tensor([ids + span[:-1]], device=device)).logits[0, len(ids) - 1:]  # (n, V)
+    return tok.decode(out[0, len(ids):].tolist()), nats(logits, span)
 
 
 FILL = {"glm": fill_glm, "bert": fill_bert, "gpt": fill_gpt}
@@ -111,6 +130,7 @@ def main() -> None:
     blanks = make_blanks(docs, args.blanks, args.chars, args.seed)
 
     fills = defaultdict(dict)  # blank index -> run -> fill text
+    answer_nats = defaultdict(dict)  # blank index -> run -> -log P(the true answer), teacher-forced
     skipped = set()
     for path, (cfg, model, tok) in runs.items():
         device = next(model.parameters()).device
@@ -119,8 +139,10 @@ def main() -> None:
             if out is None:
                 skipped.add(i)
             else:
-                fills[i][path] = out[0]
+                fills[i][path], answer_nats[i][path] = out
     kept = [i for i in range(len(blanks)) if i not in skipped]
+    if not kept:
+        raise SystemExit(f"error: none of the {len(blanks)} blanks fits into every run's block_size (try a smaller --chars)")
     print(f"{len(kept)} blanks in {len(kept)} held-out docstrings ({len(skipped)} skipped: longer than a block_size); "
           f"source {data_cfg.source}, val split\n")
     for i in kept[:args.examples]:
@@ -130,7 +152,8 @@ def main() -> None:
             print(f"    {path}: {fills[i][path]!r}")
     print()
     sizes = sorted({len(blanks[i][1].split()) for i in kept})
-    header = ["run", "arch", "knows the length"] + [f"EM {k} word{'s' * (k > 1)}" for k in sizes] + ["EM all"]
+    header = (["run", "arch", "knows the length"] + [f"EM {k} word{'s' * (k > 1)}" for k in sizes]
+              + ["EM all", "answer bits/char"])
     rows = []
     for path, (cfg, _, _) in runs.items():
         row = [path, cfg.model.arch, "no" if cfg.model.arch == "glm" else "yes"]
@@ -138,7 +161,8 @@ def main() -> None:
             idx = [i for i in kept if k is None or len(blanks[i][1].split()) == k]
             hits = sum(normal(fills[i][path]) == normal(blanks[i][1]) for i in idx)
             row.append(f"{hits / max(len(idx), 1):.3f} ({len(idx)})" if k is not None else f"{hits / max(len(idx), 1):.3f}")
-        rows.append(row)
+        bits = sum(answer_nats[i][path] for i in kept) / math.log(2) / sum(len(blanks[i][1]) for i in kept)
+        rows.append(row + [f"{bits:.3f}"])
     widths = [max(len(str(r[c])) for r in rows + [header]) for c in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))

@@ -23,7 +23,6 @@ The model (minimodels/models/glm.py) does not care which: the kinds differ only 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 
 import torch
@@ -119,7 +118,8 @@ def sentence_spans(sentence_end: Tensor, blankable: Tensor, density: float,
     """[sMASK] blanks: whole sentences, taken in random order until density of the L tokens are covered.
     sentence_end (L,) bool marks the last token of each sentence (the text's last token ends one too);
     a sentence is blanked only if all its tokens are blankable (L,) (not a document break) and it has 2 tokens
-    to half the text (a lone token between a full stop and a break is whitespace). Returns [] when no sentence qualifies (the caller falls back to [MASK] blanks)."""
+    to half the text (a lone token between a full stop and a break is whitespace). Returns [] when no sentence
+    qualifies (the caller falls back to [MASK] blanks)."""
     L = len(sentence_end)
     ends = sentence_end[:-1].nonzero().squeeze(1).tolist() + [L - 1]
     starts = [0] + [e + 1 for e in ends[:-1]]
@@ -235,8 +235,9 @@ class BlankInfillingTask:
     """GLM pretraining: windows of `seq_len` tokens of the text, blanked anew in every batch.
 
     Metrics over the Part B targets (span tokens and [eop]): val_loss (nats per target) and val_acc (share that
-    are the argmax, with the true earlier tokens fed), and val_span_acc over the span tokens alone. Validation is deterministic: the Trainer collates val
-    batch k with a generator seeded k, so every evaluation blanks the same spans."""
+    are the argmax, with the true earlier tokens fed), and val_span_acc over the span tokens alone. Validation is
+    deterministic: the Trainer collates val batch k with a generator seeded k, so every evaluation blanks the same
+    spans."""
 
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         cfg = cfg or DataConfig()
@@ -289,7 +290,8 @@ class BlankInfillingTask:
             part_a, blanks = encode_blanks(self.tokenizer, prompt)
         else:
             tokens = self.val[0]  # (L,)
-            spans = mask_spans(len(tokens), self.collate.density, self.collate.mean_span_length, torch.Generator().manual_seed(0))
+            spans = mask_spans(len(tokens), self.collate.density, self.collate.mean_span_length,
+                               torch.Generator().manual_seed(0))
             part_a = blank_infill(tokens, spans, [self.ids["mask"]] * len(spans), [], 0, 0)["input_ids"].tolist()
             blanks = [i for i, t in enumerate(part_a) if t == self.ids["mask"]]
         fills = fill_blanks(model, self.tokenizer, part_a, blanks, max_new_tokens, temperature, top_k, generator=generator)

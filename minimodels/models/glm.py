@@ -126,12 +126,14 @@ class GLM(nn.Module):
         With past_key_values, input_ids are the newest tokens after the cached ones (generation)."""
         B, T = input_ids.shape
         c = self.config
-        if int(position_ids.max()) >= c.block_size or int(block_position_ids.max()) > c.block_size + 1:
-            raise ValueError(f"position ids reach {int(position_ids.max())} (Part A) and {int(block_position_ids.max())} "
-                             f"(in a span); model.block_size={c.block_size} allows at most {c.block_size - 1} and {c.block_size + 1}")
+        p1_max, p2_max = int(position_ids.max()), int(block_position_ids.max())
+        if p1_max >= c.block_size or p2_max > c.block_size + 1:
+            raise ValueError(f"position ids reach {p1_max} (Part A) and {p2_max} (in a span); model.block_size="
+                             f"{c.block_size} allows at most {c.block_size - 1} and {c.block_size + 1}")
         past = past_key_values[0][0].size(2) if past_key_values else 0  # tokens already in the cache
         # h_0 = E_tok[x] + E_pos1[p1] + E_pos2[p2]
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids) + self.block_pos_emb(block_position_ids))  # (B, T, C)
+        x = self.tok_emb(input_ids) + self.pos_emb(position_ids) + self.block_pos_emb(block_position_ids)  # (B, T, C)
+        x = self.drop(x)
         mask = glm_attention_mask(part_a_len, T, past + T)  # (B, T, past + T)
         presents = [] if use_cache else None
         for i, block in enumerate(self.blocks):

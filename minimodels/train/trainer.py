@@ -155,12 +155,13 @@ class Trainer:
                 with autocast(self.device, self.dtype):
                     out = self.forward(**batch)
                     loss = out.loss
-                    if self.teacher is not None:  # knowledge inheritance: (1 - a) L_self + a T^2 KL(teacher || student)
-                        with torch.no_grad():
+                    alpha = alpha_at(self.step, self.cfg.teacher) if self.teacher is not None else 0.0
+                    if alpha > 0:  # knowledge inheritance: (1 - a) L_self + a T^2 KL(teacher || student)
+                        with torch.no_grad():  # once alpha has decayed to 0 the teacher no longer runs
                             teacher_out = self.teacher(**batch)
-                        alpha = alpha_at(self.step, self.cfg.teacher)
                         loss, kl = inheritance_loss(out, teacher_out, batch, alpha, self.cfg.teacher.temperature)
                         metrics["inherit_kl"] = metrics.get("inherit_kl", 0) + kl / len(batches)
+                    if self.teacher is not None:
                         metrics["inherit_alpha"] = torch.tensor(alpha)
                 loss = loss * (count * self.world.size / total)
                 self.scaler.scale(loss).backward()
