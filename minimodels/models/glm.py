@@ -124,7 +124,7 @@ class GLM(nn.Module):
         position ids; part_a_len (B,) the length of each row's Part A. labels (B, T): the token each position
         must predict (no shift: the data already put span + [eop] under [sop] + span), -100 in Part A and padding.
         With past_key_values, input_ids are the newest tokens after the cached ones (generation)."""
-        B, T = input_ids.shape
+        T = input_ids.size(1)
         c = self.config
         p1_max, p2_max = int(position_ids.max()), int(block_position_ids.max())
         if p1_max >= c.block_size or p2_max > c.block_size + 1:
@@ -143,7 +143,7 @@ class GLM(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if labels is not None:
-            # L = -1/|B| sum over Part B targets of log P(target | Part A, earlier Part B tokens)
+            # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return GLMOutput(logits=logits, loss=loss, past_key_values=presents)
 
