@@ -72,8 +72,8 @@ def nats(logits: torch.Tensor, targets: list[int]) -> float:
 def fill_glm(model, tok, before: str, after: str, answer: str, device) -> tuple[str, float] | None:
     """(the fill, nats of the true answer's tokens with [sop] + answer fed as Part B), or None if too long."""
     ids = special_ids(tok)
-    blank, span = len(tok.encode(before)), tok.encode(" " + answer)
-    part_a = tok.encode(before) + [ids["mask"]] + tok.encode(after)
+    left, span = tok.encode(before), tok.encode(" " + answer)
+    blank, part_a = len(left), left + [ids["mask"]] + tok.encode(after)
     if len(part_a) > model.config.block_size:
         return None
     fill = model.generate(torch.tensor([part_a], device=device), [blank], ids["sop"], ids["eop"], 32)[0]

@@ -32,7 +32,7 @@ from torch import Tensor
 from minimodels.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError
-from minimodels.data.tasks import TokenWindows, encode_stream
+from minimodels.data.tasks import encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
 
 MASK_TOKENS = {"mask": "[MASK]", "smask": "[sMASK]", "gmask": "[gMASK]"}  # blank kind -> its token
@@ -253,11 +253,7 @@ class BlankInfillingTask:
         self.ids = special_ids(tokenizer)
         self.train_stream, _ = encode_stream(tokenizer, corpus["train"])
         self.val_stream, _ = encode_stream(tokenizer, corpus["val"])
-        self.train = TokenWindows(self.train_stream, seq_len)
-        self.val = TokenWindows(self.val_stream, seq_len, keep_last=True)
-        if len(self.train) == 0:
-            raise DataError(f"data.seq_len: the train split has {len(self.train_stream)} tokens, "
-                            f"fewer than one window of seq_len={seq_len}")
+        self.train, self.val = window_splits(self.train_stream, self.val_stream, seq_len)
         self.collate = BlankInfillingCollator(self.ids, tokenizer.pad_id, tokenizer.eos_id, sentence_ends(tokenizer),
                                               mix, cfg.noise_density, cfg.mean_span_length)
 

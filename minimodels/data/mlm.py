@@ -25,7 +25,7 @@ from torch import Tensor
 from minimodels.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError
-from minimodels.data.tasks import TokenWindows, encode_stream
+from minimodels.data.tasks import TokenWindows, encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
 
 
@@ -111,11 +111,8 @@ class MaskedLMTask:
         self.tokenizer, self.seq_len = tokenizer, seq_len
         self.train_stream, _ = encode_stream(tokenizer, corpus["train"])  # [SEP] after every document
         self.val_stream, _ = encode_stream(tokenizer, corpus["val"])
-        self.train = ClsWindows(TokenWindows(self.train_stream, seq_len - 1), tokenizer.cls_id)
-        self.val = ClsWindows(TokenWindows(self.val_stream, seq_len - 1, keep_last=True), tokenizer.cls_id)
-        if len(self.train) == 0:
-            raise DataError(f"data.seq_len: the train split has {len(self.train_stream)} tokens, "
-                            f"fewer than one window of seq_len={seq_len}")
+        train, val = window_splits(self.train_stream, self.val_stream, seq_len - 1)  # [CLS] makes seq_len
+        self.train, self.val = ClsWindows(train, tokenizer.cls_id), ClsWindows(val, tokenizer.cls_id)
         self.collate = MLMCollator(tokenizer, cfg.mask_prob, cfg.whole_word_mask)
 
     def model_overrides(self) -> dict:

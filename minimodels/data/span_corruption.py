@@ -24,8 +24,7 @@ from torch import Tensor
 
 from minimodels.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
-from minimodels.data.corpus import DataError
-from minimodels.data.tasks import TokenWindows, encode_stream
+from minimodels.data.tasks import encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
 
 SENTINEL = "<extra_id_{}>"  # T5's names for the sentinel tokens; <extra_id_0> marks the first span
@@ -109,11 +108,7 @@ class SpanCorruptionTask:
         self.sentinel_ids = tokenizer.add_special_tokens([SENTINEL.format(i) for i in range(max_spans)])
         self.train_stream, _ = encode_stream(tokenizer, corpus["train"])
         self.val_stream, _ = encode_stream(tokenizer, corpus["val"])
-        self.train = TokenWindows(self.train_stream, seq_len)
-        self.val = TokenWindows(self.val_stream, seq_len, keep_last=True)
-        if len(self.train) == 0:
-            raise DataError(f"data.seq_len: the train split has {len(self.train_stream)} tokens, "
-                            f"fewer than one window of seq_len={seq_len}")
+        self.train, self.val = window_splits(self.train_stream, self.val_stream, seq_len)
         self.collate = SpanCorruptionCollator(self.sentinel_ids, tokenizer.eos_id, tokenizer.pad_id,
                                               cfg.noise_density, cfg.mean_span_length)
 

@@ -104,6 +104,16 @@ class TokenWindows:
         return self.stream[start:end].long()  # (T,)
 
 
+def window_splits(train_stream: Tensor, val_stream: Tensor, window: int) -> tuple[TokenWindows, TokenWindows]:
+    """Train windows (full ones only) and val windows (covering the whole stream) of `window` tokens; a train
+    split shorter than one window is an error naming data.seq_len."""
+    train = TokenWindows(train_stream, window)
+    if len(train) == 0:
+        raise DataError(f"data.seq_len: the train split has {len(train_stream)} tokens, "
+                        f"fewer than one window of {window} tokens")
+    return train, TokenWindows(val_stream, window, keep_last=True)
+
+
 # --------------------------------------------------------------------------- causal language modelling
 
 
@@ -119,11 +129,7 @@ class LMTask:
         self.seq_len = seq_len
         self.train_stream, _ = encode_stream(tokenizer, corpus["train"])
         self.val_stream, self.val_chars = encode_stream(tokenizer, corpus["val"])
-        self.train = TokenWindows(self.train_stream, seq_len)
-        self.val = TokenWindows(self.val_stream, seq_len, keep_last=True)
-        if len(self.train) == 0:
-            raise DataError(f"data.seq_len: the train split has {len(self.train_stream)} tokens, "
-                             f"fewer than one window of seq_len={seq_len}")
+        self.train, self.val = window_splits(self.train_stream, self.val_stream, seq_len)
         # characters covered by the predicted tokens 1..T-1 of each val window
         self.val_window_chars = [int(self.val_chars[s + 1 : e].sum()) for s, e in map(self.val.bounds, range(len(self.val)))]
         self.collate = CausalLMCollator(tokenizer.pad_id)

@@ -18,20 +18,20 @@ and this file is the model that reads [Part A; Part B] as one sequence (section 
     blocks      h_l = Block(h_{l-1})  pre-LN, GELU (section 2.3: "rearranged" layer norm, as Megatron-LM)
     output      P(token) = softmax(LN(h_L) E_tok^T)           tied to the token embedding
 
-Read top to bottom: the config, the attention mask, the model, generation (filling the blanks one after
-another with a KV cache), and initialisation. The mask kinds [MASK] / [sMASK] / [gMASK] differ only in how
+Read top to bottom: the config, the attention mask, the model (initialised as GPT-2, `gpt2_init`), and
+generation (filling the blanks one after another with a KV cache). The mask kinds [MASK] / [sMASK] / [gMASK] differ only in how
 the data picks spans; the model treats them alike.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minimodels.models.gpt import gpt2_init
 from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, sample_next
 
 
@@ -104,18 +104,7 @@ class GLM(nn.Module):
         self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: scores against the token embeddings
-        self.apply(self._init_weights)
-        # as GPT-2: residual output projections scaled by 1/sqrt(2 * n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        gpt2_init(self, c.n_layer)  # N(0, 0.02^2), residual output projections scaled by 1/sqrt(2 n_layer)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
                 part_a_len: torch.Tensor, labels: torch.Tensor | None = None,

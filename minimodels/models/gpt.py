@@ -1,7 +1,7 @@
 """GPT: a decoder-only Transformer language model (Radford et al. 2018, 2019).
 
 Read top to bottom: the config, the model (embeddings -> pre-LN blocks -> final norm -> tied LM head),
-GPT-2 initialisation, generation with a KV cache, and Hugging Face interop.
+generation with a KV cache, Hugging Face interop, and GPT-2 initialisation (`gpt2_init`, which GLM uses too).
 
     h_0 = W_e[x] + W_p[0..T-1]                  token + learned position embeddings
     h_l = Block(h_{l-1})  for l = 1..L          pre-LN, causal self-attention (minimodels/nn/block.py)
@@ -84,11 +84,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-        # GPT-2 section 2.3: scale residual-branch output projections by 1/sqrt(N), N = 2 residual adds per layer
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight") and (".attn." in name or ".ffn." in name):  # experts: ffn.experts.N.proj
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+        gpt2_init(self, c.n_layer)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -180,3 +176,12 @@ class GPT(nn.Module):
         from minimodels.hf import gpt_to_hf
 
         return gpt_to_hf(self)
+
+
+def gpt2_init(model: nn.Module, n_layer: int) -> None:
+    """GPT-2 initialisation (GLM uses it too): every matrix and embedding ~ N(0, 0.02^2), biases 0; then the
+    residual-branch output projections ~ N(0, (0.02 / sqrt(N))^2), N = 2 residual adds per layer (section 2.3)."""
+    model.apply(GPT._init_weights)
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight") and (".attn." in name or ".ffn." in name):  # experts: ffn.experts.N.proj
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))

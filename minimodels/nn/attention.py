@@ -99,7 +99,7 @@ class MultiHeadAttention(nn.Module):
         (k, v) of earlier positions. Cross-attention: memory (B, S, C), padding_mask (B, S); past_kv the
         (k, v) of memory computed on the first decoding step (memory is not needed again).
         position_bias broadcastable to (B, nh, T, Tk). attn_mask (B, T, Tk) bool, True = query t may attend
-        key j: a mask of any shape (GLM's, half bidirectional and half causal), combined with the others.
+        key j: a mask of any pattern (GLM's, half bidirectional and half causal), combined with the others.
         Returns (y (B, T, C), (k, v) if use_cache else None)."""
         if self.cross:
             q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.n_head)  # (B, nh, T, hs)

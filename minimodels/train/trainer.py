@@ -8,7 +8,8 @@ and evaluation metrics come from `task.evaluate(model, batches) -> dict[str, flo
 carry `metrics`, a dict of detached scalar or 1-D tensors about that forward pass (an MoE model's routing
 statistics); the trainer averages them over the steps between two log lines and writes them there.
 With train.teacher (knowledge inheritance, minimodels/train/inherit.py) a frozen teacher model sees the
-same batch and the loss becomes (1 - alpha_t) out.loss + alpha_t T^2 KL(teacher || student).
+same batch and the loss becomes (1 - alpha_t) out.loss + alpha_t T^2 KL(teacher || student), as long as
+alpha_t > 0; after that the teacher is not run.
 
 Determinism: the order of training examples is a function of (seed, epoch) and the collator's random
 generator a function of (seed, micro-batch index), so the data position is a single integer and a
