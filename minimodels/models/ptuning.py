@@ -22,8 +22,9 @@ found that an anchor such as "?" in "[PRE][prompt tokens][HYP]?[prompt tokens][M
 A GPT backbone predicts the object as the next token after the template ([3, subject, 3]), from the logits
 at the position before it. With `deep`, every block of the LM also attends to trainable prefix keys and
 values (P-tuning v2, Liu et al. 2022: "deep prompt tuning"), as many per block as the template has pseudo
-tokens; they are keys and values, not tokens, so the real tokens keep positions 0..T-1 on both backbones. The model keeps one prompt per relation of the knowledge base (the paper trains a prompt per LAMA
-relation): batches carry `relation`, and each example gets its own relation's prompt.
+tokens; they are keys and values, not tokens, so the real tokens keep positions 0..T-1 on both backbones.
+The model keeps one prompt per relation of the knowledge base (the paper trains a prompt per LAMA relation):
+batches carry `relation`, and each example gets its own relation's prompt.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class PTuningConfig:
 
 @dataclass
 class PTuningOutput:
-    logits: torch.Tensor  # (B, V): the LM's scores for each example's object slot; without labels (B, T, V), everywhere
+    logits: torch.Tensor  # (B, V): the LM's scores for each example's object slot; without labels (B, T, V)
     loss: torch.Tensor | None = None  # mean cross-entropy of the objects (nats), when labels are given
 
 
