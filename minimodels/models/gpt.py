@@ -95,17 +95,24 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 past_key_values: list[KVCache] | None = None, use_cache: bool = False,
-                inputs_embeds: torch.Tensor | None = None) -> GPTOutput:
+                inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> GPTOutput:
         """input_ids (B, T). labels (B, T) follow the Hugging Face convention: the model shifts them, so
         logits[:, t] are scored against labels[:, t + 1]; -100 marks positions without a target.
-        inputs_embeds (B, T, C), if given, replaces the token embeddings W_e[input_ids] (P-tuning's prompts)."""
+        inputs_embeds (B, T, C), if given, replaces the token embeddings W_e[input_ids] (P-tuning's prompts).
+        position_ids (T,) or (B, T): the positions whose embeddings W_p are added; None = the tokens follow the
+        cached ones (past .. past + T - 1). P-tuning v2 passes 0 .. T - 1: its cache holds prefixes, not tokens."""
         B, T = input_ids.shape
-        past = past_key_values[0][0].size(2) if past_key_values else 0  # tokens already in the cache
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than model.block_size={self.config.block_size}")
-        pos = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        past = past_key_values[0][0].size(2) if past_key_values else 0  # keys and values already in the cache
+        if position_ids is None:
+            if past + T > self.config.block_size:
+                raise ValueError(f"sequence of {past + T} tokens is longer than "
+                                 f"model.block_size={self.config.block_size}")
+            position_ids = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        elif int(position_ids.max()) >= self.config.block_size:
+            raise ValueError(f"position_ids: reach {int(position_ids.max())}; model.block_size={self.config.block_size} "
+                             f"learns positions 0..{self.config.block_size - 1}")
         tokens = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        x = self.drop(tokens + self.pos_emb(pos))  # (B, T, C)
+        x = self.drop(tokens + self.pos_emb(position_ids))  # (B, T, C)
         presents = [] if use_cache else None
         routings = {}  # name -> Routing of each MoE block
         for i, block in enumerate(self.blocks):
