@@ -517,42 +517,52 @@ def test_padding_takes_no_expert_capacity(arch):
 
 
 # ---------------------------------------------------------------------------------------------- upcycling
-def dense_checkpoint(folder) -> nn.Module:
-    """A dense tiny GPT saved as folder/model.safetensors (what load_pretrained reads)."""
+def dense_checkpoint(folder, arch: str = "gpt") -> nn.Module:
+    """A dense tiny model saved as folder/model.safetensors (what load_pretrained reads)."""
     from safetensors.torch import save_model
 
-    dense = tiny("gpt")
-    with torch.no_grad():  # a trained-looking FFN: nonzero biases
-        for block in dense.blocks:
-            block.ffn.fc.bias.normal_(0, 0.1)
-            block.ffn.proj.bias.normal_(0, 0.1)
+    dense = tiny(arch)
+    with torch.no_grad():  # a trained-looking FFN: no zero biases, no two blocks alike
+        for name, p in dense.named_parameters():
+            if ".ffn." in name:
+                p.add_(0.1 * torch.randn_like(p))
     folder.mkdir(exist_ok=True)
     save_model(dense, str(folder / "model.safetensors"))
     return dense.eval()
 
 
-def test_upcycling_copies_the_dense_ffn_into_every_expert_and_keeps_a_fresh_router(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt", "bert", "t5"])
+def test_upcycling_copies_the_dense_ffn_into_every_expert_and_keeps_a_fresh_router(arch, tmp_path):
+    import re
+
+    from minimodels.train.checkpoint import load_pretrained
+
+    dense = dense_checkpoint(tmp_path, arch)
+    model = tiny(arch, dict(num_experts=4))
+    fresh_routers = {n: p.clone() for n, p in model.named_parameters() if ".gate." in n}
+    new, dropped, upcycled = load_pretrained(model, tmp_path)
+    assert upcycled == [n for n, m in model.named_modules() if isinstance(m, MoE)] and len(upcycled) >= 2
+    assert new == list(fresh_routers) and dropped == []
+    assert all(torch.equal(model.get_parameter(n), p) for n, p in fresh_routers.items())
+    dense_state = dense.state_dict()
+    for name, t in model.state_dict().items():  # experts: their layer's dense FFN; all else: the dense run's
+        if ".gate." not in name:
+            assert torch.equal(t, dense_state[re.sub(r"\.experts\.\d+\.", ".", name)]), name
+
+
+def test_an_upcycled_switch_layer_outputs_the_router_probability_times_the_dense_ffn(tmp_path):
     from minimodels.train.checkpoint import load_pretrained
 
     dense = dense_checkpoint(tmp_path)
     model = tiny("gpt", dict(num_experts=4, capacity_factor=None)).eval()
-    fresh_routers = {n: p.clone() for n, p in model.named_parameters() if ".gate." in n}
-    new, dropped, upcycled = load_pretrained(model, tmp_path)
-    assert upcycled == ["blocks.1.ffn", "blocks.3.ffn"] and dropped == [] and new == list(fresh_routers)
-    assert all(torch.equal(model.get_parameter(n), p) for n, p in fresh_routers.items())
-    dense_params = dict(dense.named_parameters())
-    for name, p in model.named_parameters():  # every other block, embeddings, norms: the dense run's weights
-        if ".ffn.experts." not in name and ".ffn.gate." not in name:
-            assert torch.equal(p, dense_params[name]), name
+    load_pretrained(model, tmp_path)
     x = torch.randn(2, 12, 16)
     with torch.no_grad():
         for i in (1, 3):
             moe, ffn = model.blocks[i].ffn, dense.blocks[i].ffn
-            for expert in moe.experts:
-                assert torch.equal(expert(x), ffn(x))
-            y, routing = moe(x)  # Switch: y_t = p_t * FFN(x_t), token by token, with p_t < 1 the router's probability
+            y, routing = moe(x)  # Switch: y_t = p_t * FFN(x_t), token by token, p_t < 1 the router's probability
             torch.testing.assert_close(y.view(-1, 16), routing.weight * ffn(x).view(-1, 16), rtol=0, atol=1e-6)
-            assert (routing.weight < 1).all()
+            assert (routing.weight < 1).all() and len(set(routing.expert_index.flatten().tolist())) > 1
 
 
 def test_an_upcycled_top1_gpt_whose_gate_weight_is_one_has_the_dense_logits(tmp_path):

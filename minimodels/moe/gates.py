@@ -130,9 +130,9 @@ class SwitchGate(nn.Module):
         probs = logits.softmax(-1)  # eq. 1: p_i(x)
         weight, choice = probs.max(dim=-1, keepdim=True)  # (T, 1) each
         aux_loss = load_balancing_loss(probs, choice, self.num_experts)  # eq. 4, on the choices before drops
-        capacity_factor = self.capacity_factor if self.training or self.capacity_factor is None \
-            else self.eval_capacity_factor
-        return token_choice_routing(logits, probs, choice, weight, None if dropless else capacity_factor, aux_loss)
+        # section 2.2: the eval factor in eval mode, unless capacity_factor None makes the gate dropless in both
+        factor = self.capacity_factor if self.training or self.capacity_factor is None else self.eval_capacity_factor
+        return token_choice_routing(logits, probs, choice, weight, None if dropless else factor, aux_loss)
 
 
 class GShardGate(nn.Module):
