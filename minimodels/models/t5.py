@@ -93,8 +93,8 @@ class T5Stack(nn.Module):
                                              max_distance=c.max_distance)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            PreLNBlock(c.d_model, c.n_head, build_block_ffn(c.moe, i, c.d_model, lambda: build_ffn(
-                           c.ffn, c.d_model, c.d_ff, c.activation, c.dropout, bias=False)),
+            PreLNBlock(c.d_model, c.n_head, build_block_ffn(c.moe, i, c.d_model, c.d_ff, lambda width: build_ffn(
+                           c.ffn, c.d_model, width, c.activation, c.dropout, bias=False)),
                        bias=False, dropout=c.dropout, causal=decoder, cross_attention=decoder, norm="rms",
                        norm_eps=c.norm_eps, d_head=c.d_head, scaled=False, attn_impl=c.attn_impl)
             for i in range(n_layer)

@@ -132,17 +132,20 @@ def init_sources(model, config) -> list[tuple[str, str]]:
 
 def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> None:
     """Start from the weights of the pretraining run `source` (model.init_from, or a part's): same tokenizer, same
-    shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation."""
+    shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation. An MoE
+    layer where `source` has a dense FFN starts with that FFN in every expert and a fresh router (upcycled)."""
     ckpt = latest_checkpoint(source)
     if ckpt is None:
         raise ConfigError(f"model.init_from: {source} holds no checkpoint (train that run first)")
     check_same_tokenizer(source, run_dir, "model.init_from")
     try:
-        new, dropped = load_pretrained(model, ckpt, expert_shards(model))
+        new, dropped, upcycled = load_pretrained(model, ckpt, expert_shards(model))
     except ValueError as e:
         raise ConfigError(f"model.init_from: {e} (the model sections must match {source}/config.yaml)") from None
     if not quiet:
-        print(f"initialised from {ckpt}" + (f"; new: {', '.join(new)}" if new else "")
+        print(f"initialised from {ckpt}" + (f"; upcycled (the dense FFN copied into every expert): "
+                                            f"{', '.join(upcycled)}" if upcycled else "")
+              + (f"; new: {', '.join(new)}" if new else "")
               + (f"; not used: {', '.join(dropped)}" if dropped else ""))
 
 
