@@ -124,6 +124,8 @@ class LMTask:
     which — unlike the loss — can be compared between tokenizers.
     """
 
+    archs = ("gpt",)  # the model.arch values whose forward takes these batches (checked by load_config)
+
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
