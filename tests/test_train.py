@@ -194,6 +194,19 @@ def test_lr_factor_at_the_warmup_edges_and_the_end():
     assert lr_factor(halfway, cfg) == pytest.approx((1 + cfg.min_lr_ratio) / 2)
 
 
+def test_no_two_seeds_share_an_epoch_order():
+    """The order of an epoch is a function of the pair (seed, epoch): seed 1337 at epoch 1000 is not seed 1338 at
+    epoch 0 (as seed * 1000 + epoch made it), and no two pairs of a grid draw the same permutation."""
+    from minimodels.train.trainer import data_order
+
+    n = 50
+    assert not torch.equal(data_order(1337, 1000, n), data_order(1338, 0, n))
+    orders = {tuple(data_order(seed, epoch, n).tolist()) for seed in range(1330, 1340) for epoch in range(1001)}
+    assert len(orders) == 10 * 1001
+    assert torch.equal(data_order(7, 3, n), data_order(7, 3, n))
+    assert sorted(data_order(7, 3, n).tolist()) == list(range(n))
+
+
 def test_batch_larger_than_the_data_names_train_batch_size(tmp_path):
     task = RandomLMTask(n=4)
     with pytest.raises(ConfigError, match=r"^train.batch_size: 8 x 1 processes is larger than the 4 training examples$"):

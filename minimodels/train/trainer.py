@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -88,6 +89,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def data_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """(n,) the order of the training examples in `epoch`: a permutation drawn by numpy's PCG64 seeded with the
+    pair (seed, epoch) itself (SeedSequence hashes both into its 128-bit state). Folding the pair into one
+    integer seed would let pairs collide: seed * K + epoch repeats after K epochs, and torch's generator keeps
+    only 32 bits of a seed."""
+    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, task, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False,
                  world: World | None = None, teacher: torch.nn.Module | None = None):
@@ -130,7 +139,7 @@ class Trainer:
         epoch, i = divmod(index, n // (bs * world.size))  # the last incomplete batch of an epoch is dropped
         if epoch != self._epoch:
             self._epoch = epoch
-            self._order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+            self._order = data_order(self.cfg.seed, epoch, n)
         start = (i * world.size + world.rank) * bs
         examples = [self.task.train[j] for j in self._order[start:start + bs].tolist()]
         seed = self.cfg.seed * 1_000_003 + index * world.size + world.rank  # = index for one process
