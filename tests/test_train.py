@@ -94,8 +94,6 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused():
-    from minimodels.config import ConfigError
-
     with pytest.raises(ConfigError, match="train.dtype: fp16 is only supported on CUDA"):
         Trainer(tiny_gpt(), RandomLMTask(), train_cfg(dtype="fp16"), "unused", quiet=True)
 
@@ -221,3 +219,17 @@ def test_a_device_this_machine_lacks_names_the_key(name):
     with pytest.raises(ConfigError, match=rf"^--device: {name}: this machine has no"):
         resolve_device(name, key="--device")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_vocab_smaller_than_the_tokenizer_names_model_vocab_size(tmp_path, text_source):
+    from minimodels.train.run import prepare
+
+    (tmp_path / "exp.yaml").write_text(CONFIG % (text_source, tmp_path / "run"))
+    cfg = load_config(tmp_path / "exp.yaml")
+    vocab = prepare(cfg, tmp_path).tokenizer.vocab_size  # null: filled from the tokenizer
+    assert cfg.model.vocab_size == vocab
+    cfg = load_config(tmp_path / "exp.yaml", [f"model.vocab_size={vocab - 1}"])
+    with pytest.raises(ConfigError, match=rf"^model.vocab_size: {vocab - 1} is less than the data's {vocab} tokens"):
+        prepare(cfg, tmp_path)
+    cfg = load_config(tmp_path / "exp.yaml", [f"model.vocab_size={vocab}"])
+    assert prepare(cfg, tmp_path).tokenizer.vocab_size == cfg.model.vocab_size
