@@ -45,8 +45,9 @@ class GPTConfig:
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
-        if self.vocab_size is not None and self.vocab_size <= 0:
-            raise ValueError(f"model.vocab_size: must be positive or null, got {self.vocab_size}")
+        for name in ("vocab_size", "d_ff"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be positive or null, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
         check_block_options(self)

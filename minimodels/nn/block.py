@@ -34,8 +34,8 @@ def feed_forward(ffn: nn.Module, x, padding_mask=None, dropless: bool = False):
 
 
 def check_block_options(config) -> None:
-    """Validate the block options every model config shares (attn_impl, ffn, activation, dropout), naming
-    the YAML key in the error."""
+    """Validate the block options every model config shares (attn_impl, ffn, activation, dropout, norm_eps),
+    naming the YAML key in the error."""
     if config.attn_impl not in ATTN_IMPLS:
         raise ValueError(f"model.attn_impl: must be one of {', '.join(ATTN_IMPLS)}, got {config.attn_impl!r}")
     if config.ffn not in FFN_KINDS:
@@ -44,6 +44,8 @@ def check_block_options(config) -> None:
         raise ValueError(f"model.activation: must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"model.dropout: must be in [0, 1), got {config.dropout}")
+    if not config.norm_eps > 0:  # x / sqrt(var + eps): eps <= 0 turns a constant (or any) row nan
+        raise ValueError(f"model.norm_eps: must be positive, got {config.norm_eps}")
 
 
 class PreLNBlock(nn.Module):

@@ -36,8 +36,12 @@ def prepare(cfg: ExperimentConfig, run_dir: Path):
         raise ConfigError(f"data.seq_len: must be set for model.arch={cfg.model.arch} (it has no block_size)")
     task = build_task(cfg.data, seq_len, run_dir / "tokenizer.json")
     for key, value in task.model_overrides().items():
-        if getattr(cfg.model, key, None) is None:
+        have = getattr(cfg.model, key, None)
+        if have is None:
             cfg.model = dataclasses.replace(cfg.model, **{key: value})
+        elif key in ("vocab_size", "num_labels") and have < value:  # a token id / label >= have: IndexError
+            what = "tokens in the tokenizer" if key == "vocab_size" else "classes of the task"
+            raise ConfigError(f"model.{key}: {have} is less than the data's {value} {what}; null takes the data's")
     return task
 
 
@@ -52,6 +56,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
 
 
 def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: bool, quiet: bool) -> dict:
+    resolve_device(cfg.train.device, world)  # a device this machine lacks stops the run before the data is read
     run_dir = Path(cfg.output.dir)
     ckpt = latest_checkpoint(run_dir)
     if resume and ckpt is None:
@@ -171,7 +176,8 @@ def load_teacher(source: Path, run_dir: Path, device: str, world: World):
 
 
 def load_run(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()):
-    """Load a finished (or interrupted) run for inference: (config, model in eval mode, tokenizer)."""
+    """Load a finished (or interrupted) run for inference: (config, model in eval mode, tokenizer) on `device`
+    (a script's --device)."""
     from minimodels.data import Tokenizer
 
     run_dir = Path(run_dir)
@@ -179,7 +185,7 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: list[str] = (
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     model = build_model(cfg.model)
     load_weights(model, ckpt, dev)
     model.to(dev).eval()
