@@ -246,6 +246,11 @@ def test_ptuning_config_errors(backbones, tmp_path):
         run(ptuning_cfg(backbones, "bert", tmp_path / "x", f"model.init_from={tmp_path / 'nothing'}"), quiet=True)
     with pytest.raises(ConfigError, match="model.init_from: P-tuning needs the run folder of a pretrained LM"):
         ptuning_cfg(backbones, "bert", tmp_path, "model.init_from=null")
+    # sizes the data decides: a wrong one would index out of range (too few) or train unused prompts
+    with pytest.raises(ConfigError, match="model.num_prompt_tokens: 4, but data.template has 9 pseudo tokens"):
+        run(ptuning_cfg(backbones, "bert", tmp_path / "p", "model.num_prompt_tokens=4"), quiet=True)
+    with pytest.raises(ConfigError, match=f"model.num_relations: 3 is less than the data's {len(RELATIONS)} relations"):
+        run(ptuning_cfg(backbones, "bert", tmp_path / "r", "model.num_relations=3"), quiet=True)
 
 
 def test_probe_script_prints_one_row_per_relation(backbones, tmp_path):

@@ -39,8 +39,10 @@ def prepare(cfg: ExperimentConfig, run_dir: Path):
         have = getattr(cfg.model, key, None)
         if have is None:
             cfg.model = dataclasses.replace(cfg.model, **{key: value})
-        elif key in ("vocab_size", "num_labels") and have < value:  # a token id / label >= have: IndexError
-            what = "tokens in the tokenizer" if key == "vocab_size" else "classes of the task"
+        elif key == "num_prompt_tokens" and have != value:  # P-tuning: one prompt vector per pseudo token
+            raise ConfigError(f"model.{key}: {have}, but data.template has {value} pseudo tokens; null takes the data's")
+        elif have < value:  # a token id / label / relation >= have: IndexError
+            what = {"vocab_size": "tokens in the tokenizer", "num_labels": "classes of the task"}.get(key, "relations")
             raise ConfigError(f"model.{key}: {have} is less than the data's {value} {what}; null takes the data's")
     return task
 
