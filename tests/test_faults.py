@@ -136,6 +136,15 @@ def test_a_corrupt_tokenizer_stops_with_one_line(copy, script):
     assert str(tokenizer) in one_line_error(r)
 
 
+def test_resume_refuses_to_train_a_new_tokenizer(copy):
+    from minimodels.config import load_config
+    from minimodels.train.run import run
+
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(RunFolderError, match="tokenizer.json: missing; the checkpoints were trained with it"):
+        run(load_config(copy / "config.yaml", [f"output.dir={copy}"]), resume=True, quiet=True)
+
+
 def test_resume_drops_a_cut_short_last_line_of_metrics(copy):
     metrics = copy / "metrics.jsonl"
     events = metrics.read_text()

@@ -58,6 +58,8 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
     ckpt = latest_checkpoint(run_dir)
     if resume and ckpt is None:
         raise ConfigError(f"{run_dir}: nothing to resume, no checkpoint in {run_dir / 'checkpoints'}")
+    if resume and not (run_dir / "tokenizer.json").is_file():  # a new one might number the tokens differently
+        raise RunFolderError(f"{run_dir / 'tokenizer.json'}: missing; the checkpoints were trained with it")
     if not resume and ckpt is not None and not overwrite:
         raise ConfigError(f"output.dir: {run_dir} already holds a run ({ckpt.name}); continue it with "
                           f"--resume {run_dir}, pick another output.dir=..., or pass --overwrite")

@@ -42,9 +42,8 @@ from tqdm import tqdm
 
 from minimodels.config import ConfigError, TrainConfig
 from minimodels.moe.parallel import expert_shards
-from minimodels.train.checkpoint import (RunFolderError, checkpoint_dirs, checkpoint_step, latest_checkpoint,
-                                         load_trainer_state, load_weights, read_weights, rng_state, save_checkpoint,
-                                         set_aside, set_rng_state)
+from minimodels.train.checkpoint import (RunFolderError, checkpoint_dirs, checkpoint_step, load_trainer_state,
+                                         load_weights, read_weights, rng_state, save_checkpoint, set_aside, set_rng_state)
 from minimodels.train.distributed import World, shard_fully
 from minimodels.train.inherit import alpha_at, inheritance_loss
 from minimodels.train.optim import build_optimizer, build_scheduler, lr_factor
@@ -179,12 +178,12 @@ class Trainer:
             if name in self.shards and p.grad is not None:
                 p.grad /= self.world.size
         if not math.isfinite(loss_sum):
-            raise self.diverged(f"loss is {loss_sum}")
+            raise self.diverged(f"loss is {loss_sum} at step {self.step + 1}")
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self.clip_gradients()
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16's scaler skips such steps itself
-            raise self.diverged(f"gradient norm is {grad_norm}")
+            raise self.diverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
         lr = self.scheduler.get_last_lr()[0]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -213,17 +212,16 @@ class Trainer:
         return norm
 
     def diverged(self, what: str) -> TrainingError:
-        """The error for a non-finite loss or gradient at step self.step + 1. The weights of step self.step produce
-        it, so their checkpoint, if any, is set aside (*.nonfinite); the newest checkpoint before it is the last good one:
-        its next step's loss and gradient were finite."""
-        where = f"{what} at step {self.step + 1}"
+        """The error for non-finite weights after step self.step, or a non-finite loss or gradient that they give at
+        step self.step + 1: a checkpoint of step self.step, if any, is set aside (*.nonfinite), and the newest
+        checkpoint before it is the last good one (its next step's loss and gradient were finite)."""
         poisoned = [c for c in checkpoint_dirs(self.run_dir) if checkpoint_step(c) == self.step]
         if poisoned:
-            where += f" (the weights of step {self.step} give it: their checkpoint is set aside as {poisoned[0].name}.nonfinite)"
+            what += f" (the weights of step {self.step} give it: their checkpoint is set aside as {poisoned[0].name}.nonfinite)"
             if self.world.main:
                 set_aside(poisoned[0], "nonfinite")
         last = ([c for c in checkpoint_dirs(self.run_dir) if checkpoint_step(c) < self.step] or ["none"])[-1]
-        return TrainingError(f"{where}; last good checkpoint: {last} "
+        return TrainingError(f"{what}; last good checkpoint: {last} "
                              "(lower train.lr or raise train.warmup_steps, then --resume)")
 
     @torch.no_grad()
@@ -241,9 +239,7 @@ class Trainer:
         """Write a checkpoint (rank 0; every process must call this: RNG states, expert shards and FSDP's
         parameter shards are gathered). model.safetensors always holds the whole model."""
         if not self.finite_state():
-            raise TrainingError(f"non-finite weights or optimizer state after step {self.step}, not saved; last good "
-                                f"checkpoint: {latest_checkpoint(self.run_dir) or 'none'} (lower train.lr or raise "
-                                "train.warmup_steps, then --resume)")
+            raise self.diverged(f"non-finite weights or optimizer state after step {self.step}, not saved")
         rngs = self.world.gather(rng_state())
         weights, optimizer, extra = None, None, {}
         if self.fsdp:  # whole tensors to rank 0; the optimizer state keyed by parameter name
