@@ -16,8 +16,8 @@ from minimodels.data.shapes import (COLOURS, SEEN_PAIRS, UNSEEN, Phrase, chance_
                                     is_true_of, make_split, parse_caption, recall_metrics, retrieval_ranks,
                                     sample_caption)
 from minimodels.models.bert import BERTConfig
-from minimodels.models.brivl import (BriVL, BriVLConfig, ContrastiveConfig, clip_loss, crop_regions, enqueue,
-                                     info_nce, momentum_loss)
+from minimodels.models.brivl import (BriVL, BriVLConfig, ContrastiveConfig, contrastive_loss, crop_regions, enqueue,
+                                     info_nce)
 
 
 def tiny(kind="momentum_queue", queue_size=8, momentum=0.9, regions=True, vocab_size=20, text_init_from=None):
@@ -121,14 +121,27 @@ def test_loss_directions_swap_when_image_and_text_are_swapped():
     g = torch.Generator().manual_seed(1)
     v, t, vk, tk, qv, qt = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (4, 4, 4, 4, 6, 6))
     s = torch.tensor(1 / 0.07)
-    i2t, t2i = clip_loss(v, t, s)
+    i2t, t2i = contrastive_loss(v, t, v, t, s)  # CLIP: the keys are the batch itself
     assert i2t.item() != pytest.approx(t2i.item())  # the two directions differ on this batch ...
-    assert clip_loss(t, v, s) == (t2i, i2t)  # ... and exchange places when the modalities do
-    i2t, t2i = momentum_loss(v, t, vk, tk, qv, qt, s)
+    assert contrastive_loss(t, v, t, v, s) == (t2i, i2t)  # ... and exchange places when the modalities do
+    i2t, t2i = contrastive_loss(v, t, torch.cat([vk, qv]), torch.cat([tk, qt]), s)  # BriVL: keys, then the queue
     assert i2t.item() != pytest.approx(t2i.item())
-    swapped = momentum_loss(t, v, tk, vk, qt, qv, s)
+    swapped = contrastive_loss(t, v, torch.cat([tk, qt]), torch.cat([vk, qv]), s)
     assert torch.equal(swapped[0], t2i) and torch.equal(swapped[1], i2t)
-    assert momentum_loss(v, t, v, t, qv[:0], qt[:0], s) == clip_loss(v, t, s)  # empty queues, keys = queries: CLIP
+
+
+def test_a_slice_of_the_batch_scored_against_all_keys_averages_to_the_whole_batch_loss():
+    """Under torchrun process r scores its rows r*B .. (r+1)*B - 1 against the gathered keys: the mean of
+    the processes' losses is the loss of one process holding the whole batch, with and without a queue."""
+    g = torch.Generator().manual_seed(2)
+    v, t, qv, qt = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (6, 6, 5, 5))
+    s = torch.tensor(1 / 0.07)
+    for keys in [(v, t), (torch.cat([v, qv]), torch.cat([t, qt]))]:
+        whole = torch.stack(contrastive_loss(v, t, *keys, s))
+        parts = [torch.stack(contrastive_loss(v[r * 2:(r + 1) * 2], t[r * 2:(r + 1) * 2], *keys, s, first=r * 2))
+                 for r in range(3)]
+        torch.testing.assert_close(sum(parts) / 3, whole, rtol=1e-6, atol=0)
+        assert not torch.allclose(parts[0], whole)  # each share differs from the mean
 
 
 def test_temperature_is_learned_and_clamped_at_100():
@@ -291,9 +304,9 @@ def test_text_tower_starts_from_a_bert_run(tmp_path):
     assert init_sources(model, model.config) == [("text.bert", str(tmp_path / "bert_run"))]
     for name, source in init_sources(model, model.config):
         init_from_run(model.get_submodule(name), Path(source), tmp_path / "brivl_run", quiet=True)
-    pretrained = dict(bert.named_parameters())  # the MLM head has no place here; the pooler is new
+    pretrained = dict(bert.named_parameters())  # the MLM head has no place here
     shared = [n for n, _ in model.text.bert.named_parameters() if n in pretrained]
-    assert len(shared) == len(list(model.text.bert.parameters())) - 2  # all but pooler.weight and pooler.bias
+    assert len(shared) == len(list(model.text.bert.parameters()))  # the encoder alone: no pooler
     assert all(torch.equal(model.text.bert.get_parameter(n), pretrained[n]) for n in shared)
     assert not torch.equal(model.text_m.bert.tok_emb.weight, bert.tok_emb.weight)  # built before the loading ...
     model.momentum_update()  # ... so the first update copies the loaded weights into the momentum tower

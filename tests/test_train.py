@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from minimodels.config import TrainConfig, load_config
 from minimodels.models import GPT, GPTConfig
+from minimodels.protocols import TrainedModel
 from minimodels.train import Trainer, TrainingError
 from minimodels.train.checkpoint import checkpoint_dirs
 from minimodels.train.run import run
@@ -78,7 +79,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     class Out:
         loss: torch.Tensor
 
-    class Exploding(torch.nn.Module):
+    class Exploding(torch.nn.Module, TrainedModel):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(1))
