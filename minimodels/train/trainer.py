@@ -19,8 +19,8 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 
 Under torchrun (minimodels/train/distributed.py) the model is wrapped in DDP (or sharded by FSDP2 with
 train.distributed.fsdp) and micro-batch i is the slice rank*b .. (rank+1)*b of a global batch of
-world_size*b examples, so N processes with batch b see exactly the examples one process with batch N*b
-would; rank 0 alone logs and writes checkpoints. A loss that compares the examples of a batch with each
+world_size*b examples, so N processes with batch b see exactly the examples (and the collator's random
+choices) one process with batch N*b would; rank 0 alone logs and writes checkpoints. A loss that compares the examples of a batch with each
 other (contrastive negatives) gathers the other processes' examples itself (BriVL, minimodels/nn/gather.py).
 With expert parallelism (model.moe.expert_parallel) each process holds only its share of the experts: DDP
 leaves those parameters alone, and checkpoints gather them so that model.safetensors is the whole model.
@@ -126,16 +126,19 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def train_batch(self, index: int) -> dict:
         """This process's part of micro-batch number `index`: the examples of an epoch are a permutation seeded
-        by (seed, epoch), cut into global batches of world_size * batch_size; rank r takes the r-th slice."""
+        by (seed, epoch), cut into global batches of world_size * batch_size. Every process collates the whole
+        global batch with the generator one process would use and keeps the r-th slice of its rows (rank r),
+        so random collators (masks, sampled captions) treat each example as one process with batch N*b does."""
         n, bs, world = len(self.task.train), self.cfg.batch_size, self.world
         epoch, i = divmod(index, n // (bs * world.size))  # the last incomplete batch of an epoch is dropped
         if epoch != self._epoch:
             self._epoch = epoch
             self._order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
-        start = (i * world.size + world.rank) * bs
-        examples = [self.task.train[j] for j in self._order[start:start + bs].tolist()]
-        seed = self.cfg.seed * 1_000_003 + index * world.size + world.rank  # = index for one process
-        return self.task.collate(examples, torch.Generator().manual_seed(seed))
+        start = i * world.size * bs
+        examples = [self.task.train[j] for j in self._order[start:start + world.size * bs].tolist()]
+        batch = self.task.collate(examples, torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index))
+        mine = slice(world.rank * bs, (world.rank + 1) * bs)  # every collated tensor is batch-first
+        return {k: v[mine] if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
