@@ -66,6 +66,27 @@ def test_grad_accumulation_matches_big_batch(tmp_path):
         assert torch.allclose(p, q, atol=1e-6, rtol=0), name
 
 
+def test_each_process_gets_its_rows_of_the_one_process_batch_random_collator_included(tmp_path):
+    """Rank r of 2 with batch 4 gets rows 4r .. 4r + 3 of what one process with batch 8 collates, with the same
+    random draws (train_batch needs no process group: only the world's rank and size)."""
+    from minimodels.train.distributed import World
+
+    class RandomMaskTask(RandomLMTask):
+        def collate(self, examples, generator):
+            x = torch.stack(examples)
+            return {"input_ids": x, "labels": x.masked_fill(torch.rand(x.shape, generator=generator) < 0.5, -100)}
+
+    one = Trainer(tiny_gpt(), RandomMaskTask(), train_cfg(batch_size=8), tmp_path / "one", quiet=True)
+    two = Trainer(tiny_gpt(), RandomMaskTask(), train_cfg(batch_size=4), tmp_path / "two", quiet=True)
+    for index in (0, 5):  # the second epoch: another permutation
+        whole = one.train_batch(index)
+        for rank in (0, 1):
+            two.world = World(rank=rank, size=2)
+            part = two.train_batch(index)
+            assert part.keys() == whole.keys()
+            assert all(torch.equal(part[k], whole[k][4 * rank:4 * rank + 4]) for k in whole)
+
+
 def test_accumulation_weights_by_targets(tmp_path):
     """Micro-batches with different numbers of targets are weighted by their targets, not equally."""
     from minimodels.train.trainer import count_targets
