@@ -49,6 +49,18 @@ def train(config, out, *overrides, nproc=1, resume=False):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def spawn_two(worker) -> None:
+    """Run worker(rank, 2, port) in 2 processes (torch.multiprocessing) that join a gloo group on a free port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port), nprocs=2, join=True)
+
+
 def weights(out, step=None):
     ckpt = checkpoint_dirs(out)[-1] if step is None else out / "checkpoints" / f"step_{step:08d}"
     return load_file(str(ckpt / "model.safetensors"))
@@ -152,14 +164,7 @@ def contrastive_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_contrastive_gradients_under_two_processes_equal_one_process():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(contrastive_worker, args=(2, port), nprocs=2, join=True)
+    spawn_two(contrastive_worker)
 
 
 @pytest.mark.slow  # ~45-80 s each: three times 20,000 generated scenes; the gradients are checked fast above
@@ -227,14 +232,7 @@ def expert_parallel_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_expert_parallel_moe_equals_the_single_process_moe_for_every_gate():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(expert_parallel_worker, args=(2, port), nprocs=2, join=True)
+    spawn_two(expert_parallel_worker)
 
 
 def test_expert_parallel_needs_experts_divisible_by_processes():
