@@ -199,3 +199,10 @@ def test_relative_adamw_step_is_the_adamw_step_times_the_rms(scale):
     torch.testing.assert_close(models[0].weight - w, (models[1].weight - w) * rms, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="train.optimizer"):
         load_config("configs/gpt.yaml", ["train.optimizer=adam"])
+
+
+def test_every_model_has_the_optional_methods_the_trainer_calls():
+    """The trainer calls model.after_optimizer_step() directly: every model in the table subclasses TrainedModel."""
+    from minimodels.models import MODELS
+
+    assert all(TrainedModel in cls.__mro__ for _, cls in MODELS.values())

@@ -44,7 +44,7 @@ class BERTConfig:
     dropout: float = 0.1  # on embeddings, attention weights, residual branches and the classifier input
     attn_impl: str = "auto"  # auto | manual | sdpa (see minimodels/nn/attention.py)
     norm_eps: float = 1e-12  # LayerNorm epsilon (BERT: 1e-12)
-    head: str = "mlm"  # mlm (pretraining) | classify (one label per sequence) | pooler (encoder + pooler: HF BertModel) | none (encoder only)
+    head: str = "mlm"  # mlm (pretraining) | classify (one label per sequence) | pooler (HF BertModel) | none (encoder)
     nsp: bool = False  # add the next-sentence-prediction head (needs head: mlm; trained by next_sentence_label)
     num_labels: int | None = None  # classes of the classify head; null = from the task
     init_from: str | None = None  # a pretraining run folder to start from (fine-tuning), e.g. runs/bert

@@ -296,8 +296,9 @@ class BriVL(nn.Module, TrainedModel):
                 v_k = all_gather_no_grad(self.image_m(images, boxes, box_mask))  # (W*B, D) keys of the global batch
                 t_k = all_gather_no_grad(self.text_m(input_ids, attention_mask))  # (W*B, D)
             n = int(self.queue_filled)
-            loss_i2t, loss_t2i = contrastive_loss(v, t, torch.cat([v_k, self.image_queue[:n]]),  # (W*B + n, D)
-                                                  torch.cat([t_k, self.text_queue[:n]]), scale, rank_and_size()[0] * len(v))
+            image_keys = torch.cat([v_k, self.image_queue[:n]])  # (W*B + n, D): the batch's keys, then the queue
+            text_keys = torch.cat([t_k, self.text_queue[:n]])  # (W*B + n, D)
+            loss_i2t, loss_t2i = contrastive_loss(v, t, image_keys, text_keys, scale, rank_and_size()[0] * len(v))
             self.push(v_k, t_k)  # after the loss: this batch's keys are negatives for the next batches
         else:
             v_all, t_all = all_gather_with_grad(v), all_gather_with_grad(t)  # (W*B, D) the global batch

@@ -20,8 +20,9 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 Under torchrun (minimodels/train/distributed.py) the model is wrapped in DDP (or sharded by FSDP2 with
 train.distributed.fsdp) and micro-batch i is the slice rank*b .. (rank+1)*b of a global batch of
 world_size*b examples, so N processes with batch b see exactly the examples (and the collator's random
-choices) one process with batch N*b would; rank 0 alone logs and writes checkpoints. A loss that compares the examples of a batch with each
-other (contrastive negatives) gathers the other processes' examples itself (BriVL, minimodels/nn/gather.py).
+choices) one process with batch N*b would; rank 0 alone logs and writes checkpoints. A loss that compares
+the examples of a batch with each other (contrastive negatives) gathers the other processes' examples
+itself (BriVL, minimodels/nn/gather.py).
 With expert parallelism (model.moe.expert_parallel) each process holds only its share of the experts: DDP
 leaves those parameters alone, and checkpoints gather them so that model.safetensors is the whole model.
 """
