@@ -103,7 +103,11 @@ def script_json(script: str, *args: str) -> dict:
 
 
 def minutes(seconds: float | None) -> str | None:
-    return None if seconds is None else f"{int(seconds) // 60} min {round(seconds) % 60} s" if seconds >= 60 else f"{seconds:.0f} s"
+    """221.4 -> "3 min 41 s", 42 -> "42 s" (as the README writes wall times); None stays None."""
+    if seconds is None:
+        return None
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
 
 
 def part(text: str, *values) -> str:

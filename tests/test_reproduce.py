@@ -47,6 +47,10 @@ def test_every_run_is_a_valid_config_trained_after_the_runs_it_points_to(tmp_pat
     assert reproduce.needed(["bert_finetune", "bert_scratch", "gpt"]) == ["bert", "bert_finetune", "bert_scratch", "gpt"]
 
 
+def test_wall_times_read_as_in_the_readme():
+    assert [reproduce.minutes(s) for s in (221.4, 119.6, 42, None)] == ["3 min 41 s", "2 min 0 s", "42 s", None]
+
+
 def test_a_tiny_gpt_row_trains_then_is_reused_then_retrains(tmp_path, capsys):
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -78,13 +82,14 @@ def test_a_tiny_gpt_row_trains_then_is_reused_then_retrains(tmp_path, capsys):
     assert (run_dir / "checkpoints" / "step_00000003").is_dir() and not weights.exists()
 
 
-SMALL = {"gpt": ["model.n_layer=1", "model.n_embd=32", "model.n_head=2"],
-         "t5": ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64"],
-         "brivl": ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.embed_dim=32", "model.text.n_layer=1",
-                   "model.text.n_embd=32", "model.text.n_head=2"],
+GPT_SIZE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2"]
+SMALL = {"gpt": GPT_SIZE + ["data.vocab_size=300"],  # GPT's and BERT's keys
+         "kb": GPT_SIZE,  # the knowledge base needs its vocabulary: every object one token
+         "t5": ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.vocab_size=300"],
+         "brivl": GPT_SIZE + ["model.embed_dim=32", "model.text.n_layer=1", "model.text.n_embd=32", "model.text.n_head=2"],
          "ptuning": []}
-ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "brivl": "brivl", "clip": "brivl",
-        "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning"}  # the others take GPT's and BERT's keys
+ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",
+        "kb_gpt": "kb", "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning"}  # the others: "gpt"
 
 
 @pytest.mark.slow
@@ -93,7 +98,7 @@ def test_every_row_runs_tiny_and_prints_its_numbers(row, tmp_path_factory):
     """Each row with 2 training steps per run (all rows share one runs folder): a row line and a JSON object."""
     runs = tmp_path_factory.getbasetemp() / "reproduce_runs"
     tiny = ["train.max_steps=2", "train.batch_size=4", "train.eval_batches=1", "train.eval_interval=2",
-            "data.vocab_size=300", "output.sample_tokens=0", "output.plot=false"]
+            "output.sample_tokens=0", "output.plot=false"]
     for run in reproduce.needed(reproduce.ROWS[row].runs):
         tiny += [f"{run}:{o}" for o in SMALL[ARCH.get(run, "gpt")] + ["model.contrastive.queue_size=8"] * (run == "brivl")]
     r = subprocess.run([sys.executable, "scripts/reproduce.py", row, *tiny, "--runs-dir", str(runs)],
