@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -171,8 +172,9 @@ def inherit_cell(arch: str):
         if len(steps) == 2:
             reached = f"teacher's val loss reached in {1 - steps['inherit'] / steps['scratch']:.0%} ({arch}, width {n['width']}) fewer steps"
         else:
-            reached = f"teacher's val loss reached at step {steps.get('inherit', 'never')} ({arch}, width {n['width']}), " \
-                      f"from scratch at {steps.get('scratch', 'never')}"
+            at = {k: f"at step {steps[k]}" if k in steps else "never" for k in ("inherit", "scratch")}
+            reached = f"teacher's val loss ({arch}, width {n['width']}) reached with inheritance: {at['inherit']}; " \
+                      f"from scratch: {at['scratch']}"
         return f"{reached}; at the end {arch} {loss['inherit']:.3f} vs {loss['scratch']:.3f} from scratch"
     return cell
 
@@ -285,7 +287,7 @@ def train_or_reuse(name: str, runs: Path, overrides: list[str], say, quiet: bool
     mine = [override for run, override in map(split_run, overrides) if run in (None, name)]
     config_overrides = [o.replace("{runs}", str(runs)) for o in spec.overrides] + mine + [f"output.dir={run_dir}"]
     cfg = load_config(spec.config, config_overrides)
-    command = f"python scripts/train.py {spec.config} {' '.join(config_overrides)}"
+    command = shlex.join(["python", "scripts/train.py", spec.config, *config_overrides])
     ckpt = latest_checkpoint(run_dir)
     written = lambda c: (c / "model.safetensors").stat().st_mtime  # noqa: E731
     if ckpt is not None and same_run(cfg, run_dir, ckpt) and all(written(latest_checkpoint(runs / a)) <= written(ckpt)
