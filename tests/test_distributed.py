@@ -11,9 +11,8 @@ import unittest.mock
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from minimodels.train.checkpoint import checkpoint_dirs
+from conftest import assert_same, train, weights
 
 # No biases: the gradient of the key bias is zero up to round-off (softmax ignores a constant per row), and
 # AdamW divides it by its own tiny RMS, so summing in another order moves it by ~lr. lr is small for the same
@@ -36,28 +35,6 @@ def config(tmp_path_factory):
         (docs / f"doc{i}.txt").write_text(f"The quick brown fox {i} jumps over the lazy dog {i * i}. " * 20)
     (root / "exp.yaml").write_text(CONFIG % docs)
     return root / "exp.yaml"
-
-
-def train(config, out, *overrides, nproc=1, resume=False):
-    """scripts/train.py as a user runs it: plain python, or torchrun --standalone with nproc processes."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    args = ["--resume", str(out)] if resume else [str(config), f"output.dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(launcher + ["scripts/train.py", *args, *overrides, "--quiet"], capture_output=True, text=True,
-                       env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-def weights(out, step=None):
-    ckpt = checkpoint_dirs(out)[-1] if step is None else out / "checkpoints" / f"step_{step:08d}"
-    return load_file(str(ckpt / "model.safetensors"))
-
-
-def assert_same(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
 @pytest.mark.parametrize("grad_accum,fsdp", [(1, False), (2, False), (2, True)])

@@ -1,0 +1,44 @@
+"""Helpers shared by the test files that train whole runs: scripts/train.py under plain python or torchrun,
+and what a run folder holds (its final weights, its logged losses)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from minimodels.train.checkpoint import checkpoint_dirs
+
+
+def train(config, out, *overrides, nproc=1, resume=False):
+    """scripts/train.py as a user runs it: plain python, or torchrun --standalone with nproc processes."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    args = ["--resume", str(out)] if resume else [str(config), f"output.dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(launcher + ["scripts/train.py", *args, *overrides, "--quiet"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def weights(out, step=None):
+    ckpt = checkpoint_dirs(out)[-1] if step is None else out / "checkpoints" / f"step_{step:08d}"
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def assert_same(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def events(out):
+    """The events of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out):
+    """The training loss of every logged step."""
+    return [e["loss"] for e in events(out) if "loss" in e]
