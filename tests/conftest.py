@@ -12,14 +12,19 @@ from safetensors.torch import load_file
 from minimodels.train.checkpoint import checkpoint_dirs
 
 
-def train(config, out, *overrides, nproc=1, resume=False):
-    """scripts/train.py as a user runs it: plain python, or torchrun --standalone with nproc processes."""
+def train_script(*args, nproc=1) -> subprocess.CompletedProcess:
+    """scripts/train.py *args --quiet as a user runs it: plain python, or torchrun --standalone with nproc
+    processes of one thread each."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
+    return subprocess.run(launcher + ["scripts/train.py", *args, "--quiet"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def train(config, out, *overrides, nproc=1, resume=False):
+    """Train `config` into `out` (or resume `out`) with train_script; it must succeed."""
     args = ["--resume", str(out)] if resume else [str(config), f"output.dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(launcher + ["scripts/train.py", *args, *overrides, "--quiet"], capture_output=True, text=True,
-                       env=env, timeout=300)
+    r = train_script(*args, *overrides, nproc=nproc)
     assert r.returncode == 0, r.stderr[-3000:]
 
 

@@ -14,16 +14,13 @@ and 2 for gpt, bert, t5, brivl and switch_gpt; the rest is slow: python -m pytes
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import events, losses, train, weights
+from conftest import events, losses, train, train_script, weights
 from minimodels.config import load_config
 from minimodels.data import shapes
 from minimodels.data.corpus import stdlib_records
@@ -86,7 +83,7 @@ def exact_marks(name):
 
 
 class Killed(Exception):
-    """Raised in place of the step after the one a test kills the process at."""
+    """What a test raises in place of a training step, as if the process had been killed before it."""
 
 
 class Runs:
@@ -213,9 +210,9 @@ def test_grad_accum_with_capacity_and_balancing_loss_trains_on_each_micro_batch(
     2 x b trains (every step logged, finite, with its routing metrics) and differs from one batch of 2b."""
     one = losses(runs.trained(name))
     accumulated = runs.trained(name, *HALF, "train.grad_accum=2")
-    logged = [e for e in events(accumulated) if "loss" in e]
-    assert [e["step"] for e in logged] == [1, 2, 3, 4]
-    assert all(torch.isfinite(torch.tensor(e["loss"])) and "moe_block0_load" in e for e in logged)
+    steps = [e for e in events(accumulated) if "loss" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(e["loss"])) and "moe_block0_load" in e for e in steps)
     assert max(abs(x - y) for x, y in zip(losses(accumulated), one)) > 1e-4
 
 
@@ -231,10 +228,10 @@ def test_grad_accum_of_contrastive_towers_is_the_mean_of_micro_batch_losses(name
     model = build_model(cfg.model).train()
     trainer = Trainer(model, task, cfg.train, tmp_path, quiet=True)
     micro = [model(**trainer.train_batch(i)).loss.item() for i in range(2)]
-    logged = losses(accumulated)
-    assert logged[0] == pytest.approx(sum(micro) / 2, rel=0, abs=1e-6)
-    assert abs(logged[0] - losses(runs.trained(name))[0]) > 1e-3
-    assert all(torch.isfinite(torch.tensor(logged)))
+    accumulated_losses = losses(accumulated)
+    assert accumulated_losses[0] == pytest.approx(sum(micro) / 2, rel=0, abs=1e-6)
+    assert abs(accumulated_losses[0] - losses(runs.trained(name))[0]) > 1e-3
+    assert all(torch.isfinite(torch.tensor(accumulated_losses)))
 
 
 # ------------------------------------------------------------------------------------------ 3. two processes
@@ -268,10 +265,8 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(name, fsdp, 
 
 
 def refused(*args):
-    """The stderr of a torchrun of scripts/train.py on 2 processes that must stop with one line (exit code 2)."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "scripts/train.py", *args, "--quiet"], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    """The stderr of scripts/train.py *args on 2 processes, which must stop with one line (exit code 2)."""
+    r = train_script(*args, nproc=2)
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
     return r.stderr
 

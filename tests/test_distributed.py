@@ -5,14 +5,12 @@ expert parallelism gives the single-process MoE's outputs, gradients and trainin
 import json
 import os
 import shutil
-import subprocess
-import sys
 import unittest.mock
 
 import pytest
 import torch
 
-from conftest import assert_same, train, weights
+from conftest import assert_same, train, train_script, weights
 
 # No biases: the gradient of the key bias is zero up to round-off (softmax ignores a constant per row), and
 # AdamW divides it by its own tiny RMS, so summing in another order moves it by ~lr. lr is small for the same
@@ -170,15 +168,12 @@ def test_switch_gpt_with_expert_parallelism_trains_like_one_process(config, tmp_
     train(config, again, nproc=2, resume=True)
     assert_same(weights(again), whole)
     shutil.rmtree(again / "checkpoints" / "step_00000020")
-    r = subprocess.run([sys.executable, "scripts/train.py", "--resume", str(again), "--quiet"], capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = train_script("--resume", str(again))
     assert r.returncode == 2 and "resumes only with expert parallelism over as many processes" in r.stderr
 
 
 def test_experts_that_do_not_split_evenly_stop_with_a_one_line_error(config, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "scripts/train.py", str(config), f"output.dir={tmp_path / 'odd'}", "model.moe.num_experts=3",
-                        "model.moe.expert_parallel=true", "--quiet"], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = train_script(str(config), f"output.dir={tmp_path / 'odd'}", "model.moe.num_experts=3",
+                     "model.moe.expert_parallel=true", nproc=2)
     assert r.returncode != 0
     assert "error: " in r.stderr and "model.moe.num_experts: 3 experts cannot be split evenly over 2 processes" in r.stderr
