@@ -5,15 +5,12 @@ under 2 or under 1; expert parallelism gives the single-process MoE's outputs, g
 import json
 import os
 import shutil
-import subprocess
-import sys
 import unittest.mock
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from minimodels.train.checkpoint import checkpoint_dirs
+from conftest import assert_same, train, train_script, weights
 
 # No biases: the gradient of the key bias is zero up to round-off (softmax ignores a constant per row), and
 # AdamW divides it by its own tiny RMS, so summing in another order moves it by ~lr. lr is small for the same
@@ -38,17 +35,6 @@ def config(tmp_path_factory):
     return root / "exp.yaml"
 
 
-def train(config, out, *overrides, nproc=1, resume=False):
-    """scripts/train.py as a user runs it: plain python, or torchrun --standalone with nproc processes."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    args = ["--resume", str(out)] if resume else [str(config), f"output.dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(launcher + ["scripts/train.py", *args, *overrides, "--quiet"], capture_output=True, text=True,
-                       env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
 def spawn_two(worker) -> None:
     """Run worker(rank, 2, port) in 2 processes (torch.multiprocessing) that join a gloo group on a free port."""
     import socket
@@ -59,17 +45,6 @@ def spawn_two(worker) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(2, port), nprocs=2, join=True)
-
-
-def weights(out, step=None):
-    ckpt = checkpoint_dirs(out)[-1] if step is None else out / "checkpoints" / f"step_{step:08d}"
-    return load_file(str(ckpt / "model.safetensors"))
-
-
-def assert_same(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
 @pytest.mark.parametrize("grad_accum,fsdp", [(1, False), (2, False), (2, True)])
@@ -272,15 +247,12 @@ def test_switch_gpt_with_expert_parallelism_trains_like_one_process(config, tmp_
     train(config, again, nproc=2, resume=True)
     assert_same(weights(again), whole)
     shutil.rmtree(again / "checkpoints" / "step_00000020")
-    r = subprocess.run([sys.executable, "scripts/train.py", "--resume", str(again), "--quiet"], capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = train_script("--resume", str(again))
     assert r.returncode == 2 and "resumes only with expert parallelism over as many processes" in r.stderr
 
 
 def test_experts_that_do_not_split_evenly_stop_with_a_one_line_error(config, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "scripts/train.py", str(config), f"output.dir={tmp_path / 'odd'}", "model.moe.num_experts=3",
-                        "model.moe.expert_parallel=true", "--quiet"], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = train_script(str(config), f"output.dir={tmp_path / 'odd'}", "model.moe.num_experts=3",
+                     "model.moe.expert_parallel=true", nproc=2)
     assert r.returncode != 0
     assert "error: " in r.stderr and "model.moe.num_experts: 3 experts cannot be split evenly over 2 processes" in r.stderr

@@ -255,6 +255,14 @@ def gallery_split() -> Split:
     return make_split(N_GALLERY, GALLERY_SEED, ALL_PAIRS, distinct=True, captions=True)
 
 
+@functools.lru_cache(maxsize=1)
+def gallery_truth() -> Tensor:
+    """(N, N) bool, truth[i, j]: the gallery's caption i is true of its scene j (the diagonal always is).
+    Cached, like the gallery: every task built in the process reads it."""
+    gallery = gallery_split()
+    return torch.tensor([[is_true_of(c, s) for s in gallery.scenes] for c in gallery.captions])
+
+
 def shapes_corpus(cfg: DataConfig) -> dict[str, list[str]]:
     """data.source: shapes — captions as documents, for training the tokenizer: one sampled caption per
     train scene, and the gallery's captions."""
@@ -329,8 +337,7 @@ class ShapesRetrievalTask:
         self.train = [(image, scene, None) for image, scene in zip(splits["train"].images, splits["train"].scenes)]
         gallery = splits["gallery"]
         self.val = list(zip(gallery.images, gallery.scenes, gallery.captions))
-        # truth[i, j]: caption i is true of gallery scene j (the diagonal always is)
-        self.truth = torch.tensor([[is_true_of(c, s) for s in gallery.scenes] for c in gallery.captions])
+        self.truth = gallery_truth()  # truth[i, j]: caption i is true of gallery scene j
         self.unseen = torch.tensor([any((o.colour, o.shape) in UNSEEN for o in s) for s in gallery.scenes])
         self.probes = splits["probe"]
 

@@ -1,0 +1,49 @@
+"""Helpers shared by the test files that train whole runs: scripts/train.py under plain python or torchrun,
+and what a run folder holds (its final weights, its logged losses)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from minimodels.train.checkpoint import checkpoint_dirs
+
+
+def train_script(*args, nproc=1) -> subprocess.CompletedProcess:
+    """scripts/train.py *args --quiet as a user runs it: plain python, or torchrun --standalone with nproc
+    processes of one thread each."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    return subprocess.run(launcher + ["scripts/train.py", *args, "--quiet"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def train(config, out, *overrides, nproc=1, resume=False):
+    """Train `config` into `out` (or resume `out`) with train_script; it must succeed."""
+    args = ["--resume", str(out)] if resume else [str(config), f"output.dir={out}"]
+    r = train_script(*args, *overrides, nproc=nproc)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def weights(out, step=None):
+    ckpt = checkpoint_dirs(out)[-1] if step is None else out / "checkpoints" / f"step_{step:08d}"
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def assert_same(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def events(out):
+    """The events of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out):
+    """The training loss of every logged step."""
+    return [e["loss"] for e in events(out) if "loss" in e]
