@@ -68,7 +68,8 @@ def test_grad_accumulation_matches_big_batch(tmp_path):
 
 def test_each_process_gets_its_rows_of_the_one_process_batch_random_collator_included(tmp_path):
     """Rank r of 2 with batch 4 gets rows 4r .. 4r + 3 of what one process with batch 8 collates, with the same
-    random draws (train_batch needs no process group: only the world's rank and size)."""
+    random draws, and so does each micro-batch under gradient accumulation (train_batch needs no process group:
+    only the world's rank and size)."""
     from minimodels.train.distributed import World
 
     class RandomMaskTask(RandomLMTask):
@@ -85,6 +86,15 @@ def test_each_process_gets_its_rows_of_the_one_process_batch_random_collator_inc
             part = two.train_batch(index)
             assert part.keys() == whole.keys()
             assert all(torch.equal(part[k], whole[k][4 * rank:4 * rank + 4]) for k in whole)
+    # with train.grad_accum=2 micro-batch j of rank r holds rows (2 j + r) 2 .. + 2 of the step's batch of 8
+    four = Trainer(tiny_gpt(), RandomMaskTask(), train_cfg(batch_size=2, grad_accum=2), tmp_path / "four", quiet=True)
+    for step in (0, 5):
+        whole = one.train_batch(step)
+        for rank in (0, 1):
+            four.world = World(rank=rank, size=2)
+            for j in (0, 1):
+                part, rows = four.train_batch(2 * step + j), slice((2 * j + rank) * 2, (2 * j + rank) * 2 + 2)
+                assert all(torch.equal(part[k], whole[k][rows]) for k in whole)
 
 
 def test_accumulation_weights_by_targets(tmp_path):

@@ -250,8 +250,9 @@ class BriVL(nn.Module, TrainedModel):
         self.image = ImageTower(c)
         self.image.apply(BERT._init_weights)  # N(0, 0.02) matrices, zero biases
         self.text = TextTower(c)
-        # s = 1/tau, stored as log(1/tau) (CLIP) so it stays positive; a buffer when it is not learned
-        log_scale = torch.tensor(math.log(1 / c.contrastive.temperature))
+        # s = 1/tau, stored as log(1/tau) (CLIP) so it stays positive; a buffer when it is not learned.
+        # Shape (1,), not a scalar: FSDP2 shards parameters along their first dimension.
+        log_scale = torch.tensor([math.log(1 / c.contrastive.temperature)])
         if c.contrastive.learn_temperature:
             self.log_scale = nn.Parameter(log_scale)
         else:
@@ -286,7 +287,7 @@ class BriVL(nn.Module, TrainedModel):
             raise ValueError(f"images and input_ids: {len(images)} images but {len(input_ids)} captions")
         v = self.embed_images(images, boxes, box_mask)  # (B, D)
         t = self.embed_texts(input_ids, attention_mask)  # (B, D)
-        scale = self.log_scale.exp().clamp(max=100)  # 1/tau, at most 100 (CLIP)
+        scale = self.log_scale.exp().clamp(max=100).squeeze(0)  # 1/tau, at most 100 (CLIP); 0-d
         if not self.training:  # evaluation: every process sees the whole batch, no gathering, no queue
             loss_i2t, loss_t2i = contrastive_loss(v, t, v, t, scale)
         elif self.config.contrastive.kind == "momentum_queue":

@@ -14,7 +14,7 @@ same batch and the loss becomes (1 - alpha_t) out.loss + alpha_t T^2 KL(teacher 
 alpha_t > 0; after that the teacher is not run.
 
 Determinism: the order of training examples is a function of (seed, epoch) and the collator's random
-generator a function of (seed, micro-batch index), so the data position is a single integer and a
+generator a function of (seed, optimizer step), so the data position is a single integer and a
 resumed run sees exactly the batches an uninterrupted run would have seen.
 
 Under torchrun (minimodels/train/distributed.py) the model is wrapped in DDP (or sharded by FSDP2 with
@@ -103,6 +103,12 @@ def data_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
 
 
+def collate_generator(seed: int, step: int) -> torch.Generator:
+    """The generator a random collator draws with for optimizer step `step`: seeded from the pair (seed, step)
+    through numpy's SeedSequence (as data_order), so no two pairs share a seed by construction."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, task, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False,
                  world: World | None = None, teacher: torch.nn.Module | None = None):
@@ -136,23 +142,29 @@ class Trainer:
             raise ConfigError(f"train.batch_size: {cfg.batch_size} x {self.world.size} processes is larger than the "
                               f"{len(task.train)} training examples")
         self._epoch, self._order = -1, None
+        self._collated = (-1, {})  # (step, the whole step's collated batch)
 
     # ------------------------------------------------------------------ data
     def train_batch(self, index: int) -> dict:
-        """This process's part of micro-batch number `index`: the examples of an epoch are a permutation seeded
-        by (seed, epoch), cut into global batches of world_size * batch_size. Every process collates the whole
-        global batch with the generator one process would use and keeps the r-th slice of its rows (rank r),
-        so random collators (masks, sampled captions) treat each example as one process with batch N*b does."""
-        n, bs, world = len(self.task.train), self.cfg.batch_size, self.world
-        epoch, i = divmod(index, n // (bs * world.size))  # the last incomplete batch of an epoch is dropped
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = data_order(self.cfg.seed, epoch, n)
-        start = i * world.size * bs
-        examples = [self.task.train[j] for j in self._order[start:start + world.size * bs].tolist()]
-        batch = self.task.collate(examples, torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index))
-        mine = slice(world.rank * bs, (world.rank + 1) * bs)  # every collated tensor is batch-first
-        return {k: v[mine] if torch.is_tensor(v) else v for k, v in batch.items()}
+        """This process's part of micro-batch number `index`. The examples of an epoch are a permutation seeded by
+        (seed, epoch), cut into the batches of one optimizer step: grad_accum x world_size x batch_size examples.
+        Every process collates the whole step's batch with the generator one process with one micro-batch would
+        use, and micro-batch j of rank r keeps rows (j N + r) b .. (j N + r + 1) b. So random collators (masks,
+        spans, sampled captions) draw for each example what one process with batch k N b draws."""
+        k, n_proc, bs = self.cfg.grad_accum, self.world.size, self.cfg.batch_size
+        step, j = divmod(index, k)
+        if self._collated[0] != step:
+            n = len(self.task.train)
+            epoch, i = divmod(step, n // (k * n_proc * bs))  # the last incomplete batch of an epoch is dropped
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._order = data_order(self.cfg.seed, epoch, n)
+            start = i * k * n_proc * bs
+            examples = [self.task.train[e] for e in self._order[start:start + k * n_proc * bs].tolist()]
+            self._collated = (step, self.task.collate(examples, collate_generator(self.cfg.seed, step)))
+        first = (j * n_proc + self.world.rank) * bs
+        mine = slice(first, first + bs)  # every collated tensor is batch-first
+        return {key: v[mine] if torch.is_tensor(v) else v for key, v in self._collated[1].items()}
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
