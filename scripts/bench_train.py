@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minimodels.config import load_config
 from minimodels.models import build_model
+from minimodels.train.memory import reuse_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -119,6 +120,7 @@ def main() -> None:
     p.add_argument("--peak-sizes", default="2048,3072,4096", help="matrix sizes n for the (n x n) matmul peak")
     args = p.parse_intermixed_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as the trainer does (MINIMODELS_REUSE_MEMORY=0: glibc's defaults)
 
     cfg = load_config(args.config, args.overrides)
     arch = cfg.model.arch

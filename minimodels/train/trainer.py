@@ -44,6 +44,7 @@ from minimodels.train.checkpoint import (latest_checkpoint, load_trainer_state, 
                                          save_checkpoint, set_rng_state)
 from minimodels.train.distributed import World, shard_fully
 from minimodels.train.inherit import alpha_at, inheritance_loss
+from minimodels.train.memory import reuse_freed_memory
 from minimodels.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -89,6 +90,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     def __init__(self, model: torch.nn.Module, task, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False,
                  world: World | None = None, teacher: torch.nn.Module | None = None):
+        reuse_freed_memory()  # keep freed blocks mapped: no page faults for the next step's tensors (memory.py)
         self.world = world or World()
         self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
         self.quiet = quiet or not self.world.main  # only rank 0 prints
