@@ -61,7 +61,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=100, help="GLM: per blank")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (GPT, T5)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest; BERT: candidates shown (5)")
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens that make up this "
+                   "share of the probability, in (0, 1]")
     p.add_argument("--num-beams", type=int, default=1, help="T5: beam search with this many beams")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -70,18 +71,22 @@ def generate_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def go():
+        import math
+
         import torch
 
-        from minimodels.config import ConfigError
+        from minimodels.config import ConfigError, need
         from minimodels.train.run import load_run
 
+        need(a.max_new_tokens > 0, "--max-new-tokens", f"must be positive, got {a.max_new_tokens}")
+        need(0 <= a.temperature < math.inf, "--temperature", f"must be >= 0 (0: greedy), got {a.temperature}")
+        need(a.top_k is None or a.top_k > 0, "--top-k", f"must be positive, got {a.top_k}")
+        need(a.top_p is None or 0 < a.top_p <= 1, "--top-p", f"must be in (0, 1], got {a.top_p}")
+        need(a.num_beams > 0, "--num-beams", f"must be positive, got {a.num_beams}")
+        need(a.num_samples > 0, "--num-samples", f"must be positive, got {a.num_samples}")
         cfg, model, tok = load_run(a.run_dir, a.device)
-        if a.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
-        if a.top_p is not None and not 0 < a.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {a.top_p}")
-        if a.num_beams < 1 or (a.num_beams > 1 and cfg.model.arch != "t5"):
-            raise ConfigError(f"--num-beams {a.num_beams}: beam search is for T5 runs (>= 1)")
+        if a.num_beams > 1 and cfg.model.arch != "t5":
+            raise ConfigError(f"--num-beams {a.num_beams}: beam search is for T5 runs")
         device = next(model.parameters()).device
         g = torch.Generator(device).manual_seed(a.seed)
         arch = cfg.model.arch

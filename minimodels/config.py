@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,15 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the file and the key."""
+
+
+def need(ok: bool, key: str, problem: str, where: str = "") -> None:
+    """Raise ConfigError "<where>: <key>: <problem>" unless `ok` (key: a YAML key or a command-line option)."""
+    if not ok:
+        raise ConfigError(f"{where}: {key}: {problem}" if where else f"{key}: {problem}")
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what train.device and --device accept
 
 
 @dataclass
@@ -73,11 +83,11 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | relative_adamw (steps scaled by each tensor's RMS, as Adafactor; for T5)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100  # linear warmup from 0 to lr
-    weight_decay: float = 0.1  # AdamW decay on matrices only (not biases, norms, embeddings of positions)
+    warmup_steps: int = 100  # linear warmup: step s (from 0) runs at lr * (s + 1) / warmup_steps
+    weight_decay: float = 0.1  # AdamW decay on every tensor of 2+ dims (matrices, all embeddings, prompts), not biases or norms
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)
     dtype: str = "auto"  # auto (bf16 where supported) | bf16 | fp32 | fp16 (CUDA only)
     eval_interval: int = 250  # evaluate every N steps (and at the end)
     eval_batches: int | None = None  # cap on validation batches per evaluation; null = the whole split
@@ -119,12 +129,30 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     return cfg
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML would keep the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}  # key -> its line (1-based)
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # a list or mapping as key: SafeLoader refuses it
+                continue
+            key = self.construct_object(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first[key]})", key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file (a run folder's is {path / 'config.yaml'})")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -244,55 +272,73 @@ def convert(value: Any, tp: Any, key: str, where: str) -> Any:
 
 
 def validate(cfg: ExperimentConfig, where: str) -> None:
-    t, d = cfg.train, cfg.data
+    from minimodels.data import TASKS  # data.task -> task class (imported late: data imports config)
 
-    def need(ok: bool, key: str, problem: str) -> None:
-        if not ok:
-            raise ConfigError(f"{where}: {key}: {problem}")
+    t, d, o = cfg.train, cfg.data, cfg.output
 
+    def check(ok: bool, key: str, problem: str) -> None:
+        need(ok, key, problem, where)
+
+    try:
+        cfg.model.validate()
+    except ValueError as e:  # the model config names its own key, e.g. "model.n_embd: ..."
+        raise ConfigError(f"{where}: {e}") from None
     for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "save_interval", "keep_last"):
-        need(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
-    need(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"learning rate must be positive, got {t.lr}")
-    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
-    need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    need(t.optimizer in ("adamw", "relative_adamw"), "train.optimizer",
-         f"must be adamw or relative_adamw, got {t.optimizer!r}")
-    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-    need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
-    need(all(0 <= b < 1 for b in t.betas), "train.betas", f"each beta must be in [0, 1), got {list(t.betas)}")
-    need(t.dtype in ("auto", "bf16", "fp32", "fp16"), "train.dtype", f"must be auto, bf16, fp32 or fp16, got {t.dtype!r}")
-    need(t.eval_batches is None or t.eval_batches > 0, "train.eval_batches", "must be positive or null")
+        check(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
+    check(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
+    check(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"learning rate must be positive, got {t.lr}")
+    check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    check(t.optimizer in ("adamw", "relative_adamw"), "train.optimizer",
+          f"must be adamw or relative_adamw, got {t.optimizer!r}")
+    check(0 <= t.weight_decay < math.inf, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    check(0 <= t.grad_clip < math.inf, "train.grad_clip", f"must be >= 0 (0: no clipping), got {t.grad_clip}")
+    check(all(0 <= b < 1 for b in t.betas), "train.betas", f"each beta must be in [0, 1), got {list(t.betas)}")
+    check(DEVICE.fullmatch(t.device) is not None, "train.device",
+          f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+    check(t.dtype in ("auto", "bf16", "fp32", "fp16"), "train.dtype", f"must be auto, bf16, fp32 or fp16, got {t.dtype!r}")
+    check(t.eval_batches is None or t.eval_batches > 0, "train.eval_batches", "must be positive or null")
     if t.teacher is not None:
-        need(cfg.model.arch in ("gpt", "bert"), "train.teacher",
-             f"knowledge inheritance compares a GPT's or BERT's token scores; model.arch is {cfg.model.arch!r}")
-        need(0 <= t.teacher.alpha <= 1, "train.teacher.alpha", f"must be in [0, 1], got {t.teacher.alpha}")
-        need(t.teacher.temperature > 0, "train.teacher.temperature", f"must be positive, got {t.teacher.temperature}")
-        need(t.teacher.decay_steps is None or t.teacher.decay_steps > 0, "train.teacher.decay_steps",
-             f"must be positive or null (constant alpha), got {t.teacher.decay_steps}")
-    need(t.distributed.backend in ("auto", "gloo", "nccl"), "train.distributed.backend",
-         f"must be auto, gloo or nccl, got {t.distributed.backend!r}")
-    need(d.tokenizer in ("char", "bpe", "wordpiece") or d.tokenizer.endswith(".json"), "data.tokenizer",
-         f"must be char, bpe, wordpiece or a path to a tokenizer.json, got {d.tokenizer!r}")
-    need(0 < d.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {d.mask_prob}")
-    need(0 < d.noise_density < 1, "data.noise_density", f"must be in (0, 1), got {d.noise_density}")
-    need(d.mean_span_length >= 1, "data.mean_span_length", f"must be >= 1, got {d.mean_span_length}")
-    need(d.vocab_size > 0, "data.vocab_size", f"must be positive, got {d.vocab_size}")
-    need(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
-    need(not d.random_offset or d.task == "causal_lm", "data.random_offset",
-         f"only data.task causal_lm cuts its windows at random offsets, not {d.task}")
-    need(d.kb_documents > 0, "data.kb_documents", f"must be positive, got {d.kb_documents}")
-    need(cfg.output.sample_tokens >= 0, "output.sample_tokens", "must be >= 0")
+        check(cfg.model.arch in ("gpt", "bert"), "train.teacher",
+              f"knowledge inheritance compares a GPT's or BERT's token scores; model.arch is {cfg.model.arch!r}")
+        check(0 <= t.teacher.alpha <= 1, "train.teacher.alpha", f"must be in [0, 1], got {t.teacher.alpha}")
+        check(0 < t.teacher.temperature < math.inf, "train.teacher.temperature",
+              f"must be positive, got {t.teacher.temperature}")
+        check(t.teacher.decay_steps is None or t.teacher.decay_steps > 0, "train.teacher.decay_steps",
+              f"must be positive or null (constant alpha), got {t.teacher.decay_steps}")
+    check(t.distributed.backend in ("auto", "gloo", "nccl"), "train.distributed.backend",
+          f"must be auto, gloo or nccl, got {t.distributed.backend!r}")
+    check(d.task in TASKS, "data.task", f"unknown task {d.task!r}{suggest(d.task, TASKS)}")
+    archs = TASKS[d.task].archs
+    fitting = [name for name, task in TASKS.items() if cfg.model.arch in task.archs]
+    check(cfg.model.arch in archs, "data.task", f"{d.task} makes batches for model.arch {' or '.join(archs)}, "
+          f"not {cfg.model.arch} (which trains on {' or '.join(fitting)})")
+    check(d.source != "", "data.source", "must name stdlib, a generated world, a file or folder, or a dataset")
+    check(d.text_field != "", "data.text_field", "must name the field holding the text")
+    check(d.tokenizer in ("char", "bpe", "wordpiece") or d.tokenizer.endswith(".json"), "data.tokenizer",
+          f"must be char, bpe, wordpiece or a path to a tokenizer.json, got {d.tokenizer!r}")
+    check(0 < d.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {d.mask_prob}")
+    check(0 < d.noise_density < 1, "data.noise_density", f"must be in (0, 1), got {d.noise_density}")
+    check(1 <= d.mean_span_length < math.inf, "data.mean_span_length", f"must be >= 1, got {d.mean_span_length}")
+    check(d.vocab_size > 0, "data.vocab_size", f"must be positive, got {d.vocab_size}")
+    check(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    check(not d.random_offset or d.task == "causal_lm", "data.random_offset",
+          f"only data.task causal_lm cuts its windows at random offsets, not {d.task}")
+    check(d.kb_documents > 0, "data.kb_documents", f"must be positive, got {d.kb_documents}")
     block_size = getattr(cfg.model, "block_size", None)
     if d.seq_len is not None:
-        need(d.seq_len > 1, "data.seq_len", f"must be at least 2, got {d.seq_len}")
+        check(d.seq_len > 1, "data.seq_len", f"must be at least 2, got {d.seq_len}")
         if block_size is not None:
-            need(d.seq_len <= block_size, "data.seq_len",
-                 f"{d.seq_len} is longer than model.block_size={block_size} supports")
-    if hasattr(cfg.model, "validate"):
-        try:
-            cfg.model.validate()
-        except ValueError as e:  # the model config names its own key, e.g. "model.n_embd: ..."
-            raise ConfigError(f"{where}: {e}") from None
+            check(d.seq_len <= block_size, "data.seq_len",
+                  f"{d.seq_len} is longer than model.block_size={block_size} supports")
+    elif block_size is not None:  # the examples are block_size tokens long
+        check(block_size > 1, "model.block_size",
+              f"must be at least 2 (with data.seq_len null an example is block_size tokens), got {block_size}")
+    check(o.dir != "", "output.dir", "must name the run folder")
+    check(o.sample_tokens >= 0, "output.sample_tokens", f"must be >= 0 (0: no sample), got {o.sample_tokens}")
+    folder = Path(o.dir)
+    for p in [folder, *folder.parents]:  # the run folder and the folders it will be created in
+        check(not p.exists() or p.is_dir(), "output.dir", f"{p} is a file, not a folder")
 
 
 # --------------------------------------------------------------------------- writing

@@ -24,11 +24,14 @@ import argparse
 import math
 import random
 import re
+import sys
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
+from minimodels.cli import guarded
+from minimodels.config import ConfigError, need
 from minimodels.data import load_corpus
 from minimodels.data.blank_infilling import special_ids
 from minimodels.train.run import load_run
@@ -119,11 +122,14 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=5, help="print this many blanks with every run's fill")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    for option, value in (("--blanks", args.blanks), ("--chars", args.chars)):
+        need(value > 0, option, f"must be positive, got {value}")
+    need(args.examples >= 0, "--examples", f"must be >= 0, got {args.examples}")
     runs = {}
     for path in args.runs:
         cfg, model, tok = load_run(path, args.device)
         if cfg.model.arch not in FILL:
-            raise SystemExit(f"error: {path} is a {cfg.model.arch} run; this script fills blanks with {', '.join(FILL)}")
+            raise ConfigError(f"{path} is a {cfg.model.arch} run; this script fills blanks with {', '.join(FILL)}")
         runs[path] = (cfg, model, tok)
     data_cfg = next(iter(runs.values()))[0].data
     docs = load_corpus(data_cfg)["val"]
@@ -142,7 +148,7 @@ def main() -> None:
                 fills[i][path], answer_nats[i][path] = out
     kept = [i for i in range(len(blanks)) if i not in skipped]
     if not kept:
-        raise SystemExit(f"error: none of the {len(blanks)} blanks fits into every run's block_size (try a smaller --chars)")
+        raise ConfigError(f"--chars: none of the {len(blanks)} blanks fits into every run's block_size (try a smaller --chars)")
     print(f"{len(kept)} blanks in {len(kept)} held-out docstrings ({len(skipped)} skipped: longer than a block_size); "
           f"source {data_cfg.source}, val split\n")
     for i in kept[:args.examples]:
@@ -173,4 +179,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guarded(main))

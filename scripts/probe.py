@@ -13,10 +13,13 @@ each relation's best prompt on the held-out subjects themselves, so it is an opt
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 
 import torch
 
+from minimodels.cli import guarded
+from minimodels.config import ConfigError
 from minimodels.data.kb import RELATIONS, KBProbeTask, manual_template
 from minimodels.train.run import load_run
 from minimodels.train.trainer import autocast, resolve_dtype, to_device
@@ -47,6 +50,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     cfg, model, tokenizer = load_run(args.run, args.device)
+    if cfg.model.arch != "ptuning":
+        raise ConfigError(f"{args.run}: is a {cfg.model.arch} run; probe.py prints a ptuning run's table")
     device = next(model.parameters()).device
     dtype = resolve_dtype("auto", device)
     task = KBProbeTask(tokenizer, cfg=cfg.data)
@@ -77,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guarded(main))

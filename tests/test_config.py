@@ -114,3 +114,108 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
         filled = dict(backbone={**backbone, "vocab_size": 128}, num_relations=10, num_prompt_tokens=6)
     model = build_model(dataclasses.replace(cfg.model, **filled))
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# (config, override, the key the one-line error names); "{tmp}" is a fresh folder holding a file "afile"
+RULES = [
+    ("gpt", "model.d_ff=-5", "model.d_ff"),
+    ("gpt", "model.d_ff=0", "model.d_ff"),  # 0 must not silently mean 4 * n_embd
+    ("gpt", "model.block_size=1", "model.block_size"),  # a one-token window has nothing to predict
+    ("gpt", "model.norm_eps=-1", "model.norm_eps"),
+    ("gpt", "model.norm_eps=0", "model.norm_eps"),
+    ("gpt", "model.n_embd=0", "model.n_embd"),
+    ("gpt", "model.n_head=3", "model.n_embd"),
+    ("gpt", "model.dropout=1", "model.dropout"),
+    ("gpt", "model.vocab_size=0", "model.vocab_size"),
+    ("gpt", "model.attn_impl=fast", "model.attn_impl"),
+    ("gpt", "model.activation=tanh", "model.activation"),
+    ("gpt", "data.task=masked_lm", "data.task"),  # a GPT cannot read MLM batches
+    ("gpt", "data.task=causal", "data.task"),
+    ("gpt", "data.seq_len=1", "data.seq_len"),
+    ("gpt", "data.mask_prob=1", "data.mask_prob"),
+    ("gpt", "data.noise_density=0", "data.noise_density"),
+    ("gpt", "data.mean_span_length=0.5", "data.mean_span_length"),
+    ("gpt", "data.vocab_size=0", "data.vocab_size"),
+    ("gpt", "data.val_fraction=1", "data.val_fraction"),
+    ("gpt", "data.kb_documents=0", "data.kb_documents"),
+    ("gpt", "data.tokenizer=sentencepiece", "data.tokenizer"),
+    ("gpt", "data.source=''", "data.source"),
+    ("gpt", "data.text_field=''", "data.text_field"),
+    ("gpt", "train.device=banana", "train.device"),
+    ("gpt", "train.device=cuda:x", "train.device"),
+    ("gpt", "train.seed=-1", "train.seed"),
+    ("gpt", "train.batch_size=0", "train.batch_size"),
+    ("gpt", "train.grad_accum=0", "train.grad_accum"),
+    ("gpt", "train.keep_last=0", "train.keep_last"),
+    ("gpt", "train.lr=nan", "train.lr"),
+    ("gpt", "train.min_lr_ratio=2", "train.min_lr_ratio"),
+    ("gpt", "train.warmup_steps=-1", "train.warmup_steps"),
+    ("gpt", "train.weight_decay=-0.1", "train.weight_decay"),
+    ("gpt", "train.grad_clip=-1", "train.grad_clip"),
+    ("gpt", "train.betas=[0.9, 1.0]", "train.betas"),
+    ("gpt", "train.optimizer=sgd", "train.optimizer"),
+    ("gpt", "train.eval_batches=0", "train.eval_batches"),
+    ("gpt", "train.distributed.backend=mpi", "train.distributed.backend"),
+    ("gpt", "train.teacher={run: runs/x, alpha: 2}", "train.teacher.alpha"),
+    ("gpt", "train.teacher={run: runs/x, temperature: 0}", "train.teacher.temperature"),
+    ("gpt", "output.dir={tmp}/afile", "output.dir"),
+    ("gpt", "output.dir={tmp}/afile/run", "output.dir"),
+    ("gpt", "output.dir=''", "output.dir"),
+    ("gpt", "output.sample_tokens=-1", "output.sample_tokens"),
+    ("bert", "data.task=causal_lm", "data.task"),  # trained, then crashed in evaluation
+    ("bert", "model.type_vocab_size=0", "model.type_vocab_size"),
+    ("bert", "model.d_ff=0", "model.d_ff"),
+    ("bert", "model.norm_eps=0", "model.norm_eps"),
+    ("bert", "model.head=lm", "model.head"),
+    ("bert", "model.block_size=1", "model.block_size"),
+    ("t5", "data.task=masked_lm", "data.task"),
+    ("t5", "model.max_distance=16", "model.max_distance"),  # num_buckets 32: the exact buckets reach 16
+    ("t5", "model.pad_token_id=-1", "model.pad_token_id"),
+    ("t5", "model.d_ff=0", "model.d_ff"),
+    ("t5", "model.num_buckets=2", "model.num_buckets"),
+    ("t5", "model.norm_eps=-1e-6", "model.norm_eps"),
+    ("glm", "data.task=span_corruption", "data.task"),
+    ("glm", "model.d_ff=0", "model.d_ff"),
+    ("glm", "model.norm_eps=0", "model.norm_eps"),
+    ("glm", "model.n_layer=0", "model.n_layer"),
+]
+
+
+@pytest.mark.parametrize("config, override, key", RULES, ids=[f"{c}:{o}" for c, o, _ in RULES])
+def test_each_rule_stops_with_one_line_naming_its_key(tmp_path, config, override, key):
+    (tmp_path / "afile").write_text("")
+    path = Path("configs") / f"{config}.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [override.replace("{tmp}", str(tmp_path))])
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: {key}: ") and "\n" not in msg, msg
+
+
+def test_every_task_trains_the_archs_it_names(tmp_path):
+    """Each shipped config pairs an arch with a task that names it; every other arch is refused for that task."""
+    from minimodels.data import TASKS
+    from minimodels.models import MODEL_CONFIGS
+
+    for path in sorted(Path("configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.model.arch in TASKS[cfg.data.task].archs
+    archs = {arch for task in TASKS.values() for arch in task.archs}
+    assert archs == set(MODEL_CONFIGS)  # every model trains on some task
+    with pytest.raises(ConfigError, match=r"gpt.yaml: data.task: image_text makes batches for model.arch brivl, "
+                                          r"not gpt \(which trains on causal_lm\)"):
+        load_config("configs/gpt.yaml", ["data.task=image_text"])
+
+
+def test_duplicate_yaml_keys_are_refused_with_their_lines(tmp_path):
+    path = write(tmp_path, "model: {arch: gpt}\ntrain:\n  lr: 1e-3\n  max_steps: 10\n  lr: 3e-3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: not valid YAML (line 5, column 3): duplicate key 'lr' (first on line 3)"
+    with pytest.raises(ConfigError, match=r"line 3, column 1\): duplicate key 'model' \(first on line 1\)"):
+        load_config(write(tmp_path, "model: {arch: gpt}\ntrain: {}\nmodel: {arch: bert}\n"))
+
+
+def test_a_folder_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path)
+    assert str(e.value) == f"{tmp_path}: is a folder, not a config file (a run folder's is {tmp_path / 'config.yaml'})"

@@ -119,8 +119,6 @@ def test_source_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"^data.source: 'someone/corpus' is not a local file or folder, .*Couldn't reach the hub$"):
         load_corpus(DataConfig(source="someone/corpus"))
-    with pytest.raises(DataError, match="data.task: unknown task 'mlm'"):
-        build_task(DataConfig(source=str(one), task="mlm"), 8, tmp_path / "tok.json")
 
 
 def test_hugging_face_dataset_splits(monkeypatch):

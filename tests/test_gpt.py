@@ -93,6 +93,22 @@ def test_parity_with_hf_gpt2(impl, hf_kw):
     assert torch.equal(model.generate(prompt, 20, temperature=0), expected)
 
 
+def test_position_ids_match_hf_gpt2_and_are_checked_against_block_size():
+    """Explicit position_ids (B, T), a different start per row (as after a cache of prefixes, not tokens)."""
+    from minimodels.hf import gpt_from_hf
+
+    hf = hf_gpt2()
+    model = gpt_from_hf(hf)
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(5))
+    position_ids = torch.stack([torch.arange(10), torch.arange(22, 32)])  # (B, T)
+    with torch.no_grad():
+        ours, theirs = model(ids, position_ids=position_ids).logits, hf(ids, position_ids=position_ids).logits
+        assert (ours - theirs).abs().max() <= 1e-5
+        assert (ours[1] - model(ids[1:]).logits[0]).abs().max() > 1e-3  # row 1 is not at the default 0..T-1
+    with pytest.raises(ValueError, match="position_ids: reach 32; model.block_size=32"):
+        model(ids, position_ids=position_ids + 1)
+
+
 def test_from_hf_classmethod_and_local_checkpoint(tmp_path):
     from minimodels.hf import load_hf_gpt2
 

@@ -1,5 +1,6 @@
 """Mixture of experts: fast dispatch vs the per-token loop, aux losses in closed form, capacity and drop
-order, jitter, GShard random routing, expert choice, heterogeneous experts, bf16, parity with HF Switch."""
+order, jitter, GShard random routing, expert choice, heterogeneous experts, bf16, parity with HF Switch,
+model.moe from YAML, dropless generation, sparse upcycling from a dense run."""
 
 import math
 import os
@@ -10,8 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minimodels.moe import (ExpertChoiceGate, GShardGate, MoE, SwitchGate, TopKGate, build_gate, load_balancing_loss,
-                            moe_reference, router_z_loss)
+from minimodels.moe import (GATES, ExpertChoiceGate, GShardGate, MoE, MoEConfig, SwitchGate, TopKGate, build_gate,
+                            check_gate, load_balancing_loss, moe_reference, router_z_loss)
 from minimodels.moe.routing import drop_overflow
 from minimodels.nn import MLP, GatedMLP
 
@@ -115,6 +116,18 @@ def test_aux_loss_gradient_is_closed_form_and_reaches_the_router_only_through_pr
     assert direct.abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("gate", [TopKGate(D, E, k=2, capacity_factor=0.5), SwitchGate(D, E, capacity_factor=0.5),
+                                  GShardGate(D, E, capacity_factor=0.5)], ids=["topk", "switch", "gshard"])
+def test_aux_loss_counts_the_choices_before_capacity_drops(gate):
+    logits = torch.randn(24, E, generator=torch.Generator().manual_seed(0)) + torch.tensor([2.0, 0, 0, 0])
+    r = gate.train().route(logits)  # most tokens prefer expert 0, which overflows
+    assert (r.expert_index < 0).any()
+    assert torch.equal(r.expert_index, drop_overflow(r.choice, E, r.capacity))
+    counted = r.choice[:, :1] if isinstance(gate, GShardGate) else r.choice  # GShard counts first choices
+    assert torch.equal(load_balancing_loss(r.probs, counted, E), r.aux_loss)
+    assert abs(load_balancing_loss(r.probs, r.expert_index, E) - r.aux_loss) > 0.1  # after the drops: another number
+
+
 def test_z_loss_of_zero_logits_is_log_e_squared():
     torch.testing.assert_close(router_z_loss(torch.zeros(7, E)), torch.tensor(math.log(E) ** 2))
     gate = SwitchGate(D, 8)
@@ -140,13 +153,21 @@ def test_overflowing_expert_keeps_exactly_capacity_tokens_in_position_order():
     assert (y[:4].abs().sum(1) > 0).all()
 
 
+def test_capacity_factor_null_is_dropless_in_training_and_eval():
+    logits = torch.tensor([[1.0, 0, 0, 0]]).expand(16, E)  # every token prefers expert 0
+    for capacity_factor, eval_drops in [(None, False), (1.25, True)]:  # eval_capacity_factor: 2.0 in both
+        gate = build_gate("switch", D, E, **MoEConfig(num_experts=E, capacity_factor=capacity_factor).gate_options())
+        assert bool((gate.train().route(logits).expert_index < 0).any()) == (capacity_factor is not None)
+        routing = gate.eval().route(logits)
+        assert bool((routing.expert_index < 0).any()) == eval_drops
+        assert (routing.capacity is None) == (not eval_drops)
+        assert (gate.route(logits, dropless=True).expert_index == 0).all()  # dropless=True: none dropped either way
+
+
 def test_every_first_choice_comes_before_any_second_choice():
-    T = 8
     gate = TopKGate(2, 2, k=2, capacity_factor=0.5)  # capacity = ceil(0.5 * 8 * 2 / 2) = 4
-    with torch.no_grad():
-        gate.router.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
-    x = torch.cat([torch.tensor([[1.0, 0.0]]).expand(4, 2), torch.tensor([[0.0, 1.0]]).expand(4, 2)])
-    routing = gate(x)  # tokens 0-3 choose (1, 0), tokens 4-7 choose (0, 1)
+    logits = torch.tensor([[0.0, 1.0]] * 4 + [[1.0, 0.0]] * 4)  # (8, 2)
+    routing = gate.route(logits)  # tokens 0-3 choose (1, 0), tokens 4-7 choose (0, 1)
     # expert 0 is full with the first choices of tokens 4-7 before it sees the second choices of tokens 0-3
     assert routing.capacity == 4
     assert routing.expert_index.tolist() == [[1, -1]] * 4 + [[0, -1]] * 4
@@ -226,6 +247,24 @@ def test_build_gate_checks_k_against_the_gate():
         build_gate("switch", D, E, k=2)
     with pytest.raises(ValueError, match="model.moe.gate"):
         build_gate("top2", D, E)
+
+
+def test_check_gate_names_the_key():
+    with pytest.raises(ValueError, match="model.moe.top_k: gate 'noisy_topk' .* 1 <= k <= 1"):
+        check_gate("noisy_topk", 2, 2)  # the load estimator needs a (k+1)-th expert
+    with pytest.raises(ValueError, match="model.moe.top_k: gate 'topk' .* 1 <= k <= 4"):
+        check_gate("topk", E, 0)
+    with pytest.raises(ValueError, match="model.moe.num_experts: gate 'gshard'"):
+        check_gate("gshard", 1)
+    with pytest.raises(ValueError, match="model.moe.top_k"):
+        TopKGate(D, E, k=5)  # the constructors check through it too
+
+
+def test_validating_a_moe_config_draws_nothing_from_the_global_rng():
+    state = torch.get_rng_state()
+    for gate in GATES:
+        MoEConfig(num_experts=E, gate=gate).validate()
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 # ---------------------------------------------------------------------------------------------- experts
@@ -366,9 +405,22 @@ def test_a_one_expert_moe_model_equals_the_dense_model(arch):
 
 
 def test_switch_gpt_generates_the_same_with_and_without_the_kv_cache():
-    model = tiny("gpt", dict(num_experts=4, eval_capacity_factor=None)).eval()
+    """Generation routes dropless, so a cached one-token step is the uncached pass's last position even
+    with an eval capacity that drops tokens in a forward pass."""
+    model = tiny("gpt", dict(num_experts=4, eval_capacity_factor=0.25)).eval()
+    with torch.no_grad():  # large experts, so that a dropped token changes the next token (at init it would not)
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.mul_(20)
     prompt = batch("gpt")["input_ids"][:, :4]
-    torch.testing.assert_close(model.generate(prompt, 8, top_k=1), model.generate(prompt, 8, top_k=1, use_cache=False))
+    ids = model.generate(prompt, 8, top_k=1)
+    assert torch.equal(ids, model.generate(prompt, 8, top_k=1, use_cache=False))
+    with torch.no_grad():
+        assert all((r.expert_index < 0).any() for r in model(ids).routings)  # this capacity drops tokens
+        cache = model(ids[:, :-1], use_cache=True, dropless=True).past_key_values
+        step = model(ids[:, -1:], past_key_values=cache, use_cache=True, dropless=True).logits[:, -1]  # (B, V)
+        torch.testing.assert_close(step, model(ids, dropless=True).logits[:, -1], rtol=0, atol=1e-5)
+        assert not torch.allclose(step, model(ids).logits[:, -1], atol=1e-3)  # with the drops it would differ
 
 
 def test_model_moe_config_errors_name_the_key(tmp_path):
@@ -382,10 +434,31 @@ def test_model_moe_config_errors_name_the_key(tmp_path):
                               ("model.moe.gate=top2", "model.moe.gate: unknown gate 'top2'"),
                               ("model.moe.top_k=2", "model.moe.top_k: gate 'switch' sends each token to 1 expert"),
                               ("model.moe.capacity_factor=0", "model.moe.capacity_factor: must be > 0"),
+                              ("model.moe.jitter=1.0", r"model.moe.jitter: must be in \[0, 1\)"),
+                              ("model.moe.d_ff=0", "model.moe.d_ff: must be positive or null"),
+                              ("model.moe.random_routing=maybe", "model.moe.random_routing: expected bool"),
                               ("model.moe.gate=expert_choice", "model.moe.gate: expert_choice .* causal"),
                               ("model.moe.every=x", "model.moe.every: expected int")]:
         with pytest.raises(ConfigError, match=message):
             load_config("configs/gpt.yaml", [override])
+
+
+def test_yaml_sets_the_experts_width_the_switch_jitter_and_gshards_random_routing():
+    from minimodels.config import load_config
+    from minimodels.models import build_model
+
+    common = ["model.vocab_size=50", "model.block_size=16", "model.n_layer=2", "model.n_embd=16", "model.n_head=2",
+              "model.moe.num_experts=4", "model.moe.capacity_factor=null"]
+    switch = build_model(load_config("configs/gpt.yaml", common + ["model.moe.d_ff=24", "model.moe.jitter=0.2"]).model)
+    assert switch.blocks[1].ffn.gate.jitter == 0.2
+    assert [expert.fc.out_features for expert in switch.blocks[1].ffn.experts] == [24] * 4
+    assert switch.blocks[0].ffn.fc.out_features == 64  # a dense block keeps the model's width, 4 * n_embd
+    x = torch.randn(64, 16)
+    for random_routing in (True, False):
+        model = build_model(load_config("configs/gpt.yaml", common + [
+            "model.moe.gate=gshard", f"model.moe.random_routing={str(random_routing).lower()}"]).model)
+        routing = model.blocks[1].ffn.gate.train()(x)
+        assert bool((routing.expert_index[:, 1] < 0).any()) == random_routing  # second experts skipped or kept
 
 
 def test_export_of_an_moe_model_to_hf_is_refused():
@@ -441,3 +514,99 @@ def test_padding_takes_no_expert_capacity(arch):
     real = mask.bool()
     torch.testing.assert_close(a[real], b[:, :12][real], rtol=0, atol=1e-5)
     assert model(ids, attention_mask=mask, **({"labels": ids} if arch == "t5" else {})).routings[0].expert_index.shape[0] == int(mask.sum())
+
+
+# ---------------------------------------------------------------------------------------------- upcycling
+def dense_checkpoint(folder, arch: str = "gpt") -> nn.Module:
+    """A dense tiny model saved as folder/model.safetensors (what load_pretrained reads)."""
+    from safetensors.torch import save_model
+
+    dense = tiny(arch)
+    with torch.no_grad():  # a trained-looking FFN: no zero biases, no two blocks alike
+        for name, p in dense.named_parameters():
+            if ".ffn." in name:
+                p.add_(0.1 * torch.randn_like(p))
+    folder.mkdir(exist_ok=True)
+    save_model(dense, str(folder / "model.safetensors"))
+    return dense.eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert", "t5"])
+def test_upcycling_copies_the_dense_ffn_into_every_expert_and_keeps_a_fresh_router(arch, tmp_path):
+    import re
+
+    from minimodels.train.checkpoint import load_pretrained
+
+    dense = dense_checkpoint(tmp_path, arch)
+    model = tiny(arch, dict(num_experts=4))
+    fresh_routers = {n: p.clone() for n, p in model.named_parameters() if ".gate." in n}
+    new, dropped, upcycled = load_pretrained(model, tmp_path)
+    assert upcycled == [n for n, m in model.named_modules() if isinstance(m, MoE)] and len(upcycled) >= 2
+    assert new == list(fresh_routers) and dropped == []
+    assert all(torch.equal(model.get_parameter(n), p) for n, p in fresh_routers.items())
+    dense_state = dense.state_dict()
+    for name, t in model.state_dict().items():  # experts: their layer's dense FFN; all else: the dense run's
+        if ".gate." not in name:
+            assert torch.equal(t, dense_state[re.sub(r"\.experts\.\d+\.", ".", name)]), name
+
+
+def test_an_upcycled_switch_layer_outputs_the_router_probability_times_the_dense_ffn(tmp_path):
+    from minimodels.train.checkpoint import load_pretrained
+
+    dense = dense_checkpoint(tmp_path)
+    model = tiny("gpt", dict(num_experts=4, capacity_factor=None)).eval()
+    load_pretrained(model, tmp_path)
+    x = torch.randn(2, 12, 16)
+    with torch.no_grad():
+        for i in (1, 3):
+            moe, ffn = model.blocks[i].ffn, dense.blocks[i].ffn
+            y, routing = moe(x)  # Switch: y_t = p_t * FFN(x_t), token by token, p_t < 1 the router's probability
+            torch.testing.assert_close(y.view(-1, 16), routing.weight * ffn(x).view(-1, 16), rtol=0, atol=1e-6)
+            assert (routing.weight < 1).all() and len(set(routing.expert_index.flatten().tolist())) > 1
+
+
+def test_an_upcycled_top1_gpt_whose_gate_weight_is_one_has_the_dense_logits(tmp_path):
+    """topk with k = 1 weights the chosen expert by a softmax over one logit, exactly 1: upcycling is then
+    the dense model, whatever the fresh router chooses."""
+    from minimodels.train.checkpoint import load_pretrained
+
+    dense = dense_checkpoint(tmp_path)
+    model = tiny("gpt", dict(num_experts=4, gate="topk", top_k=1, capacity_factor=None)).eval()
+    load_pretrained(model, tmp_path)
+    with torch.no_grad():
+        out, expected = model(**batch("gpt")), dense(**batch("gpt"))
+    assert len(set(torch.cat([r.expert_index for r in out.routings]).flatten().tolist())) > 1  # several experts ran
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=1e-5)
+
+
+def test_upcycling_gives_each_expert_parallel_process_its_experts(tmp_path):
+    """A process of expert parallelism (here: rank 1 of 2, as MoE.shard makes it) loads its own experts."""
+    from minimodels.moe.parallel import expert_shards
+    from minimodels.train.checkpoint import load_pretrained
+
+    dense = dense_checkpoint(tmp_path)
+    model = tiny("gpt", dict(num_experts=4))
+    for i in (1, 3):
+        model.blocks[i].ffn.first_expert, model.blocks[i].ffn.experts = 2, model.blocks[i].ffn.experts[2:]
+    new, dropped, upcycled = load_pretrained(model, tmp_path, expert_shards(model))
+    assert new == ["blocks.1.ffn.gate.router.weight", "blocks.3.ffn.gate.router.weight"] and not dropped
+    for i in (1, 3):
+        assert len(model.blocks[i].ffn.experts) == 2
+        for expert in model.blocks[i].ffn.experts:
+            assert all(torch.equal(t, dense.blocks[i].ffn.state_dict()[n]) for n, t in expert.state_dict().items())
+
+
+def test_init_from_a_dense_run_says_what_it_upcycled(tmp_path, capsys):
+    from minimodels.data.tokenizer import train_tokenizer
+    from minimodels.train.checkpoint import save_checkpoint
+    from minimodels.train.run import init_from_run
+
+    tok = train_tokenizer("char", ["upcycling"], 0)
+    for run_dir in ("dense", "switch"):
+        tok.save(tmp_path / run_dir / "tokenizer.json")
+    save_checkpoint(tmp_path / "dense", 1, tiny("gpt"), {}, keep_last=1)
+    init_from_run(tiny("gpt", dict(num_experts=4)), tmp_path / "dense", tmp_path / "switch")
+    printed = capsys.readouterr().out
+    assert "upcycled (the dense FFN copied into every expert): blocks.1.ffn, blocks.3.ffn" in printed
+    assert "new: blocks.1.ffn.gate.router.weight, blocks.3.ffn.gate.router.weight" in printed
+    assert "not used" not in printed

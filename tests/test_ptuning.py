@@ -122,6 +122,13 @@ def ptuning_cfg(backbones, name, out, *overrides):
         f"output.dir={out}", "train.max_steps=3", "train.eval_batches=1", "train.batch_size=8", *overrides])
 
 
+def tiny_ptuning(backbones, name, *overrides):
+    """A P-tuning model (in eval mode; its backbone as initialised, not loaded) on tiny backbone `name`, and its task."""
+    cfg = ptuning_cfg(backbones, name, backbones / "unused", *overrides)
+    task = build_task(cfg.data, None, backbones / f"kb_{name}" / "tokenizer.json")
+    return PTuning(dataclasses.replace(cfg.model, **task.model_overrides())).eval(), task
+
+
 @pytest.mark.parametrize("name", ["bert", "gpt"])
 @pytest.mark.parametrize("encoder, deep", [("none", False), ("mlp", False), ("lstm", False), ("lstm", True)],
                          ids=["none", "mlp", "lstm", "deep"])
@@ -145,10 +152,7 @@ def test_only_the_prompt_trains_and_the_backbone_stays_bit_identical(backbones, 
 
 
 def test_gradients_reach_only_the_prompt_parameters(backbones):
-    cfg = ptuning_cfg(backbones, "bert", backbones / "unused", "model.deep=true")
-    task = build_task(cfg.data, None, backbones / "kb_bert" / "tokenizer.json")
-    cfg.model = dataclasses.replace(cfg.model, **task.model_overrides())
-    model = PTuning(cfg.model)
+    model, task = tiny_ptuning(backbones, "bert", "model.deep=true")
     batch = task.collate(task.train[:8])
     model(**batch).loss.backward()
     with_grad = {k for k, p in model.named_parameters() if p.grad is not None}
@@ -165,9 +169,7 @@ def test_gradients_reach_only_the_prompt_parameters(backbones):
 def test_gpt_object_is_scored_from_the_position_before_it(backbones):
     """The object token is the last input; its scores must be the GPT's logits at the position before it,
     which cannot depend on the object itself: run the LM on the prompt without the object and compare."""
-    cfg = ptuning_cfg(backbones, "gpt", backbones / "unused")
-    task = build_task(cfg.data, None, backbones / "kb_gpt" / "tokenizer.json")
-    model = PTuning(dataclasses.replace(cfg.model, **task.model_overrides())).eval()
+    model, task = tiny_ptuning(backbones, "gpt")
     examples = [e for e in task.val if len(e.input_ids) == len(task.val[0].input_ids)][:4]  # no padding
     batch = task.collate(examples)
     out = model(**batch)
@@ -184,13 +186,71 @@ def test_gpt_object_is_scored_from_the_position_before_it(backbones):
     torch.testing.assert_close(model(**{**batch, "input_ids": other}).logits, out.logits)
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_deep_prefixes_leave_the_positions_of_the_real_tokens_alone(backbones, name):
+    """P-tuning v2's prefixes are keys and values, not tokens: the real tokens keep positions 0..T-1. With every
+    query blind to the prefixes, the deep model must score exactly as the shallow one; it does not if the
+    prefixes shift the positions (to n..n+T-1, as a KV cache of n tokens would)."""
+    model, task = tiny_ptuning(backbones, name, "model.deep=true")
+    batch = task.collate(task.val[:8])
+    with torch.no_grad():
+        for block in model.backbone.blocks:  # in each head, dimension 0 of the queries is 1, of the keys 0
+            attn = block.attn
+            hs = attn.proj.in_features // attn.n_head
+            q0 = torch.arange(0, attn.proj.in_features, hs)  # rows of W_Q (then W_K, W_V) in the fused qkv
+            k0 = q0 + attn.proj.in_features
+            attn.qkv.weight[q0], attn.qkv.bias[q0] = 0.0, 1.0
+            attn.qkv.weight[k0], attn.qkv.bias[k0] = 0.0, 0.0
+        attended = model(**batch)
+        model.prefix[:, :, 0, :, :, 0] = -1e4  # (R, L, k/v, nh, n, hs): the prefix keys score -1e4 / sqrt(hs)
+        deep = model(**batch)
+        model.config = dataclasses.replace(model.config, deep=False)
+        shallow = model(**batch)
+    torch.testing.assert_close(deep.logits, shallow.logits)
+    torch.testing.assert_close(deep.loss, shallow.loss)
+    assert not torch.allclose(attended.logits, shallow.logits)  # where attended, the prefixes do change the scores
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_without_labels_there_is_no_loss_and_every_position_is_scored(backbones, name):
+    model, task = tiny_ptuning(backbones, name, "model.deep=true")
+    batch = task.collate(task.val[:8])
+    with torch.no_grad():
+        scored = model(**batch)
+        labels = batch.pop("labels")
+        out = model(**batch)
+    assert out.loss is None and out.logits.shape == (*labels.shape, model.backbone.config.vocab_size)
+    rows, slot = (labels != -100).nonzero(as_tuple=True)
+    shift = 1 if name == "gpt" else 0  # GPT scores the object from the position before it
+    torch.testing.assert_close(out.logits[rows, slot - shift], scored.logits)
+
+
+def test_lstm_encoder_takes_an_odd_hidden_width(backbones):
+    model, task = tiny_ptuning(backbones, "bert", "model.hidden=33")
+    encoder = model.prompts[0]
+    h = encoder()
+    assert h.shape == (model.config.num_prompt_tokens, model.backbone.config.n_embd)
+    grad = torch.autograd.grad(h[0].sum(), encoder.p)[0]  # (n, 33)
+    assert (grad.abs().sum(dim=1) > 0).all()  # h_0 sees every p_j: the LSTM reads right to left too
+    model(**task.collate(task.train[:8])).loss.backward()
+
+
 def test_ptuning_config_errors(backbones, tmp_path):
     with pytest.raises(ConfigError, match="model.encoder: must be one of lstm, mlp, none"):
         ptuning_cfg(backbones, "bert", tmp_path, "model.encoder=gru")
+    with pytest.raises(ConfigError, match="model.hidden: must be positive or null, got 0"):
+        ptuning_cfg(backbones, "bert", tmp_path, "model.hidden=0")
+    with pytest.raises(ConfigError, match="model.hidden: encoder none has no hidden layer"):
+        ptuning_cfg(backbones, "bert", tmp_path, "model.encoder=none", "model.hidden=16")
     with pytest.raises(ConfigError, match="model.init_from: .*config.yaml not found"):
         run(ptuning_cfg(backbones, "bert", tmp_path / "x", f"model.init_from={tmp_path / 'nothing'}"), quiet=True)
     with pytest.raises(ConfigError, match="model.init_from: P-tuning needs the run folder of a pretrained LM"):
         ptuning_cfg(backbones, "bert", tmp_path, "model.init_from=null")
+    # sizes the data decides: a wrong one would index out of range (too few) or train unused prompts
+    with pytest.raises(ConfigError, match="model.num_prompt_tokens: 4, but data.template has 9 pseudo tokens"):
+        run(ptuning_cfg(backbones, "bert", tmp_path / "p", "model.num_prompt_tokens=4"), quiet=True)
+    with pytest.raises(ConfigError, match=f"model.num_relations: 3 is less than the data's {len(RELATIONS)} relations"):
+        run(ptuning_cfg(backbones, "bert", tmp_path / "r", "model.num_relations=3"), quiet=True)
 
 
 def test_probe_script_prints_one_row_per_relation(backbones, tmp_path):

@@ -95,3 +95,41 @@ def test_generate_with_t5_and_bert_runs(tmp_path):
     assert r.returncode == 2 and "no [MASK]" in r.stderr
     r = sh("scripts/generate.py", str(tmp_path / "bert"), "--prompt", "a [MASK]", "--num-beams", "2")
     assert r.returncode == 2 and "--num-beams" in r.stderr
+
+
+# (generate's options, the option the one-line error names)
+GENERATE_RULES = [
+    (["--temperature", "-1"], "--temperature"),  # would sample the least likely tokens
+    (["--num-samples", "0"], "--num-samples"),
+    (["--top-k", "0"], "--top-k"),
+    (["--top-k", "-3"], "--top-k"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--num-beams", "0"], "--num-beams"),
+    (["--device", "banana"], "--device"),
+    (["--device", "cuda:7"], "--device"),  # no such GPU here (or on most machines)
+]
+
+
+@pytest.mark.parametrize("options, key", GENERATE_RULES, ids=[" ".join(o) for o, _ in GENERATE_RULES])
+def test_generate_options_stop_with_one_line_naming_the_option(tiny_run, capsys, options, key):
+    from minimodels.cli import generate_main
+
+    out, _ = tiny_run
+    assert generate_main([str(out), *options]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {key}: ") and captured.err.count("\n") == 1, captured.err
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("args, line", [
+    (["scripts/generate.py", "{run}", "--temperature", "-1"], "error: --temperature: must be >= 0 (0: greedy), got -1.0"),
+    (["scripts/train.py", "configs"], "error: configs: is a folder, not a config file (a run folder's is configs/config.yaml)"),
+    (["scripts/train.py", "configs/bert.yaml", "data.task=causal_lm"], "error: configs/bert.yaml: data.task: causal_lm makes "
+     "batches for model.arch gpt, not bert (which trains on masked_lm or package_classification)"),
+])
+def test_scripts_exit_2_with_one_line(tiny_run, args, line):
+    out, _ = tiny_run
+    r = sh(*[a.replace("{run}", str(out)) for a in args])
+    assert (r.returncode, r.stderr) == (2, line + "\n")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minimodels.config import TrainConfig, load_config
+from minimodels.config import ConfigError, TrainConfig, load_config
 from minimodels.models import GPT, GPTConfig
 from minimodels.train import Trainer, TrainingError
 from minimodels.train.checkpoint import checkpoint_dirs
@@ -94,8 +94,6 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused():
-    from minimodels.config import ConfigError
-
     with pytest.raises(ConfigError, match="train.dtype: fp16 is only supported on CUDA"):
         Trainer(tiny_gpt(), RandomLMTask(), train_cfg(dtype="fp16"), "unused", quiet=True)
 
@@ -177,3 +175,61 @@ def test_relative_adamw_step_is_the_adamw_step_times_the_rms(scale):
     torch.testing.assert_close(models[0].weight - w, (models[1].weight - w) * rms, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="train.optimizer"):
         load_config("configs/gpt.yaml", ["train.optimizer=adam"])
+
+
+def test_lr_factor_at_the_warmup_edges_and_the_end():
+    """Step s (from 0) of the warmup runs at (s + 1) / warmup_steps, the first step after it at 1, and the cosine
+    ends at min_lr_ratio at max_steps (and stays there)."""
+    from minimodels.train.optim import lr_factor
+
+    cfg = train_cfg(warmup_steps=10, max_steps=50, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == 1 / cfg.warmup_steps
+    assert lr_factor(cfg.warmup_steps - 1, cfg) == 1.0
+    assert lr_factor(cfg.warmup_steps, cfg) == 1.0
+    assert lr_factor(cfg.max_steps, cfg) == pytest.approx(cfg.min_lr_ratio)
+    assert lr_factor(cfg.max_steps + 5, cfg) == pytest.approx(cfg.min_lr_ratio)
+    halfway = (cfg.warmup_steps + cfg.max_steps) // 2
+    assert lr_factor(halfway, cfg) == pytest.approx((1 + cfg.min_lr_ratio) / 2)
+
+
+def test_no_two_seeds_share_an_epoch_order():
+    """The order of an epoch is a function of the pair (seed, epoch): seed 1337 at epoch 1000 is not seed 1338 at
+    epoch 0 (as seed * 1000 + epoch made it), and no two pairs of a grid draw the same permutation."""
+    from minimodels.train.trainer import data_order
+
+    n = 50
+    assert not torch.equal(data_order(1337, 1000, n), data_order(1338, 0, n))
+    orders = {tuple(data_order(seed, epoch, n).tolist()) for seed in range(1330, 1340) for epoch in range(1001)}
+    assert len(orders) == 10 * 1001
+    assert torch.equal(data_order(7, 3, n), data_order(7, 3, n))
+    assert sorted(data_order(7, 3, n).tolist()) == list(range(n))
+
+
+def test_batch_larger_than_the_data_names_train_batch_size(tmp_path):
+    task = RandomLMTask(n=4)
+    with pytest.raises(ConfigError, match=r"^train.batch_size: 8 x 1 processes is larger than the 4 training examples$"):
+        Trainer(tiny_gpt(), task, train_cfg(batch_size=8), tmp_path, quiet=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1", "mps"])
+def test_a_device_this_machine_lacks_names_the_key(name):
+    from minimodels.train.trainer import resolve_device
+
+    with pytest.raises(ConfigError, match=rf"^--device: {name}: this machine has no"):
+        resolve_device(name, key="--device")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_vocab_smaller_than_the_tokenizer_names_model_vocab_size(tmp_path, text_source):
+    from minimodels.train.run import prepare
+
+    (tmp_path / "exp.yaml").write_text(CONFIG % (text_source, tmp_path / "run"))
+    cfg = load_config(tmp_path / "exp.yaml")
+    vocab = prepare(cfg, tmp_path).tokenizer.vocab_size  # null: filled from the tokenizer
+    assert cfg.model.vocab_size == vocab
+    cfg = load_config(tmp_path / "exp.yaml", [f"model.vocab_size={vocab - 1}"])
+    with pytest.raises(ConfigError, match=rf"^model.vocab_size: {vocab - 1} is less than the data's {vocab} tokens"):
+        prepare(cfg, tmp_path)
+    cfg = load_config(tmp_path / "exp.yaml", [f"model.vocab_size={vocab}"])
+    assert prepare(cfg, tmp_path).tokenizer.vocab_size == cfg.model.vocab_size

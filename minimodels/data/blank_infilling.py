@@ -239,6 +239,8 @@ class BlankInfillingTask:
     deterministic: the Trainer collates val batch k with a generator seeded k, so every evaluation blanks the same
     spans."""
 
+    archs = ("glm",)  # the model.arch values whose forward takes these batches (checked by load_config)
+
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         cfg = cfg or DataConfig()
         if tokenizer.kind not in ("bpe", "char"):

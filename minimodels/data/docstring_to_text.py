@@ -51,6 +51,8 @@ class DocstringToTextTask:
     """Examples are (input ids, target ids) pairs of a docstring and `target(record)`; records for which
     `target` returns None are skipped. Subclasses define `target`."""
 
+    archs = ("t5",)  # the model.arch values whose forward takes these batches (checked by load_config)
+
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]] | None, seq_len: int, cfg: DataConfig | None = None):
         cfg = cfg or DataConfig()
         if cfg.source != "stdlib":

@@ -265,6 +265,7 @@ class KBProbeTask:
     and relation (B,) (each relation has prompts of its own). Metrics: val_p_at_1 over all held-out facts and
     p_at_1/<relation> per relation, from the model's `logits` (B, V) at the object's position."""
 
+    archs = ("ptuning",)  # the model.arch values whose forward takes these batches (checked by load_config)
     needs_seq_len = False  # an example is one filled template, as long as it is
 
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]] | None = None, seq_len: int | None = None,

@@ -104,6 +104,8 @@ class MaskedLMTask:
     val_loss (nats per predicted token) and val_mlm_acc (share predicted exactly). Validation batches are
     masked with a fixed generator per batch (trainer.val_batches), so every evaluation masks the same tokens."""
 
+    archs = ("bert",)  # the model.arch values whose forward takes these batches (checked by load_config)
+
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         cfg = cfg or DataConfig()
         if tokenizer.kind != "wordpiece":

@@ -49,6 +49,8 @@ class PackageClassificationTask:
     """Sequence classification of stdlib docstrings by package. Examples are (token ids (T,), label);
     batches carry input_ids (B, T), attention_mask (B, T) and labels (B,). Metrics: val_loss, val_acc."""
 
+    archs = ("bert",)  # the model.arch values whose forward takes these batches (checked by load_config)
+
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         cfg = cfg or DataConfig()
         if cfg.source != "stdlib":

@@ -317,6 +317,8 @@ class ShapesRetrievalTask:
     (unseen_*), chance levels, how many gallery items a query is true of on average (the ambiguity that
     keeps strict recall below semantic recall), and zero-shot accuracy of shape and colour on the one-object probes."""
 
+    archs = ("brivl",)  # the model.arch values whose forward takes these batches (checked by load_config)
+
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         if cfg is not None and cfg.source != "shapes":
             raise DataError(f"data.source: the image_text task draws its own scenes; needs shapes, got {cfg.source!r}")

@@ -100,6 +100,8 @@ class SpanCorruptionTask:
     them: the numbers to compare with BERT's masked-LM accuracy. Validation is deterministic: the Trainer collates
     val batch k with a generator seeded k, so every evaluation corrupts the same spans."""
 
+    archs = ("t5",)  # the model.arch values whose forward takes these batches (checked by load_config)
+
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         cfg = cfg or DataConfig()
         self.tokenizer, self.seq_len = tokenizer, seq_len

@@ -10,6 +10,7 @@ The Trainer's side of the contract:
   `minimodels.train.trainer.val_batches` yields exactly these. `evaluate` may stop early (a cap on eval batches), but
   it relies on this order to know which windows — and so how many characters — it has seen;
 - `evaluate` is called under torch.no_grad(), autocast and model.eval(), with batches on the device.
+- `archs` names the model.arch values whose forward takes the task's batches; load_config refuses others.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ class LMTask:
     Metrics: val_loss (nats per token), val_ppl = exp(val_loss) and val_bpc (bits per character),
     which — unlike the loss — can be compared between tokenizers.
     """
+
+    archs = ("gpt",)  # the model.arch values whose forward takes these batches (checked by load_config)
 
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         self.tokenizer = tokenizer

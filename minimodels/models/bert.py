@@ -111,8 +111,8 @@ class BERT(nn.Module):
         self.emb_norm = nn.LayerNorm(c.n_embd, eps=c.norm_eps)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            PostLNBlock(c.n_embd, c.n_head, build_block_ffn(c.moe, i, c.n_embd, lambda: build_ffn(
-                            c.ffn, c.n_embd, d_ff, c.activation, c.dropout, True)),
+            PostLNBlock(c.n_embd, c.n_head, build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width: build_ffn(
+                            c.ffn, c.n_embd, width, c.activation, c.dropout, True)),
                         dropout=c.dropout, causal=False, norm_eps=c.norm_eps, attn_impl=c.attn_impl)
             for i in range(c.n_layer)
         )

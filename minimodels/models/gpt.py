@@ -45,8 +45,9 @@ class GPTConfig:
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
-        if self.vocab_size is not None and self.vocab_size <= 0:
-            raise ValueError(f"model.vocab_size: must be positive or null, got {self.vocab_size}")
+        for name in ("vocab_size", "d_ff"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: must be positive or null, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
         check_block_options(self)
@@ -75,8 +76,8 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # W_p
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            PreLNBlock(c.n_embd, c.n_head, build_block_ffn(c.moe, i, c.n_embd, lambda: build_ffn(
-                           c.ffn, c.n_embd, d_ff, c.activation, c.dropout, c.bias)),
+            PreLNBlock(c.n_embd, c.n_head, build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width: build_ffn(
+                           c.ffn, c.n_embd, width, c.activation, c.dropout, c.bias)),
                        bias=c.bias, dropout=c.dropout, causal=True, attn_impl=c.attn_impl, norm_eps=c.norm_eps)
             for i in range(c.n_layer)
         )
@@ -95,21 +96,31 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 past_key_values: list[KVCache] | None = None, use_cache: bool = False,
-                inputs_embeds: torch.Tensor | None = None) -> GPTOutput:
+                inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                dropless: bool = False) -> GPTOutput:
         """input_ids (B, T). labels (B, T) follow the Hugging Face convention: the model shifts them, so
         logits[:, t] are scored against labels[:, t + 1]; -100 marks positions without a target.
-        inputs_embeds (B, T, C), if given, replaces the token embeddings W_e[input_ids] (P-tuning's prompts)."""
+        inputs_embeds (B, T, C), if given, replaces the token embeddings W_e[input_ids] (P-tuning's prompts).
+        position_ids (T,) or (B, T): the positions whose embeddings W_p are added; None = the tokens follow the
+        cached ones (past .. past + T - 1). P-tuning v2 passes 0 .. T - 1: its cache holds prefixes, not tokens.
+        dropless: MoE blocks route every token, whatever their capacity (generate does)."""
         B, T = input_ids.shape
-        past = past_key_values[0][0].size(2) if past_key_values else 0  # tokens already in the cache
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than model.block_size={self.config.block_size}")
-        pos = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        past = past_key_values[0][0].size(2) if past_key_values else 0  # keys and values already in the cache
+        if position_ids is None:
+            if past + T > self.config.block_size:
+                raise ValueError(f"sequence of {past + T} tokens is longer than "
+                                 f"model.block_size={self.config.block_size}")
+            position_ids = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        elif int(position_ids.max()) >= self.config.block_size:
+            raise ValueError(f"position_ids: reach {int(position_ids.max())}; model.block_size={self.config.block_size} "
+                             f"learns positions 0..{self.config.block_size - 1}")
         tokens = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        x = self.drop(tokens + self.pos_emb(pos))  # (B, T, C)
+        x = self.drop(tokens + self.pos_emb(position_ids))  # (B, T, C)
         presents = [] if use_cache else None
         routings = {}  # name -> Routing of each MoE block
         for i, block in enumerate(self.blocks):
-            x, kv, routing = block(x, past_kv=past_key_values[i] if past_key_values else None, use_cache=use_cache)
+            x, kv, routing = block(x, past_kv=past_key_values[i] if past_key_values else None, use_cache=use_cache,
+                                   dropless=dropless)
             if use_cache:
                 presents.append(kv)
             if routing is not None:
@@ -132,7 +143,9 @@ class GPT(nn.Module):
         """Extend input_ids (B, T) by up to max_new_tokens tokens; returns (B, T + new).
 
         With the KV cache each step feeds only the newest token. Once the context reaches block_size the
-        window slides: the oldest token is dropped and the cache rebuilt, exactly as the uncached path."""
+        window slides: the oldest token is dropped and the cache rebuilt, exactly as the uncached path.
+        MoE blocks route dropless: capacity = ceil(factor * T * k / E) counts the tokens of one forward pass,
+        B in a cached step and B * T without the cache, so with capacity the two would drop different tokens."""
         if input_ids.size(1) > self.config.block_size:
             raise ValueError(f"prompt of {input_ids.size(1)} tokens is longer than model.block_size={self.config.block_size}")
         was_training = self.training
@@ -140,9 +153,9 @@ class GPT(nn.Module):
         idx, cache = input_ids, None
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= self.config.block_size:
-                out = self(idx[:, -1:], past_key_values=cache, use_cache=True)  # (B, 1, V)
+                out = self(idx[:, -1:], past_key_values=cache, use_cache=True, dropless=True)  # (B, 1, V)
             else:  # first step, or the window slid: encode the last block_size tokens
-                out = self(idx[:, -self.config.block_size:], use_cache=use_cache)
+                out = self(idx[:, -self.config.block_size:], use_cache=use_cache, dropless=True)
             cache = out.past_key_values
             next_id = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)

@@ -22,8 +22,9 @@ found that an anchor such as "?" in "[PRE][prompt tokens][HYP]?[prompt tokens][M
 A GPT backbone predicts the object as the next token after the template ([3, subject, 3]), from the logits
 at the position before it. With `deep`, every block of the LM also attends to trainable prefix keys and
 values (P-tuning v2, Liu et al. 2022: "deep prompt tuning"), as many per block as the template has pseudo
-tokens. The model keeps one prompt per relation of the knowledge base (the paper trains a prompt per LAMA
-relation): batches carry `relation`, and each example gets its own relation's prompt.
+tokens; they are keys and values, not tokens, so the real tokens keep positions 0..T-1 on both backbones.
+The model keeps one prompt per relation of the knowledge base (the paper trains a prompt per LAMA relation):
+batches carry `relation`, and each example gets its own relation's prompt.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class PTuningConfig:
     def validate(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"model.encoder: must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        if self.encoder == "none" and self.hidden is not None:
+            raise ValueError(f"model.hidden: encoder none has no hidden layer (p_i are the LM's n_embd wide); "
+                             f"leave it null, got {self.hidden}")
         if self.init_from is None and self.backbone is None:
             raise ValueError("model.init_from: P-tuning needs the run folder of a pretrained LM (e.g. runs/kb_bert)")
         for name in ("hidden", "num_prompt_tokens", "num_relations"):
@@ -60,7 +64,7 @@ class PTuningConfig:
 
 @dataclass
 class PTuningOutput:
-    logits: torch.Tensor  # (B, V): the LM's scores for the object slot of each example
+    logits: torch.Tensor  # (B, V): the LM's scores for each example's object slot; without labels (B, T, V)
     loss: torch.Tensor | None = None  # mean cross-entropy of the objects (nats), when labels are given
 
 
@@ -87,17 +91,19 @@ class PromptEncoder(nn.Module):
         super().__init__()
         self.kind = kind
         self.p = nn.Parameter(torch.randn(n, n_embd if kind == "none" else hidden) * 0.02)  # p_i
-        if kind == "lstm":  # 2 layers, H/2 per direction: the concatenated states are H wide
-            self.lstm = nn.LSTM(hidden, hidden // 2, num_layers=2, bidirectional=True, batch_first=True)
+        width = hidden  # what the MLP reads: p_i, or the two directions' states side by side
+        if kind == "lstm":  # 2 layers, H/2 per direction (rounded up: an odd H gives states H + 1 wide)
+            self.lstm = nn.LSTM(hidden, (hidden + 1) // 2, num_layers=2, bidirectional=True, batch_first=True)
+            width = 2 * self.lstm.hidden_size
         if kind in ("lstm", "mlp"):
-            self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
 
     def forward(self) -> torch.Tensor:
         if self.kind == "none":
             return self.p  # h_i = p_i
         x = self.p[None]  # (1, n, H)
         if self.kind == "lstm":
-            x = self.lstm(x)[0]  # (1, n, H): each h_i sees every p_j, left and right
+            x = self.lstm(x)[0]  # (1, n, 2 ceil(H/2)): each h_i sees every p_j, left and right
         return self.mlp(x)[0]  # (n, C)
 
 
@@ -133,10 +139,11 @@ class PTuning(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, prompt_index: torch.Tensor, relation: torch.Tensor,
-                labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PTuningOutput:
+                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> PTuningOutput:
         """input_ids, prompt_index, labels, attention_mask (B, T) and relation (B,), from the kb_probe task:
         prompt_index[b, t] = i where position t holds pseudo token [P_i], else -1; labels hold the object's id
-        at its one position per row (BERT: the [MASK]; GPT: the object token itself, scored from t - 1)."""
+        at its one position per row (BERT: the [MASK]; GPT: the object token itself, scored from t - 1).
+        Without labels there is no loss, and the logits are the LM's at every position (GPT: of the next token)."""
         emb = self.backbone.tok_emb(input_ids)  # (B, T, C): e(x_t)
         prompts = torch.stack([encode() for encode in self.prompts])[relation]  # (R, n, C) -> (B, n, C)
         is_prompt = prompt_index >= 0  # (B, T)
@@ -148,19 +155,24 @@ class PTuning(nn.Module):
             prefix = [tuple(kv.unbind(1)) for kv in per_layer]  # L x ((B, nh, n, hs) keys, (B, nh, n, hs) values)
         return self.score(input_ids, labels, attention_mask, emb, prefix)
 
-    def score(self, input_ids, labels, attention_mask=None, inputs_embeds=None, prefix=None) -> PTuningOutput:
-        """Run the LM and return its scores for the object slot (B, V) and the loss. Also scores manual
-        prompts (scripts/probe.py): then there are no inputs_embeds and no prefix."""
+    def score(self, input_ids, labels=None, attention_mask=None, inputs_embeds=None, prefix=None) -> PTuningOutput:
+        """Run the LM and return its scores for the object slot (B, V) and the loss; without labels, its scores
+        at every position (B, T, V). Also scores manual prompts (scripts/probe.py): then there are no
+        inputs_embeds and no prefix."""
         if self.causal:
-            out = self.backbone(input_ids, labels=labels, inputs_embeds=inputs_embeds, past_key_values=prefix)
-            # the object at position t is predicted by the logits at t - 1 (the next-token shift)
-            target = (labels != -100).int().argmax(dim=1)  # (B,)
-            logits = out.logits[torch.arange(len(labels)), target - 1]  # (B, V)
+            # the prefixes are keys and values, not tokens: the real tokens keep positions 0 .. T - 1
+            positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
+            out = self.backbone(input_ids, labels=labels, inputs_embeds=inputs_embeds, past_key_values=prefix,
+                                position_ids=positions)
+            logits = out.logits  # (B, T, V)
+            if labels is not None:  # the object at position t is predicted by the logits at t - 1 (next-token shift)
+                target = (labels != -100).int().argmax(dim=1)  # (B,)
+                logits = logits[torch.arange(len(labels)), target - 1]  # (B, V)
         else:
             out = self.backbone(input_ids, attention_mask=attention_mask, labels=labels, inputs_embeds=inputs_embeds,
                                 prefix_kv=prefix)
-            logits = out.masked_logits  # (B, V): one labelled position per row, in row order
-        if len(logits) != len(labels):
+            logits = out.logits if labels is None else out.masked_logits  # (B, T, V), or (B, V): one label per row
+        if labels is not None and len(logits) != len(labels):
             raise ValueError(f"labels: expected one object per example, got {len(logits)} for {len(labels)} examples")
         return PTuningOutput(logits=logits, loss=out.loss)
 

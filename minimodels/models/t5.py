@@ -64,6 +64,11 @@ class T5Config:
             raise ValueError(f"model.d_model: {self.d_model} is not divisible by model.n_head={self.n_head} (or set model.d_head)")
         if self.num_buckets < 4:
             raise ValueError(f"model.num_buckets: must be at least 4 (half exact, half log-spaced per direction), got {self.num_buckets}")
+        if self.max_distance <= self.num_buckets // 2:  # the decoder's exact buckets reach num_buckets / 2
+            raise ValueError(f"model.max_distance: must be larger than model.num_buckets / 2 = {self.num_buckets // 2}, "
+                             f"where the log-spaced buckets start; got {self.max_distance}")
+        if self.pad_token_id < 0:
+            raise ValueError(f"model.pad_token_id: must be >= 0, got {self.pad_token_id}")
         check_block_options(self)
         if self.vocab_size is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"model.pad_token_id: {self.pad_token_id} is not an id of a vocabulary of {self.vocab_size}")
@@ -93,8 +98,8 @@ class T5Stack(nn.Module):
                                              max_distance=c.max_distance)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            PreLNBlock(c.d_model, c.n_head, build_block_ffn(c.moe, i, c.d_model, lambda: build_ffn(
-                           c.ffn, c.d_model, c.d_ff, c.activation, c.dropout, bias=False)),
+            PreLNBlock(c.d_model, c.n_head, build_block_ffn(c.moe, i, c.d_model, c.d_ff, lambda width: build_ffn(
+                           c.ffn, c.d_model, width, c.activation, c.dropout, bias=False)),
                        bias=False, dropout=c.dropout, causal=decoder, cross_attention=decoder, norm="rms",
                        norm_eps=c.norm_eps, d_head=c.d_head, scaled=False, attn_impl=c.attn_impl)
             for i in range(n_layer)

@@ -12,6 +12,8 @@ every MoE layer from its blocks (name -> Routing, in block order) and finishes w
 Each layer's aux loss is computed on that layer's own routing and then averaged over layers (Switch,
 section 2.2) — never one loss over the routings of all layers pooled, which would let layers with
 opposite imbalances cancel out.
+
+`upcycle` starts an MoE model from a dense run (sparse upcycling): `model.init_from` uses it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from minimodels.moe.gates import GATES, build_gate
+from minimodels.moe.gates import check_gate
 from minimodels.moe.layer import MoE
 from minimodels.moe.routing import Routing
 
@@ -33,9 +35,12 @@ class MoEConfig:
     num_experts: int = 8  # experts per MoE layer
     gate: str = "switch"  # topk | noisy_topk | switch | gshard | expert_choice (minimodels/moe/gates.py)
     top_k: int | None = None  # experts per token for topk / noisy_topk (default 2); switch is 1, gshard 2
-    every: int = 2  # block i gets an MoE FFN when i % every == 1 (every: 1 = all blocks; 2 = blocks 1, 3, ... as Switch)
-    capacity_factor: float | None = 1.25  # token slots per expert = ceil(factor * T * k / E); null = dropless
-    eval_capacity_factor: float | None = 2.0  # switch only: the factor in eval mode
+    every: int = 2  # block i gets an MoE FFN when i % every == 1 (1 = all blocks; 2 = blocks 1, 3, ... as Switch)
+    d_ff: int | None = None  # hidden width of each expert FFN; null = the model's own FFN width
+    capacity_factor: float | None = 1.25  # token slots per expert = ceil(factor * T * k / E); null = dropless, eval too
+    eval_capacity_factor: float | None = 2.0  # switch only: the factor in eval mode (when capacity_factor is set)
+    jitter: float = 0.01  # switch only: in training the router sees x * U(1 - jitter, 1 + jitter); 0 = off
+    random_routing: bool = True  # gshard only: in training keep the second expert with probability min(1, 2 g2)
     aux_loss_coef: float = 0.01  # weight of the mean load-balancing loss (Switch: alpha = 0.01)
     z_loss_coef: float = 0.001  # weight of the mean router z-loss (ST-MoE: 0.001)
     expert_parallel: bool = False  # under torchrun: shard each layer's experts over the processes (done by build_model)
@@ -44,10 +49,13 @@ class MoEConfig:
         """causal: the model has a causal stack (GPT, T5's decoder), which expert choice cannot serve."""
         if self.num_experts < 1:
             raise ValueError(f"model.moe.num_experts: must be positive, got {self.num_experts}")
-        if self.gate not in GATES:
-            raise ValueError(f"model.moe.gate: unknown gate {self.gate!r} (valid: {', '.join(GATES)})")
+        check_gate(self.gate, self.num_experts, self.top_k)  # a known gate, top_k fits it
         if self.every < 1:
             raise ValueError(f"model.moe.every: must be positive, got {self.every}")
+        if self.d_ff is not None and self.d_ff <= 0:
+            raise ValueError(f"model.moe.d_ff: must be positive or null (the model's FFN width), got {self.d_ff}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"model.moe.jitter: must be in [0, 1), got {self.jitter}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -60,12 +68,14 @@ class MoEConfig:
         for name in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.moe.{name}: must be >= 0, got {getattr(self, name)}")
-        build_gate(self.gate, 8, self.num_experts, self.top_k, **self.gate_options())  # checks top_k against the gate
 
     def gate_options(self) -> dict:
         """Constructor options of the configured gate."""
         if self.gate == "switch":
-            return dict(capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor)
+            return dict(capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
+                        jitter=self.jitter)
+        if self.gate == "gshard":
+            return dict(capacity_factor=self.capacity_factor, random_routing=self.random_routing)
         return dict(capacity_factor=self.capacity_factor)
 
 
@@ -75,12 +85,14 @@ def is_moe_block(config: MoEConfig | None, i: int) -> bool:
     return config is not None and (config.every == 1 or i % config.every == 1)
 
 
-def build_block_ffn(config: MoEConfig | None, i: int, d_model: int, make_ffn: Callable[[], nn.Module]) -> nn.Module:
-    """The feed-forward of block i: make_ffn() (the model's dense FFN), or, in an MoE block, an MoE whose
-    experts are num_experts fresh copies of that same FFN."""
+def build_block_ffn(config: MoEConfig | None, i: int, d_model: int, d_ff: int,
+                    make_ffn: Callable[[int], nn.Module]) -> nn.Module:
+    """The feed-forward of block i: make_ffn(d_ff), the model's dense FFN of hidden width d_ff, or, in an
+    MoE block, an MoE whose experts are num_experts fresh FFNs of that kind, of width config.d_ff or d_ff."""
     if not is_moe_block(config, i):
-        return make_ffn()
-    return MoE(d_model, config.num_experts, config.gate, expert=make_ffn, k=config.top_k, **config.gate_options())
+        return make_ffn(d_ff)
+    return MoE(d_model, config.num_experts, config.gate, expert=lambda: make_ffn(config.d_ff or d_ff), k=config.top_k,
+               **config.gate_options())
 
 
 def add_moe_loss(config: MoEConfig | None, routings: dict[str, Routing], loss: torch.Tensor | None
@@ -111,3 +123,24 @@ def add_moe_loss(config: MoEConfig | None, routings: dict[str, Routing], loss: t
                         f"{name}_dropped": (r.expert_index < 0).float().mean(), f"{name}_load_entropy": entropy,
                         f"{name}_load": load})
     return loss, metrics
+
+
+def upcycle(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Sparse upcycling (Komatsuzaki et al. 2022, section 3.1): an MoE layer of `model` whose place a dense
+    checkpoint fills with a dense FFN starts with that FFN copied into every one of its experts; its router
+    keeps its fresh initialisation. state: the checkpoint's tensors by name. Returns the tensors with each
+    such `<layer>.<name>` replaced by `<layer>.experts.<e>.<name>` for e = 0 .. num_experts - 1 (whole-model
+    names, from which an expert-parallel process takes its own), and the names of the upcycled layers.
+    Layers the checkpoint holds as MoE layers already, or not at all, are left as they are."""
+    state, upcycled = dict(state), []
+    for prefix, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        dense = [name.removeprefix(prefix + ".") for name in state if name.startswith(prefix + ".")]
+        if not dense or any(name.startswith(("experts.", "gate.")) for name in dense):
+            continue
+        for name in dense:
+            tensor = state.pop(f"{prefix}.{name}")
+            state.update({f"{prefix}.experts.{e}.{name}": tensor for e in range(module.num_experts)})
+        upcycled.append(prefix)
+    return state, upcycled

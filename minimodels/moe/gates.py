@@ -1,5 +1,8 @@
 """Gates: who decides which expert sees which token. Each is an nn.Module called as `gate(x)` with
-x (T, d_model), returning a `Routing` (minimodels/moe/routing.py).
+x (T, d_model), returning a `Routing` (minimodels/moe/routing.py). `gate(x)` computes the router logits
+(T, E) and hands them to `gate.route(logits)` (noisy_topk: `route(logits, noise_std)`), which makes every
+decision; a test can call `route` with logits of its choosing. With dropless=True (an argument of both)
+capacity is ignored: every choice is kept.
 
     TopKGate          FastMoE's naive gate: top-k logits, softmax over the k chosen      tokens choose
     NoisyTopKGate     Shazeer et al. 2017: top-k of logits + trainable Gaussian noise    tokens choose
@@ -19,7 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimodels.moe.routing import Routing, expert_capacity, load_balancing_loss, router_z_loss, token_choice_routing
+from minimodels.moe.routing import Routing, load_balancing_loss, router_z_loss, token_choice_routing
+
+
+DEFAULT_K = 2  # experts per token of topk and noisy_topk unless k (model.moe.top_k) says otherwise
 
 
 def router_logits(router: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -32,20 +38,22 @@ class TopKGate(nn.Module):
     """FastMoE's NaiveGate: each token takes its k highest-scoring experts, weighted by a softmax over just
     those k logits. No balancing pressure of its own beyond `aux_loss`; dropless unless capacity_factor is set."""
 
-    def __init__(self, d_model: int, num_experts: int, k: int = 2, capacity_factor: float | None = None):
+    def __init__(self, d_model: int, num_experts: int, k: int = DEFAULT_K, capacity_factor: float | None = None):
         super().__init__()
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"TopKGate: k must be in [1, num_experts={num_experts}], got {k}")
+        check_gate("topk", num_experts, k)
         self.num_experts, self.k, self.capacity_factor = num_experts, k, capacity_factor
         self.router = nn.Linear(d_model, num_experts, bias=False)  # W_g
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        logits = router_logits(self.router, x)  # (T, E)
+    def forward(self, x: torch.Tensor, dropless: bool = False) -> Routing:
+        return self.route(router_logits(self.router, x), dropless)
+
+    def route(self, logits: torch.Tensor, dropless: bool = False) -> Routing:
+        """The routing of T tokens with router logits (T, E)."""
         top_logits, choice = logits.topk(self.k, dim=-1)  # (T, k)
         probs = logits.softmax(-1)
         aux_loss = load_balancing_loss(probs, choice, self.num_experts)
-        capacity = expert_capacity(x.shape[0], self.num_experts, self.k, self.capacity_factor)
-        return token_choice_routing(logits, probs, choice, top_logits.softmax(-1), capacity, aux_loss)
+        capacity_factor = None if dropless else self.capacity_factor
+        return token_choice_routing(logits, probs, choice, top_logits.softmax(-1), capacity_factor, aux_loss)
 
 
 class NoisyTopKGate(nn.Module):
@@ -63,19 +71,21 @@ class NoisyTopKGate(nn.Module):
     `logits` and `probs` in the Routing are of the noisy logits H(x) the choice was made from.
     """
 
-    def __init__(self, d_model: int, num_experts: int, k: int = 2, capacity_factor: float | None = None):
+    def __init__(self, d_model: int, num_experts: int, k: int = DEFAULT_K, capacity_factor: float | None = None):
         super().__init__()
-        if not 1 <= k < num_experts:
-            raise ValueError(f"NoisyTopKGate: k must be in [1, num_experts={num_experts}) for the load "
-                             f"estimator (it compares with the (k+1)-th logit), got {k}")
+        check_gate("noisy_topk", num_experts, k)
         self.num_experts, self.k, self.capacity_factor = num_experts, k, capacity_factor
         self.router = nn.Linear(d_model, num_experts, bias=False)  # W_g
         self.noise = nn.Linear(d_model, num_experts, bias=False)  # W_noise
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        T, E, k = x.shape[0], self.num_experts, self.k
+    def forward(self, x: torch.Tensor, dropless: bool = False) -> Routing:
         clean = router_logits(self.router, x)  # (T, E) x W_g
         noise_std = F.softplus(router_logits(self.noise, x))  # (T, E) Softplus(x W_noise)
+        return self.route(clean, noise_std, dropless)
+
+    def route(self, clean: torch.Tensor, noise_std: torch.Tensor, dropless: bool = False) -> Routing:
+        """The routing of T tokens with clean router logits x W_g (T, E) and noise scales (T, E)."""
+        (T, E), k = clean.shape, self.k
         # eq. 4: H(x)_i = (x W_g)_i + StandardNormal() * Softplus((x W_noise)_i), in training only
         noisy = clean + torch.randn_like(clean) * noise_std if self.training else clean
         top, top_index = noisy.topk(k + 1, dim=-1)  # (T, k+1): the (k+1)-th is needed for the load below
@@ -89,17 +99,17 @@ class NoisyTopKGate(nn.Module):
         threshold = torch.where(in_top_k, top[:, k:k + 1], top[:, k - 1:k])  # (T, E)
         load = torch.special.ndtr((clean - threshold) / noise_std).sum(0)  # (E,) eq. 10: Load(X)_i = sum_x P(x, i)
         aux_loss = E / 2 * ((importance / importance.sum()).square().sum() + (load / load.sum()).square().sum())
-        capacity = expert_capacity(T, E, k, self.capacity_factor)
-        return token_choice_routing(noisy, noisy.softmax(-1), choice, weight, capacity, aux_loss)
+        capacity_factor = None if dropless else self.capacity_factor
+        return token_choice_routing(noisy, noisy.softmax(-1), choice, weight, capacity_factor, aux_loss)
 
 
 class SwitchGate(nn.Module):
     """Switch routing (Fedus et al. 2021, section 2.1): each token goes to its single most probable expert,
     weighted by that expert's full-softmax probability p_i(x) (eq. 1-2), so the task loss trains the router.
 
-    Capacity: capacity_factor in training, eval_capacity_factor in eval (section 2.2). Jitter (section 2.4):
-    in training the router's copy of x is multiplied by noise ~ U(1 - jitter, 1 + jitter); the experts
-    always receive the exact x.
+    Capacity: capacity_factor in training, eval_capacity_factor in eval (section 2.2); capacity_factor None
+    is dropless in both. Jitter (section 2.4): in training the router's copy of x is multiplied by noise
+    ~ U(1 - jitter, 1 + jitter); the experts always receive the exact x.
     """
 
     def __init__(self, d_model: int, num_experts: int, capacity_factor: float | None = 1.25,
@@ -109,17 +119,20 @@ class SwitchGate(nn.Module):
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.router = nn.Linear(d_model, num_experts, bias=False)  # W_r
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, dropless: bool = False) -> Routing:
         x_router = x.float()  # a copy for the router: jitter never reaches the experts
         if self.training and self.jitter > 0:
             x_router = x_router * torch.empty_like(x_router).uniform_(1 - self.jitter, 1 + self.jitter)
-        logits = router_logits(self.router, x_router)  # (T, E)
+        return self.route(router_logits(self.router, x_router), dropless)
+
+    def route(self, logits: torch.Tensor, dropless: bool = False) -> Routing:
+        """The routing of T tokens with router logits (T, E)."""
         probs = logits.softmax(-1)  # eq. 1: p_i(x)
         weight, choice = probs.max(dim=-1, keepdim=True)  # (T, 1) each
         aux_loss = load_balancing_loss(probs, choice, self.num_experts)  # eq. 4, on the choices before drops
-        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        capacity = expert_capacity(x.shape[0], self.num_experts, 1, capacity_factor)
-        return token_choice_routing(logits, probs, choice, weight, capacity, aux_loss)
+        # section 2.2: the eval factor in eval mode, unless capacity_factor None makes the gate dropless in both
+        factor = self.capacity_factor if self.training or self.capacity_factor is None else self.eval_capacity_factor
+        return token_choice_routing(logits, probs, choice, weight, None if dropless else factor, aux_loss)
 
 
 class GShardGate(nn.Module):
@@ -131,13 +144,15 @@ class GShardGate(nn.Module):
     def __init__(self, d_model: int, num_experts: int, capacity_factor: float | None = 1.0,
                  random_routing: bool = True):
         super().__init__()
-        if num_experts < 2:
-            raise ValueError(f"GShardGate: top-2 gating needs num_experts >= 2, got {num_experts}")
+        check_gate("gshard", num_experts)
         self.num_experts, self.capacity_factor, self.random_routing = num_experts, capacity_factor, random_routing
         self.router = nn.Linear(d_model, num_experts, bias=False)  # W_g
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        logits = router_logits(self.router, x)  # (T, E)
+    def forward(self, x: torch.Tensor, dropless: bool = False) -> Routing:
+        return self.route(router_logits(self.router, x), dropless)
+
+    def route(self, logits: torch.Tensor, dropless: bool = False) -> Routing:
+        """The routing of T tokens with router logits (T, E)."""
         probs = logits.softmax(-1)
         top, choice = probs.topk(2, dim=-1)  # (T, 2)
         weight = top / top.sum(-1, keepdim=True)  # g1, g2 renormalised over the two
@@ -145,8 +160,8 @@ class GShardGate(nn.Module):
         if self.training and self.random_routing:
             keep_second = torch.rand_like(weight[:, 1]) < 2 * weight[:, 1]  # (T,)
             choice = torch.stack([choice[:, 0], choice[:, 1].masked_fill(~keep_second, -1)], dim=1)  # (T, 2)
-        capacity = expert_capacity(x.shape[0], self.num_experts, 2, self.capacity_factor)
-        return token_choice_routing(logits, probs, choice, weight, capacity, aux_loss)
+        capacity_factor = None if dropless else self.capacity_factor
+        return token_choice_routing(logits, probs, choice, weight, capacity_factor, aux_loss)
 
 
 class ExpertChoiceGate(nn.Module):
@@ -159,7 +174,7 @@ class ExpertChoiceGate(nn.Module):
     round-off, with no gradient (f_i = 1/E, so it equals sum_i P_i = 1). A token may get several experts or none.
     Routing fields: expert_index (T, k_max) lists each token's experts by decreasing probability, where
     k_max is the most experts any token got, padded with -1 (weight 0); tokens_per_expert is C everywhere.
-    Choosing needs all T tokens at once, so this gate cannot decode autoregressively.
+    Choosing needs all T tokens at once, so this gate cannot decode autoregressively, nor route dropless.
     """
 
     def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 2.0):
@@ -169,20 +184,26 @@ class ExpertChoiceGate(nn.Module):
         self.num_experts, self.capacity_factor = num_experts, capacity_factor
         self.router = nn.Linear(d_model, num_experts, bias=False)  # W_g
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        T, E = x.shape[0], self.num_experts
-        logits = router_logits(self.router, x)  # (T, E)
+    def forward(self, x: torch.Tensor, dropless: bool = False) -> Routing:
+        return self.route(router_logits(self.router, x), dropless)
+
+    def route(self, logits: torch.Tensor, dropless: bool = False) -> Routing:
+        """The routing of T tokens with router logits (T, E)."""
+        if dropless:
+            raise ValueError("ExpertChoiceGate: experts choose C tokens each; there is no dropless expert choice")
+        (T, E), device = logits.shape, logits.device
         probs = logits.softmax(-1)  # S
         C = min(T, math.ceil(self.capacity_factor * T / E))
         tokens = probs.t().topk(C, dim=-1).indices  # (E, C): I = TopK(S^T, C)
-        chosen = torch.zeros(E, T, dtype=torch.bool, device=x.device).scatter(1, tokens, True).t()  # (T, E)
+        chosen = torch.zeros(E, T, dtype=torch.bool, device=device).scatter(1, tokens, True).t()  # (T, E)
         k_max = int(chosen.sum(1).max())  # host sync: the width of expert_index
         score, expert_index = probs.masked_fill(~chosen, -1.0).topk(k_max, dim=-1)  # (T, k_max)
         expert_index = expert_index.masked_fill(score < 0, -1)
         weight = probs.gather(1, expert_index.clamp(min=0)).masked_fill(score < 0, 0.0)  # (T, k_max)
-        tokens_per_expert = torch.full((E,), C, dtype=torch.long, device=x.device)
+        tokens_per_expert = torch.full((E,), C, dtype=torch.long, device=device)
         aux_loss = load_balancing_loss(probs, expert_index, E)
-        return Routing(expert_index, weight, probs, logits, tokens_per_expert, C, aux_loss, router_z_loss(logits))
+        return Routing(expert_index, expert_index, weight, probs, logits, tokens_per_expert, C, aux_loss,
+                       router_z_loss(logits))
 
 
 GATES = {"topk": TopKGate, "noisy_topk": NoisyTopKGate, "switch": SwitchGate, "gshard": GShardGate,
@@ -190,19 +211,32 @@ GATES = {"topk": TopKGate, "noisy_topk": NoisyTopKGate, "switch": SwitchGate, "g
 FIXED_K = {"switch": 1, "gshard": 2}  # gates whose number of experts per token is part of their definition
 
 
+def check_gate(name: str, num_experts: int, k: int | None = None) -> None:
+    """Raise ValueError, naming the model.moe key, where the gate `name` cannot send each token to k experts
+    (None: the gate's default) of num_experts. Builds nothing, so it draws nothing from the global RNG."""
+    if name not in GATES:
+        raise ValueError(f"model.moe.gate: unknown gate {name!r} (valid: {', '.join(GATES)})")
+    if name == "expert_choice":
+        if k is not None:
+            raise ValueError("model.moe.top_k: expert_choice has no top_k; each expert takes "
+                             "ceil(capacity_factor * T / E) tokens")
+        return
+    if name in FIXED_K and k not in (None, FIXED_K[name]):
+        raise ValueError(f"model.moe.top_k: gate {name!r} sends each token to {FIXED_K[name]} expert(s), got {k}")
+    k = FIXED_K.get(name, DEFAULT_K if k is None else k)
+    most = num_experts - 1 if name == "noisy_topk" else num_experts  # noisy: the load compares with the (k+1)-th
+    if not 1 <= k <= most:
+        key = "model.moe.num_experts" if name in FIXED_K else "model.moe.top_k"
+        raise ValueError(f"{key}: gate {name!r} sends each token to k = {k} of num_experts = {num_experts} "
+                         f"experts; it needs 1 <= k <= {most}")
+
+
 def build_gate(name: str, d_model: int, num_experts: int, k: int | None = None, **options) -> nn.Module:
     """The gate named `name` (a key of GATES). k: experts per token, for "topk" and "noisy_topk"; for
     "switch" (1) and "gshard" (2) it may only repeat the fixed value; "expert_choice" takes none (its
     capacity_factor sets the average experts per token). options go to the gate's constructor, e.g.
     capacity_factor (None = dropless), jitter, random_routing."""
-    if name not in GATES:
-        raise ValueError(f"model.moe.gate: unknown gate {name!r} (valid: {', '.join(GATES)})")
-    if k is not None:
-        if name == "expert_choice":
-            raise ValueError("model.moe.top_k: expert_choice has no top_k; each expert takes "
-                             "ceil(capacity_factor * T / E) tokens")
-        if name in FIXED_K and k != FIXED_K[name]:
-            raise ValueError(f"model.moe.top_k: gate {name!r} sends each token to {FIXED_K[name]} expert(s), got {k}")
-        if name not in FIXED_K:
-            options["k"] = k
+    check_gate(name, num_experts, k)
+    if k is not None and name not in FIXED_K:
+        options["k"] = k
     return GATES[name](d_model, num_experts, **options)

@@ -99,21 +99,23 @@ class MoE(nn.Module):
 
     routes_tokens = True  # blocks pass it the padding mask (minimodels/nn/block.py feed_forward)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, dropless: bool = False
+                ) -> tuple[torch.Tensor, Routing]:
         """padding_mask (x's shape without d_model, True = real token): padding is not routed, so it takes no
-        expert capacity from real tokens; it gets y = 0, and the routing covers the real tokens only."""
+        expert capacity from real tokens; it gets y = 0, and the routing covers the real tokens only.
+        dropless: keep every slot the gate chose, whatever the capacity (GPT's generate, see there)."""
         tokens = x.reshape(-1, x.shape[-1])  # (T, d_model)
         if padding_mask is None:
-            y, routing = self.route_and_run(tokens)
+            y, routing = self.route_and_run(tokens, dropless)
         else:
             real = padding_mask.reshape(-1, 1).bool()  # (T, 1)
-            y_real, routing = self.route_and_run(tokens[real[:, 0]])  # (T_real, d_model)
+            y_real, routing = self.route_and_run(tokens[real[:, 0]], dropless)  # (T_real, d_model)
             y = torch.zeros_like(tokens).masked_scatter(real, y_real)  # (T, d_model), 0 at padding
         return y.view(x.shape), routing
 
-    def route_and_run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def route_and_run(self, tokens: torch.Tensor, dropless: bool = False) -> tuple[torch.Tensor, Routing]:
         """tokens (T, d_model) -> (y (T, d_model), routing): the four stages."""
-        routing = self.gate(tokens)  # 1. route
+        routing = self.gate(tokens, dropless)  # 1. route
         slot_token, slot_weight, counts = sort_slots(routing)  # 2. permute: (N,), (N,), E split sizes
         x_slots = tokens[slot_token]  # (N, d_model), grouped by expert
         if len(self.experts) < self.num_experts:  # 3. experts: (N, d_model), sharded over processes

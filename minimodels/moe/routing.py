@@ -3,7 +3,8 @@
 A gate scores T tokens against E experts and picks k expert slots per token. Everything downstream (the
 MoE layer, the reference loop, a user's unit test) reads only the `Routing` it returns:
 
-    expert_index (T, k)  expert of each token's i-th choice, -1 where that slot was dropped
+    choice       (T, k)  expert of each token's i-th choice, as the router chose it (before capacity)
+    expert_index (T, k)  the same, with -1 where that slot was dropped because its expert was full
     weight       (T, k)  how much that expert's output counts for the token, 0 where dropped
 
 Capacity (Switch Transformer, Fedus et al. 2021, eq. 3, with k slots per token):
@@ -11,6 +12,10 @@ Capacity (Switch Transformer, Fedus et al. 2021, eq. 3, with k slots per token):
     capacity = ceil(capacity_factor * T * k / E)      token slots one expert processes at most
 
 Slots beyond it are dropped: the token's output for that slot is 0, so the block's residual carries it.
+A gate's aux_loss counts `choice`, what the router asked for, not what capacity let through (as Mesh
+TensorFlow's Switch and GShard do): for topk, switch and expert_choice r.aux_loss is
+load_balancing_loss(r.probs, r.choice, E); gshard counts first choices only, r.choice[:, :1]; noisy_topk
+has a loss of its own (see NoisyTopKGate).
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ import torch.nn.functional as F
 class Routing:
     """The routing decisions of one MoE layer for T tokens and E experts."""
 
-    expert_index: torch.Tensor  # (T, k) long: expert of each token's i-th choice, -1 where the slot was dropped
+    choice: torch.Tensor  # (T, k) long: expert of each token's i-th choice before capacity (-1: the gate skipped it)
+    expert_index: torch.Tensor  # (T, k) long: `choice` with -1 where the slot was dropped (its expert was full)
     weight: torch.Tensor  # (T, k) float32: combine weights, 0 where dropped
     probs: torch.Tensor  # (T, E) float32: the router's softmax
     logits: torch.Tensor  # (T, E) float32: the router's logits (the ones the choice was made from)
     tokens_per_expert: torch.Tensor  # (E,) long: token slots each expert actually processes
     capacity: int | None  # token slots per expert, None when dropless
-    aux_loss: torch.Tensor  # scalar load-balancing loss, exactly 1.0 for perfectly uniform routing
+    aux_loss: torch.Tensor  # scalar load-balancing loss of `choice` (before drops), 1.0 for perfectly uniform routing
     z_loss: torch.Tensor  # scalar router z-loss
 
 
@@ -87,11 +93,13 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def token_choice_routing(logits: torch.Tensor, probs: torch.Tensor, choice: torch.Tensor, weight: torch.Tensor,
-                         capacity: int | None, aux_loss: torch.Tensor) -> Routing:
-    """Finish the routing of a gate where tokens choose experts: drop the slots over capacity, zero their
-    weights, count each expert's tokens. choice and weight (T, k); logits and probs (T, E)."""
-    num_experts = logits.shape[1]
+                         capacity_factor: float | None, aux_loss: torch.Tensor) -> Routing:
+    """Finish the routing of a gate where tokens choose experts: drop the slots over capacity (None =
+    dropless), zero their weights, count each expert's tokens. choice and weight (T, k); logits and probs (T, E)."""
+    (T, k), num_experts = choice.shape, logits.shape[1]
+    capacity = expert_capacity(T, num_experts, k, capacity_factor)
     expert_index = drop_overflow(choice, num_experts, capacity)  # (T, k)
     weight = weight.masked_fill(expert_index < 0, 0.0)
     tokens_per_expert = torch.bincount(expert_index[expert_index >= 0], minlength=num_experts)  # (E,)
-    return Routing(expert_index, weight, probs, logits, tokens_per_expert, capacity, aux_loss, router_z_loss(logits))
+    return Routing(choice, expert_index, weight, probs, logits, tokens_per_expert, capacity, aux_loss,
+                   router_z_loss(logits))

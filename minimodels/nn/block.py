@@ -25,16 +25,17 @@ from minimodels.nn.norm import build_norm
 ATTN_IMPLS = ("auto", "manual", "sdpa")
 
 
-def feed_forward(ffn: nn.Module, x, padding_mask=None):
+def feed_forward(ffn: nn.Module, x, padding_mask=None, dropless: bool = False):
     """ffn(x) as (y, routing): routing is the MoE layer's Routing, or None for a dense FFN. A module that
-    routes tokens (routes_tokens = True, the MoE layer) also gets the padding mask: padding is not routed."""
-    out = ffn(x, padding_mask=padding_mask) if getattr(ffn, "routes_tokens", False) else ffn(x)
+    routes tokens (routes_tokens = True, the MoE layer) also gets the padding mask (padding is not routed)
+    and dropless (route without capacity)."""
+    out = ffn(x, padding_mask=padding_mask, dropless=dropless) if getattr(ffn, "routes_tokens", False) else ffn(x)
     return out if isinstance(out, tuple) else (out, None)
 
 
 def check_block_options(config) -> None:
-    """Validate the block options every model config shares (attn_impl, ffn, activation, dropout), naming
-    the YAML key in the error."""
+    """Validate the block options every model config shares (attn_impl, ffn, activation, dropout, norm_eps),
+    naming the YAML key in the error."""
     if config.attn_impl not in ATTN_IMPLS:
         raise ValueError(f"model.attn_impl: must be one of {', '.join(ATTN_IMPLS)}, got {config.attn_impl!r}")
     if config.ffn not in FFN_KINDS:
@@ -43,6 +44,8 @@ def check_block_options(config) -> None:
         raise ValueError(f"model.activation: must be one of {', '.join(ACTIVATIONS)}, got {config.activation!r}")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"model.dropout: must be in [0, 1), got {config.dropout}")
+    if not config.norm_eps > 0:  # x / sqrt(var + eps): eps <= 0 turns a constant (or any) row nan
+        raise ValueError(f"model.norm_eps: must be positive, got {config.norm_eps}")
 
 
 class PreLNBlock(nn.Module):
@@ -67,10 +70,10 @@ class PreLNBlock(nn.Module):
         self.ffn = ffn
 
     def forward(self, x, padding_mask=None, position_bias=None, memory=None, memory_mask=None,
-                past_kv: KVCache | None = None, use_cache: bool = False, attn_mask=None):
+                past_kv: KVCache | None = None, use_cache: bool = False, attn_mask=None, dropless: bool = False):
         """x (B, T, C); memory (B, S, C) and memory_mask (B, S) for cross-attention; attn_mask (B, T, Tk) a full
         self-attention mask (GLM). The cache of a layer is (k, v) of self-attention, followed by (k, v) of
-        cross-attention in a decoder block."""
+        cross-attention in a decoder block. dropless: an MoE feed-forward routes without capacity."""
         a, present = self.attn(self.ln1(x), padding_mask=padding_mask, position_bias=position_bias,
                                past_kv=past_kv[:2] if past_kv else None, use_cache=use_cache, attn_mask=attn_mask)
         x = x + a
@@ -79,7 +82,7 @@ class PreLNBlock(nn.Module):
                                        past_kv=past_kv[2:] if past_kv else None, use_cache=use_cache)
             x = x + a
             present = present + cross if use_cache else None
-        y, routing = feed_forward(self.ffn, self.ln2(x), padding_mask)
+        y, routing = feed_forward(self.ffn, self.ln2(x), padding_mask, dropless)
         x = x + y
         return x, present, routing  # (B, T, C), cache or None, Routing or None
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from minimodels.moe.config import upcycle
 from minimodels.moe.parallel import localize
 
 
@@ -85,7 +86,7 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu", shards:
     if not shards:
         load_model(model, str(Path(ckpt) / "model.safetensors"), device=str(device))
         return
-    missing, unexpected = load_pretrained(model, ckpt, shards)
+    missing, unexpected, _ = load_pretrained(model, ckpt, shards)  # upcycling leaves the routers missing
     if missing or unexpected:
         raise ValueError(f"{ckpt}/model.safetensors does not fit this model: missing {missing}, unexpected {unexpected}")
 
@@ -95,13 +96,16 @@ def load_trainer_state(ckpt: str | Path) -> dict:
 
 
 def load_pretrained(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, str] | None = None
-                    ) -> tuple[list[str], list[str]]:
+                    ) -> tuple[list[str], list[str], list[str]]:
     """Copy the weights of checkpoint `ckpt` into `model` wherever the names match (fine-tuning from a
-    pretrained run). Returns (new, dropped): parameters of `model` the checkpoint does not have (a fresh
-    classifier head keeps its initialisation) and checkpoint tensors `model` has no place for (e.g. the
-    MLM head). A name present in both with different shapes raises ValueError naming it. shards: see
-    load_weights."""
-    state = localize(read_weights(ckpt), shards or {})
+    pretrained run); an MoE layer of `model` that is a dense FFN in the checkpoint gets that FFN in every
+    expert (sparse upcycling, minimodels/moe/config.py upcycle). Returns (new, dropped, upcycled):
+    parameters of `model` the checkpoint does not have (a fresh classifier head, the routers of upcycled
+    layers keep their initialisation), checkpoint tensors `model` has no place for (e.g. the MLM head) and
+    the upcycled MoE layers. A name present in both with different shapes raises ValueError naming it.
+    shards: see load_weights."""
+    state, upcycled = upcycle(read_weights(ckpt), model)
+    state = localize(state, shards or {})
     own = model.state_dict()
     for name, tensor in state.items():
         if name in own and own[name].shape != tensor.shape:
@@ -113,4 +117,4 @@ def load_pretrained(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, 
     loaded = {own[name].data_ptr() for name in matched}  # tied weights are saved once: count them as loaded
     new = [name for name, t in own.items() if name not in matched and t.data_ptr() not in loaded]
     dropped = [name for name in state if name not in own]
-    return new, dropped
+    return new, dropped, upcycled

@@ -37,7 +37,8 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "relative_adamw": RelativeAdamW}
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    """Weight decay on matrices and embeddings (dim >= 2); none on biases and norm gains (dim < 2)."""
+    """Weight decay on every tensor with dim >= 2 — matrices and all embeddings (tokens, positions, segments,
+    P-tuning's prompts), as nanoGPT does; none on biases and norm gains (dim < 2)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -47,10 +48,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = Fals
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at `step`: linear warmup to 1, then cosine decay to cfg.min_lr_ratio.
+    """Multiplier of cfg.lr at `step` (counted from 0): linear warmup to 1, then cosine decay to cfg.min_lr_ratio.
 
-        warmup:  step / warmup_steps
-        decay:   r + (1 - r) * (1 + cos(pi * progress)) / 2,  progress in [0, 1]
+        warmup:  (step + 1) / warmup_steps  for step < warmup_steps (1 / warmup_steps at step 0, 1 at warmup_steps - 1)
+        decay:   r + (1 - r) * (1 + cos(pi * progress)) / 2,  progress = (step - warmup_steps) / (max_steps - warmup_steps)
+                 clipped to [0, 1] (1 at step warmup_steps, r from step max_steps on)
     """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps

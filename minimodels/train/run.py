@@ -36,8 +36,14 @@ def prepare(cfg: ExperimentConfig, run_dir: Path):
         raise ConfigError(f"data.seq_len: must be set for model.arch={cfg.model.arch} (it has no block_size)")
     task = build_task(cfg.data, seq_len, run_dir / "tokenizer.json")
     for key, value in task.model_overrides().items():
-        if getattr(cfg.model, key, None) is None:
+        have = getattr(cfg.model, key, None)
+        if have is None:
             cfg.model = dataclasses.replace(cfg.model, **{key: value})
+        elif key == "num_prompt_tokens" and have != value:  # P-tuning: one prompt vector per pseudo token
+            raise ConfigError(f"model.{key}: {have}, but data.template has {value} pseudo tokens; null takes the data's")
+        elif have < value:  # a token id / label / relation >= have: IndexError
+            what = {"vocab_size": "tokens in the tokenizer", "num_labels": "classes of the task"}.get(key, "relations")
+            raise ConfigError(f"model.{key}: {have} is less than the data's {value} {what}; null takes the data's")
     return task
 
 
@@ -52,6 +58,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
 
 
 def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: bool, quiet: bool) -> dict:
+    resolve_device(cfg.train.device, world)  # a device this machine lacks stops the run before the data is read
     run_dir = Path(cfg.output.dir)
     ckpt = latest_checkpoint(run_dir)
     if resume and ckpt is None:
@@ -132,17 +139,20 @@ def init_sources(model, config) -> list[tuple[str, str]]:
 
 def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> None:
     """Start from the weights of the pretraining run `source` (model.init_from, or a part's): same tokenizer, same
-    shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation."""
+    shapes wherever parameter names match; heads the pretrained model lacks keep their initialisation. An MoE
+    layer where `source` has a dense FFN starts with that FFN in every expert and a fresh router (upcycled)."""
     ckpt = latest_checkpoint(source)
     if ckpt is None:
         raise ConfigError(f"model.init_from: {source} holds no checkpoint (train that run first)")
     check_same_tokenizer(source, run_dir, "model.init_from")
     try:
-        new, dropped = load_pretrained(model, ckpt, expert_shards(model))
+        new, dropped, upcycled = load_pretrained(model, ckpt, expert_shards(model))
     except ValueError as e:
         raise ConfigError(f"model.init_from: {e} (the model sections must match {source}/config.yaml)") from None
     if not quiet:
-        print(f"initialised from {ckpt}" + (f"; new: {', '.join(new)}" if new else "")
+        print(f"initialised from {ckpt}" + (f"; upcycled (the dense FFN copied into every expert): "
+                                            f"{', '.join(upcycled)}" if upcycled else "")
+              + (f"; new: {', '.join(new)}" if new else "")
               + (f"; not used: {', '.join(dropped)}" if dropped else ""))
 
 
@@ -168,7 +178,8 @@ def load_teacher(source: Path, run_dir: Path, device: str, world: World):
 
 
 def load_run(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()):
-    """Load a finished (or interrupted) run for inference: (config, model in eval mode, tokenizer)."""
+    """Load a finished (or interrupted) run for inference: (config, model in eval mode, tokenizer) on `device`
+    (a script's --device)."""
     from minimodels.data import Tokenizer
 
     run_dir = Path(run_dir)
@@ -176,7 +187,7 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: list[str] = (
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     model = build_model(cfg.model)
     load_weights(model, ckpt, dev)
     model.to(dev).eval()

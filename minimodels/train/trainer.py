@@ -32,13 +32,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from minimodels.config import ConfigError, TrainConfig
+from minimodels.config import DEVICE, ConfigError, TrainConfig, need
 from minimodels.moe.parallel import expert_shards
 from minimodels.train.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, read_weights, rng_state,
                                          save_checkpoint, set_rng_state)
@@ -52,17 +53,19 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and what to do."""
 
 
-def resolve_device(name: str, world: World | None = None) -> torch.device:
-    """auto: CUDA, else MPS, else CPU. Under torchrun, "auto" and "cuda" mean this process's GPU, cuda:LOCAL_RANK."""
-    if name == "cuda" and world:
-        return torch.device("cuda", world.local_rank)
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", world.local_rank if world else 0)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def resolve_device(name: str, world: World | None = None, key: str = "train.device") -> torch.device:
+    """auto: CUDA, else MPS, else CPU. Under torchrun, "auto" and "cuda" mean this process's GPU, cuda:LOCAL_RANK.
+    A name this machine cannot serve raises ConfigError naming `key` (train.device, or a script's --device)."""
+    need(DEVICE.fullmatch(name) is not None, key, f"must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device("cuda", world.local_rank if world else 0) if name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        need(torch.cuda.is_available(), key, f"{name}: this machine has no CUDA GPU (try auto or cpu)")
+        need((device.index or 0) < torch.cuda.device_count(), key,
+             f"{device}: this machine has {torch.cuda.device_count()} CUDA GPUs (counting from cuda:0)")
+    need(device.type != "mps" or torch.backends.mps.is_available(), key, "mps: this machine has no MPS (Apple GPU)")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -85,6 +88,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def data_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """(n,) the order of the training examples in `epoch`: a permutation drawn by numpy's PCG64 seeded with the
+    pair (seed, epoch) itself (SeedSequence hashes both into its 128-bit state). Folding the pair into one
+    integer seed would let pairs collide: seed * K + epoch repeats after K epochs, and torch's generator keeps
+    only 32 bits of a seed."""
+    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
 
 
 class Trainer:
@@ -118,8 +129,8 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.position = 0  # micro-batches consumed
         if len(task.train) < cfg.batch_size * self.world.size:
-            raise ValueError(f"train.batch_size={cfg.batch_size} x {self.world.size} processes is larger than the "
-                             f"{len(task.train)} training examples")
+            raise ConfigError(f"train.batch_size: {cfg.batch_size} x {self.world.size} processes is larger than the "
+                              f"{len(task.train)} training examples")
         self._epoch, self._order = -1, None
 
     # ------------------------------------------------------------------ data
@@ -130,7 +141,7 @@ class Trainer:
         epoch, i = divmod(index, n // (bs * world.size))  # the last incomplete batch of an epoch is dropped
         if epoch != self._epoch:
             self._epoch = epoch
-            self._order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+            self._order = data_order(self.cfg.seed, epoch, n)
         start = (i * world.size + world.rank) * bs
         examples = [self.task.train[j] for j in self._order[start:start + bs].tolist()]
         seed = self.cfg.seed * 1_000_003 + index * world.size + world.rank  # = index for one process
