@@ -154,14 +154,15 @@ def fill_mask(model, tok, prompt: str, top_k: int, device) -> None:
 
 
 def guarded(fn) -> int:
-    """Run fn; turn the library's input errors into one line on stderr and exit code 2."""
+    """Run fn; turn the library's input errors (a bad config, data, a damaged run folder) into one line on stderr
+    and exit code 2."""
     from minimodels.config import ConfigError
     from minimodels.data import DataError
-    from minimodels.train import TrainingError
+    from minimodels.train import RunFolderError, TrainingError
 
     try:
         fn()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

@@ -89,8 +89,39 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
             return Out(self.w.sum() * (float("nan") if self.calls >= 3 else 1.0))
 
     t = Trainer(Exploding(), RandomLMTask(), train_cfg(max_steps=5, save_interval=1), tmp_path, quiet=True)
-    with pytest.raises(TrainingError, match=r"loss is nan at step 3; last good checkpoint: .*step_00000002"):
+    # the weights of step 2 gave the nan: their checkpoint is set aside, step 1 is the last good one
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3 \(.* step_00000002.nonfinite\); "
+                                            r"last good checkpoint: .*step_00000001 "):
         t.fit()
+    assert [c.name for c in checkpoint_dirs(tmp_path)] == ["step_00000001"]
+    assert (tmp_path / "checkpoints" / "step_00000002.nonfinite" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("poison", ["weight", "optimizer"])
+def test_non_finite_weights_or_optimizer_state_are_never_saved(tmp_path, poison):
+    t = Trainer(tiny_gpt(), RandomLMTask(), train_cfg(max_steps=1), tmp_path, quiet=True)
+    t.fit()  # saves step 1
+    with torch.no_grad():
+        if poison == "weight":
+            next(t.model.parameters())[0] = float("inf")
+        else:
+            next(iter(t.optimizer.state.values()))["exp_avg_sq"].fill_(float("nan"))
+    t.step += 1
+    with pytest.raises(TrainingError, match=r"non-finite weights or optimizer state after step 2, not saved; "
+                                            r"last good checkpoint: .*step_00000001 "):
+        t.save()
+    assert [c.name for c in checkpoint_dirs(tmp_path)] == ["step_00000001"]
+
+
+def test_a_non_finite_gradient_stops_before_the_update(tmp_path):
+    """A finite loss whose gradient is not: the weights stay as they were (clipping on or off)."""
+    for clip in (1.0, 0.0):
+        t = Trainer(tiny_gpt(), RandomLMTask(), train_cfg(grad_clip=clip), tmp_path / str(clip), quiet=True)
+        t.model.tok_emb.weight.register_hook(lambda g: g * float("inf"))
+        before = [p.detach().clone() for p in t.model.parameters()]
+        with pytest.raises(TrainingError, match="gradient norm is (nan|inf) at step 1; last good checkpoint: none"):
+            t.train_step()
+        assert all(torch.equal(p, q) for p, q in zip(t.model.parameters(), before))
 
 
 def test_fp16_on_cpu_is_refused():

@@ -167,7 +167,8 @@ class LMTask:
             raise ValueError(f"evaluate saw {windows} windows but the val split has only {len(self.val)}")
         chars = sum(self.val_window_chars[:windows])
         val_loss = nats / tokens
-        return {"val_loss": val_loss, "val_bpc": nats / math.log(2) / chars, "val_ppl": math.exp(val_loss)}
+        ppl = math.exp(val_loss) if val_loss < 700 else math.inf  # a float overflows above e^709
+        return {"val_loss": val_loss, "val_bpc": nats / math.log(2) / chars, "val_ppl": ppl}
 
     def unigram_baseline(self) -> dict[str, float]:
         """What a model that ignores context scores: see `unigram_baseline` below."""

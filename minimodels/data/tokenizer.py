@@ -109,7 +109,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        backend = HFTokenizer.from_file(str(path))
+        if not Path(path).is_file():
+            raise DataError(f"{path}: tokenizer file not found")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise DataError(f"{path}: not a readable tokenizer.json, truncated or corrupt ({e})") from None
         model_type = json.loads(backend.to_str())["model"]["type"]
         if model_type not in KIND_OF_MODEL:
             raise ValueError(f"{path}: unsupported tokenizer model {model_type} (expected {', '.join(KIND_OF_MODEL)})")

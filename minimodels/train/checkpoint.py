@@ -2,26 +2,47 @@
 
     <run>/checkpoints/step_00000500/model.safetensors   model weights (safetensors)
     <run>/checkpoints/step_00000500/trainer.pt          optimizer, scheduler, step, RNG states, data position
+
+A checkpoint found unreadable or poisoned (its weights give a non-finite loss) is renamed
+step_00000500.damaged / step_00000500.nonfinite: kept on disk, no longer a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model
 
 from minimodels.moe.config import upcycle
 from minimodels.moe.parallel import localize
 
 
+class RunFolderError(RuntimeError):
+    """A file of a run folder is missing, truncated or corrupt; the message names it."""
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first."""
+    """Finished checkpoints of a run (folders step_<8 digits>), oldest first."""
     root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    return int(ckpt.name[5:])
+
+
+def set_aside(ckpt: Path, why: str) -> Path:
+    """Rename checkpoint folder `ckpt` to <name>.<why> (damaged, nonfinite): kept, but no longer resumed from."""
+    target = ckpt.with_name(f"{ckpt.name}.{why}")
+    shutil.rmtree(target, ignore_errors=True)  # set aside before, at the same step
+    os.replace(ckpt, target)
+    return target
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -75,24 +96,34 @@ def stored_once(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[
     return {name: t.contiguous() for name, t in state.items() if name not in aliases}
 
 
+def unreadable(path: Path, error: Exception) -> RunFolderError:
+    reason = str(error).split(". ")[0]  # torch.load goes on for several sentences
+    return RunFolderError(f"{path}: missing, truncated or corrupt ({reason})")
+
+
 def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint's model.safetensors, by name."""
-    return load_file(str(Path(ckpt) / "model.safetensors"))
+    path = Path(ckpt) / "model.safetensors"
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise unreadable(path, e) from None
 
 
-def load_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu", shards: dict[str, str] | None = None) -> None:
-    """Load model.safetensors into `model`. shards (expert parallelism, moe/parallel.py expert_shards): the
-    file holds the whole model; this process takes its own experts from it."""
-    if not shards:
-        load_model(model, str(Path(ckpt) / "model.safetensors"), device=str(device))
-        return
+def load_weights(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, str] | None = None) -> None:
+    """Load model.safetensors into `model`, which must fit it exactly. shards (expert parallelism,
+    moe/parallel.py expert_shards): the file holds the whole model; this process takes its own experts from it."""
     missing, unexpected, _ = load_pretrained(model, ckpt, shards)  # upcycling leaves the routers missing
     if missing or unexpected:
         raise ValueError(f"{ckpt}/model.safetensors does not fit this model: missing {missing}, unexpected {unexpected}")
 
 
 def load_trainer_state(ckpt: str | Path) -> dict:
-    return torch.load(Path(ckpt) / "trainer.pt", weights_only=True)
+    path = Path(ckpt) / "trainer.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise unreadable(path, e) from None
 
 
 def load_pretrained(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, str] | None = None

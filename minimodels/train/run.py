@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from minimodels.config import ConfigError, ExperimentConfig, load_config, save_c
 from minimodels.data import TASKS, build_task
 from minimodels.models import build_model
 from minimodels.moe.parallel import expert_shards
-from minimodels.train.checkpoint import latest_checkpoint, load_pretrained, load_weights
+from minimodels.train.checkpoint import (RunFolderError, checkpoint_dirs, latest_checkpoint, load_pretrained, load_weights,
+                                         set_aside)
 from minimodels.train.distributed import World, close_world, init_world
 from minimodels.train.plot import plot_metrics, plot_shares
 from minimodels.train.trainer import MetricsLog, Trainer, resolve_device
@@ -63,12 +65,19 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
     ckpt = latest_checkpoint(run_dir)
     if resume and ckpt is None:
         raise ConfigError(f"{run_dir}: nothing to resume, no checkpoint in {run_dir / 'checkpoints'}")
-    if not resume and ckpt is not None:
-        if not overwrite:
-            raise ConfigError(f"output.dir: {run_dir} already holds a run ({ckpt.name}); continue it with "
-                              f"--resume {run_dir}, pick another output.dir=..., or pass --overwrite")
-    if overwrite and not resume and world.main:
-        for path in [run_dir / name for name in RUN_FILES] + list(run_dir.glob("*.png")):
+    if resume and not (run_dir / "tokenizer.json").is_file():  # a new one might number the tokens differently
+        raise RunFolderError(f"{run_dir / 'tokenizer.json'}: missing; the checkpoints were trained with it")
+    if not resume and ckpt is not None and not overwrite:
+        raise ConfigError(f"output.dir: {run_dir} already holds a run ({ckpt.name}); continue it with "
+                          f"--resume {run_dir}, pick another output.dir=..., or pass --overwrite")
+    if not resume and world.main:
+        # a fresh run replaces the files of an overwritten run, or of one that died before its first checkpoint
+        # (checkpoints/ then holds nothing to resume, at most set-aside ones, which stay)
+        stale = [run_dir / name for name in RUN_FILES if (run_dir / name).exists() and (overwrite or name != "checkpoints")]
+        if ckpt is None and stale:
+            print(f"note: {run_dir} holds {', '.join(p.name for p in stale)} of a run without a checkpoint to resume; "
+                  "starting over, its tokenizer.json is not reused", file=sys.stderr)
+        for path in stale + (list(run_dir.glob("*.png")) if overwrite else []):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -91,7 +100,7 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
     teacher = load_teacher(Path(cfg.train.teacher.run), run_dir, cfg.train.device, world) if cfg.train.teacher else None
     trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet, world=world, teacher=teacher)
     if resume:
-        trainer.load(ckpt)
+        ckpt = load_intact(trainer, run_dir)
         if not quiet:
             print(f"resumed {run_dir} from {ckpt.name} (step {trainer.step} of {cfg.train.max_steps})")
     else:
@@ -126,6 +135,23 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
     if not quiet:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  (run folder: {run_dir})")
     return metrics
+
+
+def load_intact(trainer: Trainer, run_dir: Path) -> Path:
+    """Resume `trainer` from the newest checkpoint that reads; unreadable newer ones are set aside (*.damaged),
+    saying so."""
+    damaged = []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        try:
+            trainer.load(ckpt)
+        except RunFolderError as e:
+            damaged.append((ckpt, e))
+            continue
+        for bad, e in damaged if trainer.world.main else []:
+            set_aside(bad, "damaged")
+            print(f"note: {e}; set aside {bad.name}.damaged, resuming from {ckpt.name}", file=sys.stderr)
+        return ckpt
+    raise RunFolderError(f"{damaged[0][1]}; no older checkpoint in {run_dir / 'checkpoints'} to resume from")
 
 
 def init_sources(model, config) -> list[tuple[str, str]]:
@@ -189,6 +215,6 @@ def load_run(run_dir: str | Path, device: str = "auto", overrides: list[str] = (
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
     dev = resolve_device(device, key="--device")
     model = build_model(cfg.model)
-    load_weights(model, ckpt, dev)
+    load_weights(model, ckpt)
     model.to(dev).eval()
     return cfg, model, Tokenizer.load(run_dir / "tokenizer.json")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,13 +37,14 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from minimodels.config import DEVICE, ConfigError, TrainConfig, need
 from minimodels.moe.parallel import expert_shards
-from minimodels.train.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, read_weights, rng_state,
-                                         save_checkpoint, set_rng_state)
+from minimodels.train.checkpoint import (RunFolderError, checkpoint_dirs, checkpoint_step, load_trainer_state,
+                                         load_weights, read_weights, rng_state, save_checkpoint, set_aside, set_rng_state)
 from minimodels.train.distributed import World, shard_fully
 from minimodels.train.inherit import alpha_at, inheritance_loss
 from minimodels.train.memory import reuse_freed_memory
@@ -189,12 +191,12 @@ class Trainer:
             if name in self.shards and p.grad is not None:
                 p.grad /= self.world.size
         if not math.isfinite(loss_sum):
-            last = latest_checkpoint(self.run_dir)
-            raise TrainingError(f"loss is {loss_sum} at step {self.step + 1}; last good checkpoint: "
-                                f"{last or 'none'} (lower train.lr or raise train.warmup_steps, then --resume)")
+            raise self.diverged(f"loss is {loss_sum} at step {self.step + 1}")
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            self.clip_gradients()
+        grad_norm = self.clip_gradients()
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16's scaler skips such steps itself
+            raise self.diverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
         lr = self.scheduler.get_last_lr()[0]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -204,19 +206,36 @@ class Trainer:
         return {"loss": loss_sum, "lr": lr, "tokens": int(tokens), "metrics": metrics}
 
     @torch.no_grad()
-    def clip_gradients(self) -> None:
-        """Scale all gradients by min(1, grad_clip / norm), norm = the L2 norm of the whole model's gradient.
-        With expert shards that norm counts every process's experts, so all processes scale alike."""
+    def clip_gradients(self) -> float:
+        """Returns norm, the L2 norm of the whole model's gradient; with train.grad_clip > 0 scales all gradients by
+        min(1, grad_clip / norm). With expert shards that norm counts every process's experts, so all processes scale alike."""
         if not self.shards:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            return
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = (torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) if self.cfg.grad_clip > 0
+                    else torch.nn.utils.get_total_norm([p.grad for p in params]))
+            return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP: norm of the shards' norms
         grads = [(name in self.shards, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
         shared = sum(float(g.float().square().sum()) for local, g in grads if not local)
         (sharded,) = self.world.sum([sum(float(g.float().square().sum()) for local, g in grads if local)])
-        scale = self.cfg.grad_clip / ((shared + sharded) ** 0.5 + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+        norm = (shared + sharded) ** 0.5
+        scale = self.cfg.grad_clip / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
         if scale < 1:
             for _, g in grads:
                 g.mul_(scale)
+        return norm
+
+    def diverged(self, what: str) -> TrainingError:
+        """The error for non-finite weights after step self.step, or a non-finite loss or gradient that they give at
+        step self.step + 1: a checkpoint of step self.step, if any, is set aside (*.nonfinite), and the newest
+        checkpoint before it is the last good one (its next step's loss and gradient were finite)."""
+        poisoned = [c for c in checkpoint_dirs(self.run_dir) if checkpoint_step(c) == self.step]
+        if poisoned:
+            what += f" (the weights of step {self.step} give it: their checkpoint is set aside as {poisoned[0].name}.nonfinite)"
+            if self.world.main:
+                set_aside(poisoned[0], "nonfinite")
+        last = ([c for c in checkpoint_dirs(self.run_dir) if checkpoint_step(c) < self.step] or ["none"])[-1]
+        return TrainingError(f"{what}; last good checkpoint: {last} "
+                             "(lower train.lr or raise train.warmup_steps, then --resume)")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -232,6 +251,8 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0; every process must call this: RNG states, expert shards and FSDP's
         parameter shards are gathered). model.safetensors always holds the whole model."""
+        if not self.finite_state():
+            raise self.diverged(f"non-finite weights or optimizer state after step {self.step}, not saved")
         rngs = self.world.gather(rng_state())
         weights, optimizer, extra = None, None, {}
         if self.fsdp:  # whole tensors to rank 0; the optimizer state keyed by parameter name
@@ -259,6 +280,16 @@ class Trainer:
         }
         return save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.keep_last, weights)
 
+    @torch.no_grad()
+    def finite_state(self) -> bool:
+        """Are all weights, buffers and optimizer states finite, on every process? Each sums the part it holds in
+        float64, which is finite exactly when every element is (and on CPU 4x cheaper than isfinite)."""
+        tensors = list(self.model.state_dict().values())
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors if t.is_floating_point()]
+        (total,) = self.world.sum([sum(float(t.sum(dtype=torch.float64)) for t in local)])
+        return math.isfinite(total)
+
     def load(self, ckpt: str | Path) -> None:
         state = load_trainer_state(ckpt)
         by_name = state.get("optimizer_by_name", False)  # written under FSDP
@@ -267,7 +298,7 @@ class Trainer:
         if self.fsdp:
             set_model_state_dict(self.model, read_weights(ckpt), options=StateDictOptions(full_state_dict=True))
         else:
-            load_weights(self.model, ckpt, self.device, self.shards)
+            load_weights(self.model, ckpt, self.shards)
         if by_name:  # whole tensors by parameter name: loads under FSDP, DDP or in one process alike
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
@@ -360,14 +391,25 @@ class Mean:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per event, each with "step". On resume, events after the
-    checkpoint's step (written by the interrupted run) are dropped so the file tells one story."""
+    checkpoint's step (written by the interrupted run) are dropped so the file tells one story, and so is a
+    last line cut short by the interruption (saying so); the file is rewritten atomically (temp file + rename)."""
 
     def __init__(self, path: Path, after_step: int = 0):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-            path.write_text("".join(line + "\n" for line in keep))
+            lines, keep = [line for line in path.read_text().splitlines() if line], []
+            for n, line in enumerate(lines, 1):
+                try:
+                    if json.loads(line)["step"] <= after_step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    if n < len(lines):
+                        raise RunFolderError(f"{path}: line {n} is not JSON (only a cut-short last line is dropped)") from None
+                    print(f"note: {path}: dropped its last line, cut short: {line[:40]!r}", file=sys.stderr)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
 
     def write(self, **event) -> None:
         with self.path.open("a") as f:
