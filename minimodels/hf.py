@@ -190,7 +190,7 @@ BERT_HEAD_NAMES = {  # full HF names, outside the encoder; each exists only if o
 BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 # HF class name -> (our head, nsp, prefix of the encoder's parameter names)
 BERT_CLASSES = {
-    "BertModel": ("none", False, ""),
+    "BertModel": ("pooler", False, ""),  # head none: a BertModel built without its pooler
     "BertForMaskedLM": ("mlm", False, "bert."),
     "BertForPreTraining": ("mlm", True, "bert."),
     "BertForSequenceClassification": ("classify", False, "bert."),
@@ -231,11 +231,13 @@ def _copy_stacked_weights(model, hf_model, pairs, to_hf: bool) -> None:
 def bert_from_hf(hf_model, attn_impl: str = "auto") -> BERT:
     """Build our BERT (dropout 0) with the config and weights of a transformers BERT model; the head follows
     the class: BertForMaskedLM -> mlm, BertForPreTraining -> mlm + nsp, BertForSequenceClassification ->
-    classify, BertModel -> none (hidden states and pooled output)."""
+    classify, BertModel -> pooler (hidden states and pooled output), or none when built without its pooler."""
     name = type(hf_model).__name__
     if name not in BERT_CLASSES:
         raise ValueError(f"expected one of {', '.join(BERT_CLASSES)}, got {name}")
     head, nsp, prefix = BERT_CLASSES[name]
+    if name == "BertModel" and hf_model.pooler is None:  # BertModel(config, add_pooling_layer=False)
+        head = "none"
     hc = hf_model.config
     if hc.hidden_act not in BERT_ACTIVATIONS:
         raise ValueError(f"BertConfig.hidden_act={hc.hidden_act!r} is not supported (valid: {', '.join(BERT_ACTIVATIONS)})")
@@ -258,7 +260,8 @@ def bert_from_hf(hf_model, attn_impl: str = "auto") -> BERT:
 
 def bert_to_hf(model: BERT, attn_implementation: str | None = None):
     """Export our BERT to the transformers class of its head (mlm -> BertForMaskedLM, mlm + nsp ->
-    BertForPreTraining, classify -> BertForSequenceClassification, none -> BertModel), same weights."""
+    BertForPreTraining, classify -> BertForSequenceClassification, pooler -> BertModel, none -> BertModel
+    without its pooler), same weights."""
     import transformers
 
     c = model.config
@@ -274,8 +277,10 @@ def bert_to_hf(model: BERT, attn_implementation: str | None = None):
         pad_token_id=None,  # our embeddings have no frozen padding row
         attn_implementation=attn_implementation,
     )
-    (name,) = [n for n, (head, nsp, _) in BERT_CLASSES.items() if head == c.head and nsp == c.nsp]
-    hf_model = getattr(transformers, name)(hc).to(model.tok_emb.weight.device)
+    head = "pooler" if c.head == "none" else c.head
+    (name,) = [n for n, (h, nsp, _) in BERT_CLASSES.items() if h == head and nsp == c.nsp]
+    pooler = {"add_pooling_layer": False} if c.head == "none" else {}
+    hf_model = getattr(transformers, name)(hc, **pooler).to(model.tok_emb.weight.device)
     _copy_stacked_weights(model, hf_model, _bert_name_pairs(model, BERT_CLASSES[name][2]), to_hf=True)
     return hf_model.train(model.training)
 

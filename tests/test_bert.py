@@ -77,7 +77,7 @@ def test_parity_with_hf_bert_model_pooled_output():
 
     hf = hf_bert("BertModel", hidden_act="gelu_new")
     model = bert_from_hf(hf)
-    assert model.config.head == "none" and model.config.activation == "gelu_tanh"
+    assert model.config.head == "pooler" and model.config.activation == "gelu_tanh"
     ids, mask, types = padded_batch()
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
@@ -85,6 +85,20 @@ def test_parity_with_hf_bert_model_pooled_output():
     assert (ours.hidden_states - theirs.last_hidden_state)[mask.bool()].abs().max() <= 1e-5
     assert (ours.pooled - theirs.pooler_output).abs().max() <= 1e-5
     assert ours.logits is None
+
+
+def test_encoder_only_bert_round_trips_through_a_bert_model_without_pooler():
+    from minimodels.hf import bert_from_hf, bert_to_hf
+
+    model = tiny_bert(head="none")
+    hf = bert_to_hf(model)
+    assert type(hf).__name__ == "BertModel" and hf.pooler is None
+    back = bert_from_hf(hf)
+    assert back.config.head == "none" and back.state_dict().keys() == model.state_dict().keys()
+    ids, mask, types = padded_batch()
+    with torch.no_grad():
+        theirs, ours = hf(input_ids=ids, attention_mask=mask, token_type_ids=types), back(ids, mask, types)
+    assert (ours.hidden_states - theirs.last_hidden_state)[mask.bool()].abs().max() <= 1e-5 and ours.pooled is None
 
 
 @pytest.mark.parametrize("cls_name", ["BertForPreTraining", "BertForSequenceClassification"])
@@ -123,7 +137,7 @@ def test_nsp_loss_adds_to_mlm_loss():
 # ---------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("impl", ["manual", "sdpa"])
 def test_padding_never_changes_real_positions(impl):
-    model = tiny_bert(impl, head="none")
+    model = tiny_bert(impl, head="pooler")
     ids, mask, types = padded_batch()
     other_ids = torch.where(mask.bool(), ids, (ids + 7) % 60)  # new tokens and segments at padded positions only
     other_types = torch.where(mask.bool(), types, 1 - types)
@@ -169,6 +183,7 @@ def test_heads_are_built_only_when_used_and_bad_configs_name_the_key():
     names = lambda m: {n.split(".")[0] for n, _ in m.named_parameters()}
     assert {"mlm"} <= names(tiny_bert()) and not {"pooler", "classifier", "nsp_head"} & names(tiny_bert())
     assert {"pooler", "classifier"} <= names(tiny_bert(head="classify", num_labels=2)) - {"mlm"}
+    assert "pooler" in names(tiny_bert(head="pooler")) and names(tiny_bert(head="none")) == names(tiny_bert()) - {"mlm"}
     assert tiny_bert().mlm.bias.shape == (60,)
     for kw, key in [(dict(head="seq2seq"), "model.head"), (dict(head="classify", nsp=True), "model.nsp"),
                     (dict(n_embd=30), "model.n_embd"), (dict(head="classify"), "model.num_labels")]:

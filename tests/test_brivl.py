@@ -1,6 +1,8 @@
 """BriVL / CLIP: the queue, the momentum update, the losses, recall@K, the towers, and the shapes data."""
 
+import copy
 import dataclasses
+import json
 import math
 import random
 import subprocess
@@ -16,8 +18,8 @@ from minimodels.data.shapes import (COLOURS, SEEN_PAIRS, UNSEEN, Phrase, chance_
                                     is_true_of, make_split, parse_caption, recall_metrics, retrieval_ranks,
                                     sample_caption)
 from minimodels.models.bert import BERTConfig
-from minimodels.models.brivl import (BriVL, BriVLConfig, ContrastiveConfig, clip_loss, crop_regions, enqueue,
-                                     info_nce, momentum_loss)
+from minimodels.models.brivl import (BriVL, BriVLConfig, ContrastiveConfig, contrastive_loss, crop_regions, enqueue,
+                                     info_nce)
 
 
 def tiny(kind="momentum_queue", queue_size=8, momentum=0.9, regions=True, vocab_size=20, text_init_from=None):
@@ -121,14 +123,27 @@ def test_loss_directions_swap_when_image_and_text_are_swapped():
     g = torch.Generator().manual_seed(1)
     v, t, vk, tk, qv, qt = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (4, 4, 4, 4, 6, 6))
     s = torch.tensor(1 / 0.07)
-    i2t, t2i = clip_loss(v, t, s)
+    i2t, t2i = contrastive_loss(v, t, v, t, s)  # CLIP: the keys are the batch itself
     assert i2t.item() != pytest.approx(t2i.item())  # the two directions differ on this batch ...
-    assert clip_loss(t, v, s) == (t2i, i2t)  # ... and exchange places when the modalities do
-    i2t, t2i = momentum_loss(v, t, vk, tk, qv, qt, s)
+    assert contrastive_loss(t, v, t, v, s) == (t2i, i2t)  # ... and exchange places when the modalities do
+    i2t, t2i = contrastive_loss(v, t, torch.cat([vk, qv]), torch.cat([tk, qt]), s)  # BriVL: keys, then the queue
     assert i2t.item() != pytest.approx(t2i.item())
-    swapped = momentum_loss(t, v, tk, vk, qt, qv, s)
+    swapped = contrastive_loss(t, v, torch.cat([tk, qt]), torch.cat([vk, qv]), s)
     assert torch.equal(swapped[0], t2i) and torch.equal(swapped[1], i2t)
-    assert momentum_loss(v, t, v, t, qv[:0], qt[:0], s) == clip_loss(v, t, s)  # empty queues, keys = queries: CLIP
+
+
+def test_a_slice_of_the_batch_scored_against_all_keys_averages_to_the_whole_batch_loss():
+    """Under torchrun process r scores its rows r*B .. (r+1)*B - 1 against the gathered keys: the mean of
+    the processes' losses is the loss of one process holding the whole batch, with and without a queue."""
+    g = torch.Generator().manual_seed(2)
+    v, t, qv, qt = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (6, 6, 5, 5))
+    s = torch.tensor(1 / 0.07)
+    for keys in [(v, t), (torch.cat([v, qv]), torch.cat([t, qt]))]:
+        whole = torch.stack(contrastive_loss(v, t, *keys, s))
+        parts = [torch.stack(contrastive_loss(v[r * 2:(r + 1) * 2], t[r * 2:(r + 1) * 2], *keys, s, first=r * 2))
+                 for r in range(3)]
+        torch.testing.assert_close(sum(parts) / 3, whole, rtol=1e-6, atol=0)
+        assert not torch.allclose(parts[0], whole)  # each share differs from the mean
 
 
 def test_temperature_is_learned_and_clamped_at_100():
@@ -291,10 +306,114 @@ def test_text_tower_starts_from_a_bert_run(tmp_path):
     assert init_sources(model, model.config) == [("text.bert", str(tmp_path / "bert_run"))]
     for name, source in init_sources(model, model.config):
         init_from_run(model.get_submodule(name), Path(source), tmp_path / "brivl_run", quiet=True)
-    pretrained = dict(bert.named_parameters())  # the MLM head has no place here; the pooler is new
+    pretrained = dict(bert.named_parameters())  # the MLM head has no place here
     shared = [n for n, _ in model.text.bert.named_parameters() if n in pretrained]
-    assert len(shared) == len(list(model.text.bert.parameters())) - 2  # all but pooler.weight and pooler.bias
+    assert len(shared) == len(list(model.text.bert.parameters()))  # the encoder alone: no pooler
     assert all(torch.equal(model.text.bert.get_parameter(n), pretrained[n]) for n in shared)
     assert not torch.equal(model.text_m.bert.tok_emb.weight, bert.tok_emb.weight)  # built before the loading ...
     model.momentum_update()  # ... so the first update copies the loaded weights into the momentum tower
     assert all(torch.equal(model.text_m.bert.get_parameter(n), pretrained[n]) for n in shared)
+
+
+# --------------------------------------------------------------------------- the trainer: accumulation, resume
+
+TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.embed_dim=16", "model.text.n_layer=1",
+        "model.text.n_embd=32", "model.text.n_head=2", "train.dtype=fp32", "train.device=cpu", "output.plot=false",
+        "train.batch_size=4", "train.log_interval=1", "train.eval_interval=100", "train.eval_batches=1"]
+
+
+def trainer_for(name, tmp_path, *overrides):
+    """A Trainer on configs/<name>.yaml, tiny, over 64 training scenes."""
+    from minimodels.models import build_model
+    from minimodels.train.run import prepare
+    from minimodels.train.trainer import Trainer
+
+    cfg = load_config(f"configs/{name}.yaml", [*TINY, f"output.dir={tmp_path}", *overrides])
+    task = prepare(cfg, tmp_path)
+    torch.manual_seed(0)
+    return Trainer(build_model(cfg.model), task, cfg.train, tmp_path, quiet=True)
+
+
+def query_and_key_towers(model):
+    return [*model.image.parameters(), *model.text.parameters()], [*model.image_m.parameters(), *model.text_m.parameters()]
+
+
+def test_momentum_update_runs_once_per_optimizer_step_under_grad_accum(tmp_path, monkeypatch):
+    """grad_accum=2: after each optimizer step theta_k <- m theta_k + (1 - m) theta_q, once (not m^2), and the
+    first keys came from a copy of the initial query towers: theta_k = m (m q0 + (1 - m) q1) + (1 - m) q2."""
+    monkeypatch.setattr(shapes, "N_TRAIN", 64)
+    t = trainer_for("brivl", tmp_path, "train.grad_accum=2", "model.contrastive.momentum=0.5", "train.warmup_steps=0")
+    query, keys = query_and_key_towers(t.model)
+    snapshots = [[q.detach().clone() for q in query]]
+    for _ in range(2):
+        t.train_step()
+        snapshots.append([q.detach().clone() for q in query])
+    q0, q1, q2 = snapshots
+    assert int(t.model.momentum_steps) == 3  # the copy, then one update per optimizer step
+    assert all((b - a).abs().max() > 1e-4 for a, b in zip(q1, q2))  # the query towers moved
+    for k, a, b, c in zip(keys, q0, q1, q2):
+        torch.testing.assert_close(k, 0.5 * (0.5 * a + 0.5 * b) + 0.5 * c, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clip", "brivl"])
+def test_grad_accum_is_the_mean_of_micro_batch_losses_not_one_big_batch(name, tmp_path, monkeypatch):
+    """k = 2 micro-batches of 4: the gradient is that of (L(batch 1) + L(batch 2)) / 2, each scored against its
+    own 4 in-batch keys (BriVL: and batch 1's keys in the queue for batch 2), not that of one batch of 8."""
+    monkeypatch.setattr(shapes, "N_TRAIN", 64)
+    t = trainer_for(name, tmp_path, "train.grad_accum=2", "train.grad_clip=0")
+    model = copy.deepcopy(t.model)
+    grads = {}
+    zero_grad = t.optimizer.zero_grad
+    monkeypatch.setattr(t.optimizer, "zero_grad", lambda **kw: (grads.update(
+        {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}), zero_grad(**kw)))
+    first, second = t.train_batch(0), t.train_batch(1)
+    logged = t.train_step()["loss"]
+
+    def gradient(batches):
+        m = copy.deepcopy(model).train()
+        losses = [m(**b).loss for b in batches]
+        sum(losses).div(len(losses)).backward()
+        return sum(losses).item() / len(losses), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    loss, expected = gradient([first, second])
+    assert logged == pytest.approx(loss, abs=1e-6)
+    assert grads.keys() == expected.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], expected[n], rtol=1e-4, atol=1e-7, msg=n)
+    both = {k: torch.cat([first[k], second[k]]) for k in first if k not in ("input_ids", "attention_mask")}
+    both |= text_batch_of(t.task, [first, second])
+    big_loss, big = gradient([both])
+    assert abs(big_loss - loss) > 1e-3 and (big["text.proj.2.weight"] - grads["text.proj.2.weight"]).abs().max() > 1e-4
+
+
+def text_batch_of(task, batches):
+    """input_ids and attention_mask of several batches as one, padded to the longest caption."""
+    from minimodels.data.collate import pad_right
+
+    rows = [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    ids, real = pad_right(rows, task.tokenizer.pad_id)
+    return {"input_ids": ids, "attention_mask": real.long()}
+
+
+def test_a_killed_brivl_run_resumes_with_the_same_losses_and_queues(tmp_path, monkeypatch):
+    """The queues, their pointer and the momentum towers are in the checkpoint: stopping after step 2 of 4 and
+    resuming gives the uninterrupted run's losses and final state."""
+    import shutil
+
+    from minimodels.train.checkpoint import read_weights
+    from minimodels.train.run import run
+
+    monkeypatch.setattr(shapes, "N_TRAIN", 64)
+    cfg = lambda out: load_config("configs/brivl.yaml", [*TINY, "train.max_steps=4", "train.save_interval=2",
+                                                         "train.keep_last=5", f"output.dir={out}"])
+    run(cfg(tmp_path / "full"), quiet=True)
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000004")
+    run(cfg(tmp_path / "resumed"), resume=True, quiet=True)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+               if "lr" in json.loads(line)] for name in ("full", "resumed")]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=0, abs=1e-6)
+    a, b = (read_weights(tmp_path / name / "checkpoints" / "step_00000004") for name in ("full", "resumed"))
+    assert int(a["queue_filled"]) == 16 and int(a["momentum_steps"]) == 5
+    for k in ("image_queue", "text_queue", "queue_ptr", "text_m.proj.2.weight"):
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

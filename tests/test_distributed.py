@@ -1,6 +1,6 @@
 """torchrun on CPU with gloo, 2 processes: DDP and FSDP2 train exactly like one process with the whole batch,
-with and without gradient accumulation; a checkpoint written by 2 processes resumes under 2 or under 1;
-expert parallelism gives the single-process MoE's outputs, gradients and training run."""
+with and without gradient accumulation, CLIP and BriVL included; a checkpoint written by 2 processes resumes
+under 2 or under 1; expert parallelism gives the single-process MoE's outputs, gradients and training run."""
 
 import json
 import os
@@ -47,6 +47,18 @@ def train(config, out, *overrides, nproc=1, resume=False):
     r = subprocess.run(launcher + ["scripts/train.py", *args, *overrides, "--quiet"], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def spawn_two(worker) -> None:
+    """Run worker(rank, 2, port) in 2 processes (torch.multiprocessing) that join a gloo group on a free port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port), nprocs=2, join=True)
 
 
 def weights(out, step=None):
@@ -99,6 +111,80 @@ def test_switch_gpt_trains_under_two_processes(config, tmp_path):
     assert all("moe_block1_load" in e for e in events if "loss" in e)
 
 
+# ---------------------------------------------------------------------------------------------- contrastive towers
+TINY_BRIVL = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.embed_dim=16", "model.text.n_layer=1",
+              "model.text.n_embd=32", "model.text.n_head=2", "train.dtype=fp32", "train.device=cpu", "train.max_steps=3",
+              "train.log_interval=1", "train.eval_interval=100", "train.eval_batches=1", "train.save_interval=100",
+              "output.plot=false")
+
+
+def contrastive_worker(rank: int, world: int, port: int) -> None:
+    """On each of 2 processes: tiny CLIP and BriVL under DDP on this process's half of a batch of 8 against the
+    same model in one process on all 8 (run before joining the group): the same loss (mean over processes),
+    gradients and queues, over two steps (the second scores against the queue filled by the first)."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from test_brivl import batch, tiny
+
+    torch.set_num_threads(1)
+    whole = batch(B=8)
+    mine = {k: v[rank * 4:(rank + 1) * 4] for k, v in whole.items()}
+    models, expected = {}, {}
+    for kind in ("inbatch", "momentum_queue"):
+        one = tiny(kind, queue_size=12).train()
+        models[kind] = copy.deepcopy(one)
+        for step in range(2):
+            one.zero_grad()
+            loss = one(**whole).loss
+            loss.backward()
+            queue = one.text_queue.clone() if kind == "momentum_queue" else None
+            expected[kind, step] = loss.item(), {n: p.grad.clone() for n, p in one.named_parameters() if p.grad is not None}, queue
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for kind, model in models.items():
+        ddp = DistributedDataParallel(model)
+        for step in range(2):
+            ddp.zero_grad()
+            loss = ddp(**mine).loss
+            loss.backward()  # DDP averages the two processes' gradients
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            ref_loss, ref_grads, ref_queue = expected[kind, step]
+            assert (mean / world).item() == pytest.approx(ref_loss, abs=1e-6)
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            assert grads.keys() == ref_grads.keys()
+            for n, g in grads.items():
+                torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=f"{kind} step {step} {n}")
+            if kind == "momentum_queue":  # every process enqueued all 8 keys, in rank order
+                torch.testing.assert_close(model.text_queue, ref_queue, rtol=0, atol=1e-6)
+    dist.destroy_process_group()
+
+
+def test_contrastive_gradients_under_two_processes_equal_one_process():
+    spawn_two(contrastive_worker)
+
+
+@pytest.mark.slow  # ~45-80 s each: three times 20,000 generated scenes; the gradients are checked fast above
+@pytest.mark.parametrize("name,grad_accum", [("clip", 1), ("brivl", 2)])
+def test_contrastive_towers_under_two_processes_train_like_one(name, grad_accum, tmp_path):
+    """scripts/train.py under torchrun: 2 processes x batch 4 == 1 process x batch 8 for CLIP (in-batch negatives gathered with gradients) and
+    BriVL (momentum keys gathered, both processes enqueue all 8 in rank order): the same logged losses, and
+    under DDP every parameter takes part (no unused text pooler)."""
+    for out, nproc, batch in (("two", 2, 4), ("one", 1, 8)):
+        train(f"configs/{name}.yaml", tmp_path / out, *TINY_BRIVL, f"train.batch_size={batch}",
+              f"train.grad_accum={grad_accum}", nproc=nproc)
+    losses = [[e["loss"] for e in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())
+               if "lr" in e] for out in ("two", "one")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=0, abs=1e-4)
+    if name == "brivl":  # the queues of rank 0 (saved) hold the keys one process enqueued, in the same slots
+        two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+        assert int(two["queue_filled"]) == 3 * 2 * 8
+        torch.testing.assert_close(two["text_queue"], one["text_queue"], rtol=0, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- expert parallelism
 EP_CASES = [("topk", dict(k=2)), ("topk", dict(k=1, capacity_factor=0.5)), ("topk", dict(k=2, capacity_factor=0.5)),
             ("noisy_topk", dict(k=2, capacity_factor=0.5)), ("switch", dict(capacity_factor=0.5)),
@@ -146,14 +232,7 @@ def expert_parallel_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_expert_parallel_moe_equals_the_single_process_moe_for_every_gate():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(expert_parallel_worker, args=(2, port), nprocs=2, join=True)
+    spawn_two(expert_parallel_worker)
 
 
 def test_expert_parallel_needs_experts_divisible_by_processes():

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from minimodels.config import ConfigError, TrainConfig, load_config
 from minimodels.models import GPT, GPTConfig
+from minimodels.protocols import TrainedModel
 from minimodels.train import Trainer, TrainingError
 from minimodels.train.checkpoint import checkpoint_dirs
 from minimodels.train.run import run
@@ -65,6 +66,27 @@ def test_grad_accumulation_matches_big_batch(tmp_path):
         assert torch.allclose(p, q, atol=1e-6, rtol=0), name
 
 
+def test_each_process_gets_its_rows_of_the_one_process_batch_random_collator_included(tmp_path):
+    """Rank r of 2 with batch 4 gets rows 4r .. 4r + 3 of what one process with batch 8 collates, with the same
+    random draws (train_batch needs no process group: only the world's rank and size)."""
+    from minimodels.train.distributed import World
+
+    class RandomMaskTask(RandomLMTask):
+        def collate(self, examples, generator):
+            x = torch.stack(examples)
+            return {"input_ids": x, "labels": x.masked_fill(torch.rand(x.shape, generator=generator) < 0.5, -100)}
+
+    one = Trainer(tiny_gpt(), RandomMaskTask(), train_cfg(batch_size=8), tmp_path / "one", quiet=True)
+    two = Trainer(tiny_gpt(), RandomMaskTask(), train_cfg(batch_size=4), tmp_path / "two", quiet=True)
+    for index in (0, 5):  # the second epoch: another permutation
+        whole = one.train_batch(index)
+        for rank in (0, 1):
+            two.world = World(rank=rank, size=2)
+            part = two.train_batch(index)
+            assert part.keys() == whole.keys()
+            assert all(torch.equal(part[k], whole[k][4 * rank:4 * rank + 4]) for k in whole)
+
+
 def test_accumulation_weights_by_targets(tmp_path):
     """Micro-batches with different numbers of targets are weighted by their targets, not equally."""
     from minimodels.train.trainer import count_targets
@@ -78,7 +100,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     class Out:
         loss: torch.Tensor
 
-    class Exploding(torch.nn.Module):
+    class Exploding(torch.nn.Module, TrainedModel):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(1))
@@ -264,3 +286,10 @@ def test_a_vocab_smaller_than_the_tokenizer_names_model_vocab_size(tmp_path, tex
         prepare(cfg, tmp_path)
     cfg = load_config(tmp_path / "exp.yaml", [f"model.vocab_size={vocab}"])
     assert prepare(cfg, tmp_path).tokenizer.vocab_size == cfg.model.vocab_size
+
+
+def test_every_model_has_the_optional_methods_the_trainer_calls():
+    """The trainer calls model.after_optimizer_step() directly: every model in the table subclasses TrainedModel."""
+    from minimodels.models import MODELS
+
+    assert all(TrainedModel in cls.__mro__ for _, cls in MODELS.values())

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
 from minimodels.nn import ACTIVATIONS, PostLNBlock, build_ffn, check_block_options
+from minimodels.protocols import TrainedModel
 
-HEADS = ("mlm", "classify", "none")
+HEADS = ("mlm", "classify", "pooler", "none")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class BERTConfig:
     dropout: float = 0.1  # on embeddings, attention weights, residual branches and the classifier input
     attn_impl: str = "auto"  # auto | manual | sdpa (see minimodels/nn/attention.py)
     norm_eps: float = 1e-12  # LayerNorm epsilon (BERT: 1e-12)
-    head: str = "mlm"  # mlm (pretraining) | classify (one label per sequence) | none (encoder + pooler only)
+    head: str = "mlm"  # mlm (pretraining) | classify (one label per sequence) | pooler (HF BertModel) | none (encoder)
     nsp: bool = False  # add the next-sentence-prediction head (needs head: mlm; trained by next_sentence_label)
     num_labels: int | None = None  # classes of the classify head; null = from the task
     init_from: str | None = None  # a pretraining run folder to start from (fine-tuning), e.g. runs/bert
@@ -95,7 +96,7 @@ class MLMHead(nn.Module):
         return F.linear(self.norm(self.act(self.dense(h))), embedding, self.bias)  # LN(GELU(h W_t)) E_tok^T + b
 
 
-class BERT(nn.Module):
+class BERT(nn.Module, TrainedModel):
     def __init__(self, config: BERTConfig):
         super().__init__()
         config.validate()
@@ -118,7 +119,7 @@ class BERT(nn.Module):
         )
         if c.head == "mlm":
             self.mlm = MLMHead(c.n_embd, c.vocab_size, c.activation, c.norm_eps)
-        if c.head != "mlm" or c.nsp:  # only what is used is built: an MLM-only model has no pooler
+        if c.head in ("classify", "pooler") or c.nsp:  # only what is used is built: no pooler for mlm alone or none
             self.pooler = nn.Linear(c.n_embd, c.n_embd)  # W_p
         if c.nsp:
             self.nsp_head = nn.Linear(c.n_embd, 2)  # W_nsp
@@ -191,7 +192,7 @@ class BERT(nn.Module):
                                      f"got {tuple(labels.shape)}")
                 loss = F.cross_entropy(logits.float(), labels)
         elif labels is not None:
-            raise ValueError("labels: model.head=none has no output layer to train (use mlm or classify)")
+            raise ValueError(f"labels: model.head={self.config.head} has no output layer to train (use mlm or classify)")
         nsp_logits = self.nsp_head(pooled) if self.config.nsp else None  # (B, 2)
         if next_sentence_label is not None:
             if nsp_logits is None:

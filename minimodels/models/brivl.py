@@ -19,8 +19,23 @@ Two objectives, model.contrastive.kind:
 
 MoCo scores a query against its positive key and the queue only; we also keep the batch's other keys as
 negatives (as ALBEF does), so queue_size 0 is in-batch contrastive learning with momentum keys.
-The momentum update and the enqueue happen inside forward in training mode; the queues are buffers, so
-checkpoints hold them. Under DDP the queues are per process (MoCo gathers the keys of all processes first).
+The momentum update runs once per optimizer step, after it (`after_optimizer_step`, called by the trainer;
+the very first one, a copy, runs before the first keys are computed); the enqueue runs in forward in
+training mode, after the loss. The queues, their pointer and the update count are buffers: checkpoints hold them.
+
+Under torchrun, in training mode, each process holds its slice r of the global batch of W*B pairs: its
+B queries are scored against the keys of the whole global batch, gathered from every process
+(minimodels/nn/gather.py; CLIP's keys carry gradients back to the process that computed them), and the
+positive of query i is key r*B + i. Each process's loss is its queries' share, and the gradients DDP
+averages are those of the mean over all W*B queries: W processes x batch B train exactly like one process
+x batch W*B. BriVL gathers the momentum keys too and every process enqueues all W*B of them, in rank order
+(MoCo's concat_all_gather), so the queues are the same on every process and the same as one process's.
+
+Gradient accumulation (train.grad_accum = k micro-batches of B) is NOT one batch of k*B here: each
+micro-batch's loss scores its queries against that micro-batch's B in-batch keys only (CLIP: B - 1
+negatives per query, not k*B - 1). The gradient is that of the mean of the k micro-batch losses. With
+momentum_queue the k micro-batches use the same key towers, and micro-batch j is enqueued after its loss,
+so micro-batch j + 1 finds j's keys in the queue as negatives.
 """
 
 from __future__ import annotations
@@ -36,7 +51,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minimodels.models.bert import BERT, BERTConfig
-from minimodels.nn import MLP, PreLNBlock
+from minimodels.nn import MLP, PreLNBlock, all_gather_no_grad, all_gather_with_grad, rank_and_size
+from minimodels.protocols import TrainedModel
 
 KINDS = ("inbatch", "momentum_queue")
 
@@ -110,23 +126,18 @@ class BriVLOutput:
 # --------------------------------------------------------------------------- losses and the queue
 
 
-def info_nce(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """queries (B, D), keys (N >= B, D): the positive of query i is key i, all other keys are negatives.
-    L = -1/B sum_i log [exp(scale q_i.k_i) / sum_j exp(scale q_i.k_j)]"""
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """queries (B, D), keys (N >= first + B, D): the positive of query i is key first + i, all other keys are
+    negatives.  L = -1/B sum_i log [exp(scale q_i.k_{first+i}) / sum_j exp(scale q_i.k_j)]"""
     logits = scale * queries.float() @ keys.float().T  # (B, N)
-    return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
+    return F.cross_entropy(logits, first + torch.arange(len(queries), device=queries.device))
 
 
-def clip_loss(image, text, scale):
-    """CLIP's symmetric in-batch loss, as (L_i2t, L_t2i): each image against the batch's texts and back."""
-    return info_nce(image, text, scale), info_nce(text, image, scale)
-
-
-def momentum_loss(image, text, image_keys, text_keys, image_queue, text_queue, scale):
-    """BriVL's loss, as (L_i2t, L_t2i): each image query against the text keys of the batch and the text
-    queue (its positive: the momentum key of its own caption), and each text query against the image keys."""
-    return (info_nce(image, torch.cat([text_keys, text_queue]), scale),  # (B, D) vs (B + K, D)
-            info_nce(text, torch.cat([image_keys, image_queue]), scale))
+def contrastive_loss(image, text, image_keys, text_keys, scale, first: int = 0):
+    """The symmetric loss, as (L_i2t, L_t2i): each image query (B, D) against the text keys (N, D) and each
+    text query against the image keys; the positive of pair i is key first + i. CLIP: the keys are the
+    embeddings of the (global) batch itself; BriVL: the momentum keys of the (global) batch, then the queue."""
+    return info_nce(image, text_keys, scale, first), info_nce(text, image_keys, scale, first)
 
 
 @torch.no_grad()
@@ -231,7 +242,7 @@ class TextTower(nn.Module):
 # --------------------------------------------------------------------------- the model
 
 
-class BriVL(nn.Module):
+class BriVL(nn.Module, TrainedModel):
     def __init__(self, config: BriVLConfig):
         super().__init__()
         config.validate()  # (the text tower's BERT insists on model.vocab_size)
@@ -269,24 +280,38 @@ class BriVL(nn.Module):
 
     def forward(self, images, input_ids, attention_mask, boxes=None, box_mask=None) -> BriVLOutput:
         """A batch of B paired images and captions (see embed_images / embed_texts for the shapes). In
-        training mode with momentum_queue this also updates the momentum towers and the queues."""
+        training mode under torchrun, this process's slice of the global batch (see the module docstring);
+        with momentum_queue this also enqueues the global batch's keys."""
         if len(images) != len(input_ids):
             raise ValueError(f"images and input_ids: {len(images)} images but {len(input_ids)} captions")
         v = self.embed_images(images, boxes, box_mask)  # (B, D)
         t = self.embed_texts(input_ids, attention_mask)  # (B, D)
         scale = self.log_scale.exp().clamp(max=100)  # 1/tau, at most 100 (CLIP)
-        if self.training and self.config.contrastive.kind == "momentum_queue":
-            with torch.no_grad():
+        if not self.training:  # evaluation: every process sees the whole batch, no gathering, no queue
+            loss_i2t, loss_t2i = contrastive_loss(v, t, v, t, scale)
+        elif self.config.contrastive.kind == "momentum_queue":
+            if self.momentum_steps == 0:  # the first update, a copy, before the first keys
                 self.momentum_update()
-                v_k, t_k = self.image_m(images, boxes, box_mask), self.text_m(input_ids, attention_mask)  # (B, D) keys
+            with torch.no_grad():
+                v_k = all_gather_no_grad(self.image_m(images, boxes, box_mask))  # (W*B, D) keys of the global batch
+                t_k = all_gather_no_grad(self.text_m(input_ids, attention_mask))  # (W*B, D)
             n = int(self.queue_filled)
-            loss_i2t, loss_t2i = momentum_loss(v, t, v_k, t_k, self.image_queue[:n], self.text_queue[:n], scale)
+            image_keys = torch.cat([v_k, self.image_queue[:n]])  # (W*B + n, D): the batch's keys, then the queue
+            text_keys = torch.cat([t_k, self.text_queue[:n]])  # (W*B + n, D)
+            loss_i2t, loss_t2i = contrastive_loss(v, t, image_keys, text_keys, scale, rank_and_size()[0] * len(v))
             self.push(v_k, t_k)  # after the loss: this batch's keys are negatives for the next batches
         else:
-            loss_i2t, loss_t2i = clip_loss(v, t, scale)
+            v_all, t_all = all_gather_with_grad(v), all_gather_with_grad(t)  # (W*B, D) the global batch
+            loss_i2t, loss_t2i = contrastive_loss(v, t, v_all, t_all, scale, rank_and_size()[0] * len(v))
         loss = (loss_i2t + loss_t2i) / 2
         metrics = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(), "logit_scale": scale.detach()}
         return BriVLOutput(loss=loss, image_embeds=v, text_embeds=t, metrics=metrics)
+
+    def after_optimizer_step(self) -> None:
+        """momentum_queue: the key towers follow the query towers the optimizer just updated (MoCo, ALBEF),
+        once per optimizer step whatever train.grad_accum is. inbatch: nothing."""
+        if self.config.contrastive.kind == "momentum_queue":
+            self.momentum_update()
 
     @torch.no_grad()
     def momentum_update(self) -> None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from minimodels.models.gpt import gpt2_init
 from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, sample_next
+from minimodels.protocols import TrainedModel
 
 
 @dataclass
@@ -83,7 +84,7 @@ def glm_attention_mask(part_a_len: torch.Tensor, t_q: int, t_k: int) -> torch.Te
     return causal[None] | (key[None, None, :] < part_a_len[:, None, None])  # (B, Tq, Tk)
 
 
-class GLM(nn.Module):
+class GLM(nn.Module, TrainedModel):
     def __init__(self, config: GLMConfig):
         super().__init__()
         if config.vocab_size is None:

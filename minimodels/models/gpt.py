@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
 from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, sample_next
+from minimodels.protocols import TrainedModel
 
 
 @dataclass
@@ -64,7 +65,7 @@ class GPTOutput:
     metrics: dict[str, torch.Tensor] | None = None  # with model.moe: per-layer aux/z-loss, drops, load (logged)
 
 
-class GPT(nn.Module):
+class GPT(nn.Module, TrainedModel):
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.vocab_size is None:

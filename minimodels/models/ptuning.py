@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minimodels.protocols import TrainedModel
+
 ENCODERS = ("lstm", "mlp", "none")
 
 
@@ -107,7 +109,7 @@ class PromptEncoder(nn.Module):
         return self.mlp(x)[0]  # (n, C)
 
 
-class PTuning(nn.Module):
+class PTuning(nn.Module, TrainedModel):
     def __init__(self, config: PTuningConfig):
         super().__init__()
         from minimodels.models import MODELS  # the backbone is any registered LM (imported late: a cycle)

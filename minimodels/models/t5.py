@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
 from minimodels.nn import (GatedMLP, KVCache, MLP, MultiHeadAttention, PreLNBlock, RelativePositionBias, RMSNorm,
                            build_ffn, check_block_options, sample_next)
+from minimodels.protocols import TrainedModel
 
 
 @dataclass
@@ -129,7 +130,7 @@ class T5Stack(nn.Module):
         return self.drop(self.ln_f(x)), presents, routings
 
 
-class T5(nn.Module):
+class T5(nn.Module, TrainedModel):
     def __init__(self, config: T5Config):
         super().__init__()
         if config.vocab_size is None:

@@ -8,7 +8,9 @@ torchrun starts N copies of the script and tells each, in environment variables,
 
 Data parallelism (DDP): every process holds the whole model and reads its own share of each batch; after
 backward, DDP averages the gradients over processes (an all-reduce), so every copy takes the same step.
-With train.batch_size = b per process, N processes train exactly like one process with batch N*b.
+With train.batch_size = b per process, N processes train exactly like one process with batch N*b. A loss
+over the batch as a whole (contrastive negatives, momentum queues) gathers what it compares with from the
+other processes inside the model (minimodels/nn/gather.py, used by BriVL / CLIP).
 
 Fully sharded data parallelism (train.distributed.fsdp, FSDP2's `fully_shard`): each process keeps only
 1/N of every parameter, gradient and optimizer state; a block's parameters are gathered just before it runs

@@ -2,9 +2,11 @@
 
     batch = task.collate([task.train[i] for i in indices], generator)   # a dict of tensors
     out = model(**batch)                                                 # any output with .loss
-    out.loss.backward(); optimizer.step()
+    out.loss.backward(); optimizer.step(); model.after_optimizer_step()
 
-and evaluation metrics come from `task.evaluate(model, batches) -> dict[str, float]`. An output may also
+where after_optimizer_step is the one optional model method (minimodels/protocols.py; a no-op unless the
+model overrides it, as BriVL does for its momentum towers), and evaluation metrics come from
+`task.evaluate(model, batches) -> dict[str, float]`. An output may also
 carry `metrics`, a dict of detached scalar or 1-D tensors about that forward pass (an MoE model's routing
 statistics); the trainer averages them over the steps between two log lines and writes them there.
 With train.teacher (knowledge inheritance, minimodels/train/inherit.py) a frozen teacher model sees the
@@ -17,8 +19,10 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 
 Under torchrun (minimodels/train/distributed.py) the model is wrapped in DDP (or sharded by FSDP2 with
 train.distributed.fsdp) and micro-batch i is the slice rank*b .. (rank+1)*b of a global batch of
-world_size*b examples, so N processes with batch b see exactly the examples one process with batch N*b
-would; rank 0 alone logs and writes checkpoints.
+world_size*b examples, so N processes with batch b see exactly the examples (and the collator's random
+choices) one process with batch N*b would; rank 0 alone logs and writes checkpoints. A loss that compares
+the examples of a batch with each other (contrastive negatives) gathers the other processes' examples
+itself (BriVL, minimodels/nn/gather.py).
 With expert parallelism (model.moe.expert_parallel) each process holds only its share of the experts: DDP
 leaves those parameters alone, and checkpoints gather them so that model.safetensors is the whole model.
 """
@@ -138,16 +142,19 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def train_batch(self, index: int) -> dict:
         """This process's part of micro-batch number `index`: the examples of an epoch are a permutation seeded
-        by (seed, epoch), cut into global batches of world_size * batch_size; rank r takes the r-th slice."""
+        by (seed, epoch), cut into global batches of world_size * batch_size. Every process collates the whole
+        global batch with the generator one process would use and keeps the r-th slice of its rows (rank r),
+        so random collators (masks, sampled captions) treat each example as one process with batch N*b does."""
         n, bs, world = len(self.task.train), self.cfg.batch_size, self.world
         epoch, i = divmod(index, n // (bs * world.size))  # the last incomplete batch of an epoch is dropped
         if epoch != self._epoch:
             self._epoch = epoch
             self._order = data_order(self.cfg.seed, epoch, n)
-        start = (i * world.size + world.rank) * bs
-        examples = [self.task.train[j] for j in self._order[start:start + bs].tolist()]
-        seed = self.cfg.seed * 1_000_003 + index * world.size + world.rank  # = index for one process
-        return self.task.collate(examples, torch.Generator().manual_seed(seed))
+        start = i * world.size * bs
+        examples = [self.task.train[j] for j in self._order[start:start + world.size * bs].tolist()]
+        batch = self.task.collate(examples, torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index))
+        mine = slice(world.rank * bs, (world.rank + 1) * bs)  # every collated tensor is batch-first
+        return {k: v[mine] if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
@@ -158,7 +165,10 @@ class Trainer:
         self.position += self.cfg.grad_accum
         # Gradient accumulation: weight each micro-batch's mean loss by its share of the targets (over all
         # processes), so that k micro-batches of b examples on N processes give the gradient of one batch of
-        # N*k*b. DDP divides the summed gradients by N, hence the factor world.size.
+        # N*k*b when the loss is a mean over targets each scored on its own (LM, MLM, classification). A
+        # contrastive loss scores each example against its own micro-batch: there it is the gradient of the
+        # mean of the k micro-batch losses (minimodels/models/brivl.py). DDP divides the summed gradients by
+        # N, hence the factor world.size.
         counts = [count_targets(b) for b in batches]
         tokens = sum(b["input_ids"].numel() if "input_ids" in b else c for b, c in zip(batches, counts))
         total, tokens = self.world.sum([sum(counts), tokens])
@@ -202,6 +212,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.after_optimizer_step()  # e.g. BriVL's momentum towers follow the updated weights
         self.step += 1
         return {"loss": loss_sum, "lr": lr, "tokens": int(tokens), "metrics": metrics}
 
