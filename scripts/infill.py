@@ -1,6 +1,6 @@
 """Fill blanks in held-out docstrings: GLM (length unknown) vs BERT (told the length) vs GPT (left context only).
 
-    python scripts/infill.py runs/glm runs/bert runs/gpt [--blanks 500] [--seed 0]
+    python scripts/infill.py runs/glm runs/bert runs/gpt [--blanks 500] [--seed 0] [--json]
 
 The blanks come from the validation split of the stdlib docstrings (whole source files no run trained on).
 Each docstring, cut to its first --chars characters, gets at most one blank: 1, 2 or 3 consecutive words
@@ -15,12 +15,14 @@ tokenizer lowercases and spaces out punctuation). All fills are greedy. "answer 
 instead, fed to the model (teacher-forced): -log2 P(its tokens) per character, which compares across tokenizers
 (BERT's is a pseudo-likelihood: each piece given the others masked; GLM's leaves out [eop], as the others are
 told the length). Blanks whose text does not fit into every run's block_size are skipped (the count is
-printed). Each run may use its own tokenizer.
+printed). Each run may use its own tokenizer. --json prints the table as one JSON object instead:
+{"blanks": n, "runs": {run: {"arch", "knows_length", "exact_match": {"1", "2", "3", "all"}, "answer_bits_per_char"}}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import re
@@ -121,6 +123,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--examples", type=int, default=5, help="print this many blanks with every run's fill")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", action="store_true", help="print the table as one JSON object instead")
     args = ap.parse_args()
     for option, value in (("--blanks", args.blanks), ("--chars", args.chars)):
         need(value > 0, option, f"must be positive, got {value}")
@@ -149,6 +152,17 @@ def main() -> None:
     kept = [i for i in range(len(blanks)) if i not in skipped]
     if not kept:
         raise ConfigError(f"--chars: none of the {len(blanks)} blanks fits into every run's block_size (try a smaller --chars)")
+    sizes = sorted({len(blanks[i][1].split()) for i in kept})
+    by_size = {str(k): [i for i in kept if len(blanks[i][1].split()) == k] for k in sizes} | {"all": kept}
+    results = {}  # run -> its row of the table
+    for path, (cfg, _, _) in runs.items():
+        em = {k: sum(normal(fills[i][path]) == normal(blanks[i][1]) for i in idx) / len(idx) for k, idx in by_size.items()}
+        bits = sum(answer_nats[i][path] for i in kept) / math.log(2) / sum(len(blanks[i][1]) for i in kept)
+        results[path] = {"arch": cfg.model.arch, "knows_length": cfg.model.arch != "glm", "exact_match": em,
+                         "answer_bits_per_char": bits}
+    if args.json:
+        print(json.dumps({"blanks": len(kept), "runs": results}))
+        return
     print(f"{len(kept)} blanks in {len(kept)} held-out docstrings ({len(skipped)} skipped: longer than a block_size); "
           f"source {data_cfg.source}, val split\n")
     for i in kept[:args.examples]:
@@ -157,18 +171,11 @@ def main() -> None:
         for path in runs:
             print(f"    {path}: {fills[i][path]!r}")
     print()
-    sizes = sorted({len(blanks[i][1].split()) for i in kept})
     header = (["run", "arch", "knows the length"] + [f"EM {k} word{'s' * (k > 1)}" for k in sizes]
               + ["EM all", "answer bits/char"])
-    rows = []
-    for path, (cfg, _, _) in runs.items():
-        row = [path, cfg.model.arch, "no" if cfg.model.arch == "glm" else "yes"]
-        for k in sizes + [None]:
-            idx = [i for i in kept if k is None or len(blanks[i][1].split()) == k]
-            hits = sum(normal(fills[i][path]) == normal(blanks[i][1]) for i in idx)
-            row.append(f"{hits / max(len(idx), 1):.3f} ({len(idx)})" if k is not None else f"{hits / max(len(idx), 1):.3f}")
-        bits = sum(answer_nats[i][path] for i in kept) / math.log(2) / sum(len(blanks[i][1]) for i in kept)
-        rows.append(row + [f"{bits:.3f}"])
+    rows = [[path, r["arch"], "yes" if r["knows_length"] else "no"]
+            + [f"{em:.3f} ({len(by_size[k])})" if k != "all" else f"{em:.3f}" for k, em in r["exact_match"].items()]
+            + [f"{r['answer_bits_per_char']:.3f}"] for path, r in results.items()]
     widths = [max(len(str(r[c])) for r in rows + [header]) for c in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))

@@ -1,6 +1,7 @@
 """GLM: the paper's worked example (attention mask and 2D positions), Part A never seeing Part B, Part A + Part B
 giving back the text, the loss on Part B only, where the blanks fall, generation with the cache, and a tiny run."""
 
+import json
 import subprocess
 import sys
 
@@ -287,6 +288,13 @@ def test_tiny_run_samples_and_generate_fills_blanks(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     table = r.stdout[r.stdout.index("run "):].splitlines()
     assert "EM all" in table[0] and table[1].split()[:3] == [str(out), "glm", "no"]
+    r = subprocess.run([sys.executable, "scripts/infill.py", str(out), "--blanks", "4", "--chars", "60", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)["runs"][str(out)]  # the table's row, as numbers
+    assert result["arch"] == "glm" and result["knows_length"] is False
+    assert f"{result['exact_match']['all']:.3f}" == table[1].split()[-2]
+    assert f"{result['answer_bits_per_char']:.3f}" == table[1].split()[-1]
     assert Tokenizer.load(out / "tokenizer.json").backend.token_to_id("[gMASK]") is not None
 
 

@@ -1,6 +1,7 @@
 """P-tuning (minimodels/models/ptuning.py) and the synthetic knowledge base it probes (minimodels/data/kb.py)."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -265,5 +266,12 @@ def test_probe_script_prints_one_row_per_relation(backbones, tmp_path):
     for row in rows[1:]:
         numbers = [float(x.strip("* ")) for x in row.split("|")[3:-1] if x.strip()]
         assert len(numbers) == 5 and all(0 <= x <= 100 for x in numbers)
+    # --json: the same numbers as shares, per relation and their mean
+    r = subprocess.run([sys.executable, "scripts/probe.py", str(tmp_path / "pt"), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shares = json.loads(r.stdout)
+    assert list(shares["relations"]) == [rel.name for rel in RELATIONS]
+    assert [f"{100 * v:.1f}" for v in shares["mean"].values()] == [x.strip("* ") for x in rows[-1].split("|")[3:-1]]
+    assert list(shares["mean"]) == ["majority", "best_manual", "mean_manual", "corpus_phrasing", "ptuning"]
     r = subprocess.run([sys.executable, "scripts/generate.py", str(tmp_path / "pt")], capture_output=True, text=True)
     assert r.returncode == 2 and "python scripts/probe.py" in r.stderr  # a P-tuning run writes no text

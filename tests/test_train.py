@@ -185,7 +185,8 @@ def test_resume_is_bit_exact(tmp_path, text_source):
     run(cfg_b, resume=True, quiet=True)
     events_a = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     events_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda evs: [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in evs]
+    clock = {"tokens_per_s", "time_s", "wall_time_s", "train_time_s"}
+    strip = lambda evs: [{k: v for k, v in e.items() if k not in clock} for e in evs]
     assert [e["step"] for e in events_b if "loss" in e] == list(range(1, 9))
     assert strip(events_a) == strip(events_b)
     wa = load_file(checkpoint_dirs(a)[-1] / "model.safetensors")
@@ -203,8 +204,14 @@ def test_resume_extends_a_finished_run_and_refuses_to_clobber(tmp_path, text_sou
         run(load_config(tmp_path / "exp.yaml"), quiet=True)
     run(load_config(out / "config.yaml", ["train.max_steps=12"]), resume=True, quiet=True)
     assert checkpoint_dirs(out)[-1].name == "step_00000012"
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) == 12
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(e["step"] for e in events) == 12
+    # each run() ends with its wall time and training time; evaluations carry the training time until then
+    ends = [e for e in events if "wall_time_s" in e]
+    assert [e["step"] for e in ends] == [8, 12] and events[-1] is ends[-1]
+    evals = [e["time_s"] for e in events if "val_loss" in e]
+    assert len(evals) == 3 and evals[0] <= evals[1]  # steps 4 and 8; then 12, counted from the resume
+    assert all(e["wall_time_s"] >= e["train_time_s"] >= t >= 0 for e, t in zip(ends, evals[1:]))
 
 
 

@@ -2,7 +2,8 @@
 
     <output.dir>/config.yaml      the resolved config (re-running from it reproduces the run)
     <output.dir>/tokenizer.json   the tokenizer trained on the train split
-    <output.dir>/metrics.jsonl    one JSON object per event, each with "step"
+    <output.dir>/metrics.jsonl    one JSON object per event, each with "step"; the last one of a finished
+                                  run() holds wall_time_s (the whole call) and train_time_s (Trainer.fit)
     <output.dir>/checkpoints/     step_XXXXXXXX/{model.safetensors, trainer.pt}
     <output.dir>/loss.png         loss curves (and <metric>.png for metrics logged as shares, e.g. MoE expert load)
     <output.dir>/sample.txt       a text sample from the final model
@@ -14,6 +15,7 @@ import dataclasses
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +62,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
 
 
 def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: bool, quiet: bool) -> dict:
+    start = time.perf_counter()
     resolve_device(cfg.train.device, world)  # a device this machine lacks stops the run before the data is read
     run_dir = Path(cfg.output.dir)
     ckpt = latest_checkpoint(run_dir)
@@ -116,7 +119,9 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
                   + (f", {world.size} processes x batch {cfg.train.batch_size}" if world.size > 1 else ""))
             if baseline:
                 print("unigram baseline: " + "  ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
+    fit_start = time.perf_counter()
     metrics = trainer.fit()
+    train_time = time.perf_counter() - fit_start
     text = None
     # the sample: rank 0, or every process when the model is sharded over them (its forward is collective)
     if cfg.output.sample_tokens > 0 and hasattr(task, "sample") and hasattr(model, "generate") \
@@ -132,6 +137,8 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
         (run_dir / "sample.txt").write_text(text)
         if not quiet:
             print(f"--- sample ---\n{text}\n--------------")
+    MetricsLog(run_dir / "metrics.jsonl", after_step=trainer.step).write(
+        step=trainer.step, wall_time_s=round(time.perf_counter() - start, 1), train_time_s=round(train_time, 1))
     if not quiet:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  (run folder: {run_dir})")
     return metrics

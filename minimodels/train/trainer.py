@@ -334,7 +334,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        """Train from self.step to cfg.max_steps, evaluating, logging and checkpointing. Returns the last eval."""
+        """Train from self.step to cfg.max_steps, evaluating, logging and checkpointing. Returns the last eval.
+        Each evaluation's event in metrics.jsonl also holds time_s, the training time until then."""
         cfg = self.cfg
         log = MetricsLog(self.run_dir / "metrics.jsonl", after_step=self.step) if self.world.main else None
         tty = sys.stderr.isatty()
@@ -354,8 +355,8 @@ class Trainer:
                     log.write(step=self.step, loss=m["loss"], lr=m["lr"], tokens_per_s=round(tok_s, 1), **averaged)
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
-                if log:
-                    log.write(step=self.step, **last_eval)
+                if log:  # time_s: seconds since this call began training (a resumed run counts from the resume)
+                    log.write(step=self.step, **last_eval, time_s=round(time.perf_counter() - t0, 1))
                 if not self.quiet:
                     bar.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:

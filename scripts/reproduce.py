@@ -1,0 +1,342 @@
+"""One command per row of the README's models table: train (or reuse) the runs the row needs, print the row.
+
+    python scripts/reproduce.py --list                      # the rows, one line each
+    python scripts/reproduce.py gpt                         # train runs/gpt (or reuse it), print the GPT row
+    python scripts/reproduce.py bert_finetune --json        # the same numbers as one JSON object
+    python scripts/reproduce.py gpt train.max_steps=20 --runs-dir /tmp/runs   # overrides apply to every run of the row
+    python scripts/reproduce.py bert_finetune bert:train.max_steps=20          # ... or, with a prefix, to one run
+
+A row names the runs it reads (RUNS: a config, its overrides, the runs it starts from); each lives in
+<runs-dir>/<run name>, so `bert_finetune` reads runs/bert_finetune and runs/bert_scratch, and trains runs/bert
+first. A run is reused when its folder holds a finished run (a checkpoint at train.max_steps) whose resolved
+config.yaml is the one this command would write, trained after every run it starts from; otherwise it is
+trained in this process (replacing a different run in the folder, which the line says). The row's numbers come
+from the runs' metrics.jsonl (the last evaluation; wall_time_s, the whole training command, as run() records
+it) and, for P-tuning and GLM, from `scripts/probe.py --json` and `scripts/infill.py --json`. A number the repo
+cannot measure yet is absent from the row and the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from minimodels.cli import guarded
+from minimodels.config import ConfigError, load_config, to_dict
+
+SCRIPTS = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Run:
+    config: str  # the YAML file
+    overrides: tuple[str, ...] = ()  # dotted overrides; {runs} stands for --runs-dir
+    after: tuple[str, ...] = ()  # the runs it starts from (model.init_from, data.tokenizer, train.teacher)
+
+
+def started_from(run: str) -> tuple[str, ...]:
+    """Overrides that point a config at the run folder `run` under --runs-dir: its weights and its tokenizer."""
+    return (f"model.init_from={{runs}}/{run}", f"data.tokenizer={{runs}}/{run}/tokenizer.json")
+
+
+def student(teacher: str, eval_interval: int, decay_steps: int | None) -> Run:
+    """Knowledge inheritance (README): `teacher`'s config at width 384, with `teacher` as teacher unless decay_steps
+    is None (the scratch baseline)."""
+    inherit = (f"train.teacher={{run: {{runs}}/{teacher}, alpha: 1.0, decay_steps: {decay_steps}}}",) if decay_steps else ()
+    return Run(f"configs/{teacher}.yaml", ("model.n_embd=384", "model.n_head=6", f"data.tokenizer={{runs}}/{teacher}/tokenizer.json",
+                                           f"train.eval_interval={eval_interval}") + inherit, (teacher,))
+
+
+RUNS = {
+    "gpt": Run("configs/gpt.yaml"),
+    "bert": Run("configs/bert.yaml"),
+    "bert_finetune": Run("configs/bert_finetune.yaml", started_from("bert"), ("bert",)),
+    "bert_scratch": Run("configs/bert_finetune.yaml", started_from("bert")[1:] + ("model.init_from=null",), ("bert",)),
+    "t5": Run("configs/t5.yaml"),
+    "t5_finetune": Run("configs/t5_finetune.yaml", started_from("t5"), ("t5",)),
+    "t5_scratch": Run("configs/t5_finetune.yaml", started_from("t5")[1:] + ("model.init_from=null",), ("t5",)),
+    "switch_gpt": Run("configs/switch_gpt.yaml"),
+    "switch_bert": Run("configs/switch_bert.yaml"),
+    "brivl": Run("configs/brivl.yaml"),
+    "clip": Run("configs/clip.yaml"),
+    "kb_bert": Run("configs/kb_bert.yaml"),
+    "kb_gpt": Run("configs/kb_gpt.yaml"),
+    "ptuning_bert": Run("configs/ptuning_bert.yaml", started_from("kb_bert"), ("kb_bert",)),
+    "ptuning_gpt": Run("configs/ptuning_gpt.yaml", started_from("kb_gpt"), ("kb_gpt",)),
+    "glm": Run("configs/glm.yaml"),
+    "ki_gpt_scratch": student("gpt", 75, None),
+    "ki_decay": student("gpt", 75, 300),
+    "ki_bert_scratch": student("bert", 150, None),
+    "ki_bert_decay": student("bert", 150, 600),
+}
+
+
+# ---------------------------------------------------------------------------------------------- reading the runs
+def final(runs: Path, run: str, key: str) -> float | None:
+    """The last value of `key` in <runs>/<run>/metrics.jsonl (the final evaluation, or the end of the run)."""
+    from minimodels.train.plot import read_events  # (imports torch: --list does not need it)
+
+    values = [e[key] for e in read_events(runs / run) if key in e]
+    return values[-1] if values else None
+
+
+def reaching(runs: Path, run: str, target: float) -> dict | None:
+    """The first evaluation of `run` with val_loss <= target, or None."""
+    from minimodels.train.plot import read_events
+
+    return next((e for e in read_events(runs / run) if e.get("val_loss", float("inf")) <= target), None)
+
+
+def script_json(script: str, *args: str) -> dict:
+    """Run scripts/<script> with --json; its numbers."""
+    r = subprocess.run([sys.executable, str(SCRIPTS / script), *args, "--json"], capture_output=True, text=True)
+    if r.returncode:
+        raise ConfigError(f"scripts/{script} {' '.join(args)} failed: {r.stderr.strip().splitlines()[-1]}")
+    return json.loads(r.stdout)
+
+
+def minutes(seconds: float | None) -> str | None:
+    """221.4 -> "3 min 41 s", 42 -> "42 s" (as the README writes wall times); None stays None."""
+    if seconds is None:
+        return None
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
+def part(text: str, *values) -> str:
+    """`text` formatted with `values`, or "" when one of them is absent."""
+    return "" if any(v is None for v in values) else text.format(*values)
+
+
+# ---------------------------------------------------------------------------------------------- the rows
+@dataclass(frozen=True)
+class Row:
+    model: str  # the first cell of its line in the README's models table (two rows may share a line)
+    about: str  # one line for --list
+    runs: tuple[str, ...]  # the runs it reads (the runs they start from are trained first)
+    measure: Callable[[Path], dict]  # the runs folder -> the numbers (the JSON)
+    cell: Callable[[dict], str]  # the numbers -> the README's result cell
+
+
+def lm(run: str, metric: str):
+    """Numbers of a pretraining row: the final `metric`, its unigram baseline (logged at step 0)."""
+    return lambda runs: {metric: final(runs, run, metric), f"unigram_{metric}": final(runs, run, f"unigram_{metric}")}
+
+
+def pair(metric: str, a: str, b: str, **more: tuple[str, str]):
+    """Numbers of a comparison: {metric: {a: .., b: ..}} from runs a and b, plus more={key: (run, metric)}."""
+    return lambda runs: ({metric: {a: final(runs, a, metric), b: final(runs, b, metric)}}
+                         | {k: final(runs, r, m) for k, (r, m) in more.items()})
+
+
+def probed(ptuned: str):
+    """Numbers of a P-tuning row: scripts/probe.py's mean over relations (P@1 as shares)."""
+    return lambda runs: {"p_at_1": script_json("probe.py", str(runs / ptuned))["mean"]}
+
+
+def infilled(runs: Path) -> dict:
+    """GLM's row: its final val loss, and scripts/infill.py's exact matches for GLM, BERT and GPT on the same blanks.
+    (exact_match.bert_not_told and .t5 need the both-sides benchmark, not in the repo yet: absent.)"""
+    table = script_json("infill.py", *(str(runs / r) for r in ("glm", "bert", "gpt")))
+    em = {name: table["runs"][str(runs / r)]["exact_match"]["all"] for name, r in
+          (("glm", "glm"), ("bert_told", "bert"), ("gpt", "gpt"))}
+    return {"val_loss": final(runs, "glm", "val_loss"), "blanks": table["blanks"], "exact_match": em}
+
+
+def inherited(teacher: str, scratch: str, inherit: str):
+    """Knowledge inheritance: the teacher's final val loss; per student the first evaluation reaching it (step and
+    training time until then, absent if never) and its final val loss."""
+
+    def measure(runs: Path) -> dict:
+        target = final(runs, teacher, "val_loss")
+        reached = {k: reaching(runs, r, target) for k, r in (("scratch", scratch), ("inherit", inherit))}
+        return {"val_loss": {"teacher": target, "scratch": final(runs, scratch, "val_loss"),
+                             "inherit": final(runs, inherit, "val_loss")},
+                "width": yaml.safe_load((runs / inherit / "config.yaml").read_text())["model"]["n_embd"],
+                "steps_to_teacher": {k: e["step"] for k, e in reached.items() if e},
+                "wall_time_to_teacher_s": {k: e["time_s"] for k, e in reached.items() if e and "time_s" in e}}
+    return measure
+
+
+def inherit_cell(arch: str):
+    def cell(n: dict) -> str:
+        steps, loss = n["steps_to_teacher"], n["val_loss"]
+        if len(steps) == 2:
+            reached = f"teacher's val loss reached in {1 - steps['inherit'] / steps['scratch']:.0%} ({arch}, width {n['width']}) fewer steps"
+        else:
+            at = {k: f"at step {steps[k]}" if k in steps else "never" for k in ("inherit", "scratch")}
+            reached = f"teacher's val loss ({arch}, width {n['width']}) reached with inheritance: {at['inherit']}; " \
+                      f"from scratch: {at['scratch']}"
+        return f"{reached}; at the end {arch} {loss['inherit']:.3f} vs {loss['scratch']:.3f} from scratch"
+    return cell
+
+
+def brivl_numbers(run: str):
+    return lambda runs: {"t2i_r1": final(runs, run, "t2i_r1"), "chance_r1": final(runs, run, "chance_r1")}
+
+
+def ptuning_cell(lm_name: str, pretrained: str, ptuned: str):
+    return lambda n: (f"P@1 on held-out facts: {lm_name} **{100 * n['p_at_1']['ptuning']:.1f}** vs best manual prompt "
+                      f"{100 * n['p_at_1']['best_manual']:.1f} (majority {100 * n['p_at_1']['majority']:.1f})"
+                      + part("; pretraining {}", minutes(n["wall_time_s"].get(pretrained)))
+                      + part(", P-tuning {}", minutes(n["wall_time_s"].get(ptuned))))
+
+
+def took(n: dict, run: str) -> str:
+    return part(" in {}", minutes(n["wall_time_s"].get(run)))
+
+
+ROWS = {
+    "gpt": Row("GPT", "GPT on the stdlib docstrings: final val_bpc against the unigram baseline", ("gpt",),
+               lm("gpt", "val_bpc"),
+               lambda n: f"val_bpc **{n['val_bpc']:.3f}**{took(n, 'gpt')}" + part(" (unigram baseline {:.3f})", n["unigram_val_bpc"])),
+    "bert": Row("BERT (masked LM)", "BERT masked-LM pretraining: val MLM accuracy against the unigram baseline", ("bert",),
+                lm("bert", "val_mlm_acc"),
+                lambda n: f"val MLM accuracy **{n['val_mlm_acc']:.3f}**{took(n, 'bert')}"
+                + part(" (unigram {:.3f})", n["unigram_val_mlm_acc"])),
+    "bert_finetune": Row("BERT fine-tuned", "package of a docstring: BERT fine-tuned from runs/bert vs from scratch",
+                         ("bert_finetune", "bert_scratch"),
+                         pair("val_acc", "bert_finetune", "bert_scratch", majority_val_acc=("bert_finetune", "unigram_val_acc")),
+                         lambda n: f"package of a docstring: val acc **{n['val_acc']['bert_finetune']:.3f}** pretrained vs "
+                         f"{n['val_acc']['bert_scratch']:.3f} from scratch" + part(" (majority {:.3f})", n["majority_val_acc"])),
+    "t5": Row("T5 (span corruption)", "T5 span corruption: val loss and accuracy on the dropped spans", ("t5",),
+              lambda runs: {k: final(runs, "t5", k) for k in ("val_span_loss", "val_span_acc")},
+              lambda n: f"val loss on the dropped spans {n['val_span_loss']:.2f} nats/token, {n['val_span_acc']:.1%} of them "
+              f"exact{took(n, 't5')}"),
+    "t5_finetune": Row("T5 fine-tuned", "package of a docstring as text: T5 fine-tuned from runs/t5 vs from scratch",
+                       ("t5_finetune", "t5_scratch"), pair("val_exact_match", "t5_finetune", "t5_scratch"),
+                       lambda n: f"package of a docstring as text: exact match **{n['val_exact_match']['t5_finetune']:.3f}** "
+                       f"pretrained vs {n['val_exact_match']['t5_scratch']:.3f} from scratch"),
+    "switch_gpt": Row("Switch-GPT (MoE)", "Switch-GPT (8 experts) vs the dense GPT at equal steps: val_bpc",
+                      ("switch_gpt", "gpt"), pair("val_bpc", "switch_gpt", "gpt"),
+                      lambda n: f"val_bpc **{n['val_bpc']['switch_gpt']:.3f}** vs {n['val_bpc']['gpt']:.3f} dense at equal "
+                      f"steps and FLOPs per token{took(n, 'switch_gpt')}"),
+    "switch_bert": Row("Switch-BERT (MoE)", "Switch-BERT (8 experts) vs the dense BERT at equal steps: val MLM accuracy",
+                       ("switch_bert", "bert"), pair("val_mlm_acc", "switch_bert", "bert"),
+                       lambda n: f"val MLM accuracy {n['val_mlm_acc']['switch_bert']:.3f} vs {n['val_mlm_acc']['bert']:.3f} "
+                       f"dense at equal steps" + (": no gain here" if n['val_mlm_acc']['switch_bert'] <= n['val_mlm_acc']['bert']
+                                                  else "") + took(n, "switch_bert")),
+    "brivl": Row("BriVL / CLIP (dual tower)", "BriVL (momentum queue): strict text->image R@1 on the held-out gallery",
+                 ("brivl",), brivl_numbers("brivl"),
+                 lambda n: f"held-out gallery of {round(1 / n['chance_r1'])} pictures: strict text->image R@1 "
+                 f"**{n['t2i_r1']:.3f}** (chance {n['chance_r1']:.3f}){took(n, 'brivl')}"),
+    "clip": Row("BriVL / CLIP (dual tower)", "CLIP (in-batch): strict text->image R@1 on the same gallery", ("clip",),
+                brivl_numbers("clip"), lambda n: f"CLIP {n['t2i_r1']:.3f}{took(n, 'clip')}"),
+    "ptuning_bert": Row("P-tuning (BERT / GPT frozen)", "P-tuning a frozen BERT (runs/kb_bert): P@1 vs manual prompts",
+                        ("ptuning_bert",), probed("ptuning_bert"), ptuning_cell("BERT", "kb_bert", "ptuning_bert")),
+    "ptuning_gpt": Row("P-tuning (BERT / GPT frozen)", "P-tuning a frozen GPT (runs/kb_gpt): P@1 vs manual prompts",
+                       ("ptuning_gpt",), probed("ptuning_gpt"), ptuning_cell("GPT", "kb_gpt", "ptuning_gpt")),
+    "glm": Row("GLM (blank infilling)", "GLM: val loss, and exact match on held-out blanks against BERT and GPT",
+               ("glm", "bert", "gpt"), infilled,
+               lambda n: f"val loss {n['val_loss']:.3f} per Part B target{took(n, 'glm')}; on {n['blanks']} blanks in "
+               f"held-out docstrings exact match {n['exact_match']['glm']:.3f}, BERT (told the length) "
+               f"{n['exact_match']['bert_told']:.3f}, GPT {n['exact_match']['gpt']:.3f}"),
+    "inherit_gpt": Row("Knowledge inheritance", "a GPT of width 384 learning from runs/gpt vs from scratch: steps to the "
+                       "teacher's val loss", ("ki_gpt_scratch", "ki_decay"), inherited("gpt", "ki_gpt_scratch", "ki_decay"),
+                       inherit_cell("GPT")),
+    "inherit_bert": Row("Knowledge inheritance", "a BERT of width 384 learning from runs/bert vs from scratch: steps to "
+                        "the teacher's val loss", ("ki_bert_scratch", "ki_bert_decay"),
+                        inherited("bert", "ki_bert_scratch", "ki_bert_decay"), inherit_cell("BERT")),
+}
+
+
+# ---------------------------------------------------------------------------------------------- running
+def needed(names) -> list[str]:
+    """`names` and the runs they start from, each after the runs it starts from."""
+    order = []
+    for name in names:
+        for first in needed(RUNS[name].after) + [name]:
+            if first not in order:
+                order.append(first)
+    return order
+
+
+def same_run(cfg, run_dir: Path, ckpt: Path) -> bool:
+    """run_dir, whose latest checkpoint is `ckpt`, holds a finished run (ckpt at train.max_steps) of `cfg`: the
+    resolved config.yaml equals cfg's, where the model keys cfg leaves to the data (None, e.g. vocab_size) take the
+    saved values."""
+    if ckpt.name != f"step_{cfg.train.max_steps:08d}" or not (run_dir / "config.yaml").is_file():
+        return False
+    saved, ours = yaml.safe_load((run_dir / "config.yaml").read_text()), to_dict(cfg)
+    ours["model"] = {k: saved["model"].get(k) if v is None else v for k, v in ours["model"].items()}
+    return saved == ours
+
+
+def split_run(override: str) -> tuple[str | None, str]:
+    """"bert:train.max_steps=20" -> ("bert", "train.max_steps=20"): an override for one run; without a prefix
+    (a ':' in the value does not count), (None, override): for every run."""
+    run, colon, rest = override.partition(":")
+    return (run, rest) if colon and "=" not in run else (None, override)
+
+
+def train_or_reuse(name: str, runs: Path, overrides: list[str], say, quiet: bool) -> None:
+    """Reuse <runs>/<name> if it holds this run, finished after the runs it starts from; else train it. `say`
+    prints which, with the training command."""
+    from minimodels.train.checkpoint import latest_checkpoint
+    from minimodels.train.run import run
+
+    spec, run_dir = RUNS[name], runs / name
+    mine = [override for run, override in map(split_run, overrides) if run in (None, name)]
+    config_overrides = [o.replace("{runs}", str(runs)) for o in spec.overrides] + mine + [f"output.dir={run_dir}"]
+    cfg = load_config(spec.config, config_overrides)
+    command = shlex.join(["python", "scripts/train.py", spec.config, *config_overrides])
+    ckpt = latest_checkpoint(run_dir)
+    written = lambda c: (c / "model.safetensors").stat().st_mtime  # noqa: E731
+    if ckpt is not None and same_run(cfg, run_dir, ckpt) and all(written(latest_checkpoint(runs / a)) <= written(ckpt)
+                                                                 for a in spec.after):
+        say(f"{run_dir}: reused, a finished run of {command}")
+        return
+    say(f"{run_dir}: {'holds a different or older run; training it again' if ckpt else 'training'}: {command}"
+        + (" --overwrite" if ckpt else ""))
+    run(cfg, overwrite=ckpt is not None, quiet=quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("args", nargs="*", metavar="NAME [[RUN:]key=value ...]", help="a row (see --list), then "
+                    "overrides applied to every config the row trains, or with RUN: to that run's only")
+    ap.add_argument("--list", action="store_true", help="name every row with a one-line description")
+    ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object (what the runs did "
+                    "goes to stderr)")
+    ap.add_argument("--runs-dir", default="runs", help="where the run folders live (default runs/)")
+    a = ap.parse_intermixed_args(argv)
+
+    def go():
+        if a.list:
+            for name, row in ROWS.items():
+                print(f"{name:<14} {row.model} — {row.about}")
+            return
+        names = [x for x in a.args if "=" not in x]
+        overrides = [x for x in a.args if "=" in x]
+        if len(names) != 1 or names[0] not in ROWS:
+            raise ConfigError(f"{'one row name expected' if len(names) != 1 else f'unknown row {names[0]!r}'}; "
+                              f"rows: {', '.join(ROWS)}")
+        row, runs = ROWS[names[0]], Path(a.runs_dir)
+        for run, override in map(split_run, overrides):
+            if run is not None and run not in needed(row.runs):
+                raise ConfigError(f"{run}:{override}: {run} is not a run of row {names[0]} ({', '.join(needed(row.runs))})")
+            if override.partition("=")[0].strip() == "output.dir":
+                raise ConfigError("output.dir: set by reproduce.py (<runs-dir>/<run name>); pick the folder with --runs-dir")
+        say = (lambda line: print(line, file=sys.stderr)) if a.json else print
+        for name in needed(row.runs):
+            train_or_reuse(name, runs, overrides, say, quiet=a.json)
+        times = {r: final(runs, r, "wall_time_s") for r in needed(row.runs)}
+        numbers = row.measure(runs) | {"wall_time_s": {r: t for r, t in times.items() if t is not None}}
+        if a.json:
+            print(json.dumps({"row": names[0], **numbers}))
+        else:
+            print(f"| {row.model} | {row.cell(numbers)} |")
+
+    return guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

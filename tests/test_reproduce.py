@@ -1,0 +1,112 @@
+"""scripts/reproduce.py: every row of the README's models table has a name; a tiny GPT row trains, prints its row
+and JSON, is reused by the next call and retrained when an override changes its config."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minimodels.config import load_config
+
+spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "scripts" / "reproduce.py")
+reproduce = sys.modules["reproduce"] = importlib.util.module_from_spec(spec)  # (dataclasses look their module up)
+spec.loader.exec_module(reproduce)
+
+
+def readme_models() -> list[str]:
+    """The first cell of every row of the README's models table."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    table = text[text.index("| model | paper |"):].split("\n\n")[0].splitlines()[2:]
+    return [line.split("|")[1].strip() for line in table]
+
+
+def test_list_names_every_row_of_the_readme_table(capsys):
+    assert reproduce.main(["--list"]) == 0
+    listed = [line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()]
+    assert [name for name, _ in listed] == list(reproduce.ROWS)
+    models = readme_models()
+    assert len(models) >= 11 and {rest.split(" — ")[0] for _, rest in listed} == set(models)
+
+
+def test_unknown_row_exits_2_naming_the_rows(capsys):
+    assert reproduce.main(["gtp"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown row 'gtp'" in err and "rows: gpt, bert, bert_finetune" in err
+    assert reproduce.main(["bert_finetune", "gpt:train.max_steps=2"]) == 2  # a prefix names a run of the row
+    assert "gpt is not a run of row bert_finetune (bert, bert_finetune, bert_scratch)" in capsys.readouterr().err
+
+
+def test_every_run_is_a_valid_config_trained_after_the_runs_it_points_to(tmp_path):
+    for name, run in reproduce.RUNS.items():
+        load_config(run.config, [o.replace("{runs}", str(tmp_path)) for o in run.overrides])
+        assert set(re.findall(r"\{runs\}/(\w+)", " ".join(run.overrides))) == set(run.after), name
+    assert reproduce.needed(["bert_finetune", "bert_scratch", "gpt"]) == ["bert", "bert_finetune", "bert_scratch", "gpt"]
+
+
+def test_wall_times_read_as_in_the_readme():
+    assert [reproduce.minutes(s) for s in (221.4, 119.6, 42, None)] == ["3 min 41 s", "2 min 0 s", "42 s", None]
+
+
+def test_a_tiny_gpt_row_trains_then_is_reused_then_retrains(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"doc{i}.txt").write_text(f"The quick brown fox {i} jumps over the lazy dog. " * 30)
+    tiny = [f"data.source={docs}", "data.tokenizer=char", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+            "model.block_size=32", "train.max_steps=2", "train.batch_size=4", "train.eval_interval=2",
+            "output.sample_tokens=0", "output.plot=false", "--runs-dir", str(tmp_path / "runs")]
+    run_dir = tmp_path / "runs" / "gpt"
+    r = subprocess.run([sys.executable, "scripts/reproduce.py", "gpt", *tiny], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    bpc = [e["val_bpc"] for e in events if "val_bpc" in e][-1]
+    assert f"{run_dir}: training: python scripts/train.py configs/gpt.yaml" in r.stdout
+    assert r.stdout.splitlines()[-1].startswith(f"| GPT | val_bpc **{bpc:.3f}** in ")
+
+    weights = run_dir / "checkpoints" / "step_00000002" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert reproduce.main(["gpt", *tiny, "--json"]) == 0
+    out, err = capsys.readouterr()
+    numbers = json.loads(out)
+    assert numbers["row"] == "gpt" and numbers["val_bpc"] == bpc and numbers["wall_time_s"]["gpt"] > 0
+    assert numbers["unigram_val_bpc"] == events[0]["unigram_val_bpc"]
+    assert f"{run_dir}: reused" in err and weights.stat().st_mtime_ns == written  # not trained again
+
+    assert reproduce.main(["gpt", *tiny, "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir}: holds a different or older run; training it again" in out and out.rstrip().endswith("|")
+    assert (run_dir / "checkpoints" / "step_00000003").is_dir() and not weights.exists()
+
+
+GPT_SIZE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2"]
+SMALL = {"gpt": GPT_SIZE + ["data.vocab_size=300"],  # GPT's and BERT's keys
+         "kb": GPT_SIZE,  # the knowledge base needs its vocabulary: every object one token
+         "t5": ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.vocab_size=300"],
+         "brivl": GPT_SIZE + ["model.embed_dim=32", "model.text.n_layer=1", "model.text.n_embd=32", "model.text.n_head=2"],
+         "ptuning": []}
+ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",
+        "kb_gpt": "kb", "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning"}  # the others: "gpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", list(reproduce.ROWS))
+def test_every_row_runs_tiny_and_prints_its_numbers(row, tmp_path_factory):
+    """Each row with 2 training steps per run (all rows share one runs folder): a row line and a JSON object."""
+    runs = tmp_path_factory.getbasetemp() / "reproduce_runs"
+    tiny = ["train.max_steps=2", "train.batch_size=4", "train.eval_batches=1", "train.eval_interval=2",
+            "output.sample_tokens=0", "output.plot=false"]
+    for run in reproduce.needed(reproduce.ROWS[row].runs):
+        tiny += [f"{run}:{o}" for o in SMALL[ARCH.get(run, "gpt")] + ["model.contrastive.queue_size=8"] * (run == "brivl")]
+    r = subprocess.run([sys.executable, "scripts/reproduce.py", row, *tiny, "--runs-dir", str(runs)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1].startswith(f"| {reproduce.ROWS[row].model} | ")
+    r = subprocess.run([sys.executable, "scripts/reproduce.py", row, *tiny, "--runs-dir", str(runs), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "training" not in r.stderr, r.stderr[-2000:]
+    assert json.loads(r.stdout)["row"] == row
+
