@@ -133,6 +133,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="HF attn_implementation")
     p.add_argument("--peak-sizes", default="2048,3072,4096", help="matrix sizes n for the (n x n) matmul peak")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print the N operators taking the most time in bf16 steps of ours (manual)")
     args = p.parse_intermixed_args()
     torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as the trainer does (MINIMODELS_REUSE_MEMORY=0: glibc's defaults)
@@ -195,6 +197,23 @@ def main() -> None:
               f"(> 1: manual faster) -> fastest here: {'manual' if ratio > 1 else 'sdpa'}")
     adamw = adamw_step_ms(models[names[0]])
     print(f"- AdamW step over our model's parameters: " + ", ".join(f"{k} {v:.1f} ms" for k, v in adamw.items()))
+    if args.profile:
+        print_profile(models["ours (manual)"], opts["ours (manual)"], batch, args.profile)
+
+
+def print_profile(model, opt, batch: dict, rows: int, steps: int = 4) -> None:
+    """Where a bf16 training step spends its time: the operators with the most self time over `steps` steps,
+    as a share of the step (matmuls: aten::mm, addmm, bmm; the rest is what a faster step must remove)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            train_step(model, opt, batch, torch.bfloat16)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n| operator (bf16 step of ours, manual attention) | ms / step | share |\n|---|---:|---:|")
+    for e in events[:rows]:
+        print(f"| {e.key} | {e.self_cpu_time_total / 1e3 / steps:.1f} | {e.self_cpu_time_total / total:.1%} |")
 
 
 if __name__ == "__main__":
