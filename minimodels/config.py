@@ -49,6 +49,7 @@ class DataConfig:
     tokenizer: str = "bpe"  # char | bpe (byte-level BPE) | wordpiece, or a trained tokenizer.json to reuse (runs/bert/tokenizer.json)
     vocab_size: int = 4096  # target vocabulary size for bpe / wordpiece (char: ignored)
     seq_len: int | None = None  # tokens per training example; null = model.block_size
+    random_offset: bool = False  # causal_lm: cut each train window at a new random offset every time it is drawn
     val_fraction: float = 0.1  # share of source files (or documents) held out for validation
     mask_prob: float = 0.15  # masked LM: share of non-special tokens selected for prediction (BERT)
     whole_word_mask: bool = False  # masked LM: select whole words (all their ## pieces) instead of single tokens
@@ -321,6 +322,8 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
     check(1 <= d.mean_span_length < math.inf, "data.mean_span_length", f"must be >= 1, got {d.mean_span_length}")
     check(d.vocab_size > 0, "data.vocab_size", f"must be positive, got {d.vocab_size}")
     check(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    check(not d.random_offset or d.task == "causal_lm", "data.random_offset",
+          f"only data.task causal_lm cuts its windows at random offsets, not {d.task}")
     check(d.kb_documents > 0, "data.kb_documents", f"must be positive, got {d.kb_documents}")
     block_size = getattr(cfg.model, "block_size", None)
     if d.seq_len is not None:

@@ -30,6 +30,7 @@ import torch
 
 from minimodels.moe import MoE, TopKGate, moe_reference
 from minimodels.nn import MLP
+from minimodels.train.memory import reuse_freed_memory
 
 
 def masked_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as the trainer does (MINIMODELS_REUSE_MEMORY=0: glibc's defaults)
     print(f"T={args.tokens} d_model={args.d_model} d_ff={args.d_ff}, forward+backward, "
           f"threads={torch.get_num_threads()}, median of {args.rounds} rounds; "
           f"per-token loop timed on {args.loop_tokens} tokens and scaled\n")

@@ -7,8 +7,8 @@ printed as a markdown table.
     python scripts/bench_train.py configs/gpt.yaml model.n_layer=2 train.batch_size=8   # dotted overrides
 
 The model size and batch come from the config (vocab_size from data.vocab_size when the model leaves it
-null). One step = forward + backward + AdamW step on a batch of random tokens shaped like the task's:
-GPT (batch, seq_len) next-token prediction; BERT (batch, seq_len) with 15% of positions as MLM targets;
+null). One step = forward + backward + AdamW step (fused, as the trainer's) on a batch of random tokens
+shaped like the task's: GPT (batch, seq_len) next-token prediction; BERT (batch, seq_len) with 15% of positions as MLM targets;
 T5 (batch, seq_len) encoder input and (batch, seq_len * noise_density + ...) targets as span corruption
 makes them. For each dtype (fp32, and bf16 = torch.autocast on fp32 weights) three models are timed: ours
 with attn_impl=sdpa, ours with attn_impl=manual, and the HF model. Their steps are interleaved round by
@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minimodels.config import load_config
 from minimodels.models import build_model
+from minimodels.train.memory import reuse_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -97,6 +98,21 @@ def train_step(model, opt, batch: dict, dtype: torch.dtype) -> float:
     return time.perf_counter() - t0
 
 
+def adamw_step_ms(model, rounds: int = 20) -> dict[str, float]:
+    """Median time of one AdamW step over the model's parameters (random gradients), fused and not."""
+    params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opts = {"fused": torch.optim.AdamW(params, fused=True), "per-tensor loop": torch.optim.AdamW(params, foreach=False)}
+    times = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t[2:]) for name, t in times.items()}
+
+
 def step_flops(model, batch: dict) -> int:
     """FLOPs of one forward + backward, counted op by op (fp32, so no kernel choice depends on dtype)."""
     with FlopCounterMode(display=False) as counter:
@@ -117,8 +133,11 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="HF attn_implementation")
     p.add_argument("--peak-sizes", default="2048,3072,4096", help="matrix sizes n for the (n x n) matmul peak")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print the N operators taking the most time in bf16 steps of ours (manual)")
     args = p.parse_intermixed_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as the trainer does (MINIMODELS_REUSE_MEMORY=0: glibc's defaults)
 
     cfg = load_config(args.config, args.overrides)
     arch = cfg.model.arch
@@ -133,7 +152,8 @@ def main() -> None:
     hf_model = to_hf(models["ours (sdpa)"], args.hf_attn)
     hf_name = f"HF {type(hf_model).__name__} ({hf_model.config._attn_implementation})"
     models[hf_name] = hf_model
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    # the trainer's optimizer for every model (minimodels/train/optim.py): fused AdamW
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in models.items()}
     for m in models.values():
         m.train()
     flops = {name: step_flops(m, batch) for name, m in models.items()}
@@ -175,6 +195,25 @@ def main() -> None:
         ratio = statistics.median(step_times[d, "ours (sdpa)"]) / statistics.median(step_times[d, "ours (manual)"])
         print(f"- {d}: manual attention is {ratio:.2f}x the speed of sdpa "
               f"(> 1: manual faster) -> fastest here: {'manual' if ratio > 1 else 'sdpa'}")
+    adamw = adamw_step_ms(models[names[0]])
+    print(f"- AdamW step over our model's parameters: " + ", ".join(f"{k} {v:.1f} ms" for k, v in adamw.items()))
+    if args.profile:
+        print_profile(models["ours (manual)"], opts["ours (manual)"], batch, args.profile)
+
+
+def print_profile(model, opt, batch: dict, rows: int, steps: int = 4) -> None:
+    """Where a bf16 training step spends its time: the operators with the most self time over `steps` steps,
+    as a share of the step (matmuls: aten::mm, addmm, bmm; the rest is what a faster step must remove)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            train_step(model, opt, batch, torch.bfloat16)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n| operator (bf16 step of ours, manual attention) | ms / step | share |\n|---|---:|---:|")
+    for e in events[:rows]:
+        print(f"| {e.key} | {e.self_cpu_time_total / 1e3 / steps:.1f} | {e.self_cpu_time_total / total:.1%} |")
 
 
 if __name__ == "__main__":

@@ -226,9 +226,9 @@ class UniformLM(torch.nn.Module):
         return torch.cat([idx, new], dim=1)
 
 
-def make_task(kind: str, seq_len: int) -> LMTask:
+def make_task(kind: str, seq_len: int, random_offset: bool = False) -> LMTask:
     corpus = {"train": DOCS[:30], "val": DOCS[30:] + [TRICKY]}
-    return LMTask(train_tokenizer(kind, corpus["train"], 300), corpus, seq_len)
+    return LMTask(train_tokenizer(kind, corpus["train"], 300), corpus, seq_len, DataConfig(random_offset=random_offset))
 
 
 def test_lm_task_windows():
@@ -241,6 +241,27 @@ def test_lm_task_windows():
     batches = list(val_batches(task, 4))
     assert sum(len(b["input_ids"]) for b in batches) == len(task.val)
     assert (batches[-1]["labels"] == -100).any()  # the last, shorter window is padded
+
+
+def test_random_offset_windows():
+    """data.random_offset: each draw of train example i is a full window inside stream[i*T : (i+2)*T - 1],
+    starting at every offset 0..T-1 over many draws; val windows stay as without it."""
+    plain, task = make_task("bpe", seq_len=16), make_task("bpe", seq_len=16, random_offset=True)
+    stream, T = task.train_stream.tolist(), 16
+    assert len(task.train) == (len(stream) - (T - 1)) // T and len(task.train[3]) == 2 * T - 1
+    starts = set()
+    for seed in range(200):
+        batch = task.collate([task.train[3]], torch.Generator().manual_seed(seed))
+        window = batch["input_ids"][0].tolist()
+        assert len(window) == T and (batch["labels"] != -100).all()
+        start = next(s for s in range(3 * T, 4 * T) if stream[s:s + T] == window)
+        starts.add(start - 3 * T)
+    assert starts == set(range(T))
+    same = task.collate([task.train[3]], torch.Generator().manual_seed(7))["input_ids"]
+    assert torch.equal(same, task.collate([task.train[3]], torch.Generator().manual_seed(7))["input_ids"])
+    assert [plain.val[i].tolist() for i in range(len(plain.val))] == [task.val[i].tolist() for i in range(len(task.val))]
+    val = task.collate([task.val[0], task.val[1]], torch.Generator().manual_seed(0))["input_ids"]
+    assert val.tolist() == [task.val[0].tolist(), task.val[1].tolist()]  # val windows are never cropped
 
 
 def test_evaluate_bits_per_character():

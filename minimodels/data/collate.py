@@ -26,6 +26,16 @@ def pad_right(examples: list, value: int) -> tuple[Tensor, Tensor]:
     return ids, real
 
 
+def crop_windows(examples: list[Tensor], window: int, generator: torch.Generator | None) -> list[Tensor]:
+    """data.random_offset: a window of `window` tokens from each example at a uniformly random offset. The model
+    sees the same text each epoch cut at new places (as nanoGPT's random batches do), not the same windows again."""
+    out = []
+    for x in examples:
+        start = int(torch.randint(len(x) - window + 1, (1,), generator=generator)) if len(x) > window else 0
+        out.append(x[start:start + window])
+    return out
+
+
 class CausalLMCollator:
     """Batches for next-token prediction: `input_ids` (B, T) and `labels` (B, T).
 
@@ -34,10 +44,13 @@ class CausalLMCollator:
     causal model never lets a real token attend to a later (padded) position.
     """
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, window: int | None = None):
         self.pad_id = pad_id
+        self.window = window  # data.random_offset: examples longer than this are cropped at a random offset
 
     def __call__(self, examples: list, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        if self.window is not None:
+            examples = crop_windows(examples, self.window, generator)
         input_ids, real = pad_right(examples, self.pad_id)  # (B, T), (B, T)
         labels = input_ids.masked_fill(~real, IGNORE_INDEX)  # (B, T)
         return {"input_ids": input_ids, "labels": labels}

@@ -81,18 +81,20 @@ class TokenWindows:
     keep_last=False (train): only full windows, len = len(stream) // seq_len.
     keep_last=True (val): the windows cover the whole stream; the last one may be shorter (but has at
     least 2 tokens, since a window's first token is never predicted).
+    slack=S (train with data.random_offset): example i is stream[i*T : (i+1)*T + S], S extra tokens from which
+    `crop_windows` cuts a window of T at a random offset each time the example is drawn.
     """
 
-    def __init__(self, stream: Tensor, seq_len: int, keep_last: bool = False):
-        self.stream, self.seq_len = stream, seq_len
-        n = len(stream) // seq_len
+    def __init__(self, stream: Tensor, seq_len: int, keep_last: bool = False, slack: int = 0):
+        self.stream, self.seq_len, self.slack = stream, seq_len, slack
+        n = (len(stream) - slack) // seq_len
         if keep_last and len(stream) - n * seq_len >= 2:
             n += 1
         self.n = n
 
     def bounds(self, i: int) -> tuple[int, int]:
         start = i * self.seq_len
-        return start, min(start + self.seq_len, len(self.stream))
+        return start, min(start + self.seq_len + self.slack, len(self.stream))
 
     def __len__(self) -> int:
         return self.n
@@ -105,10 +107,12 @@ class TokenWindows:
         return self.stream[start:end].long()  # (T,)
 
 
-def window_splits(train_stream: Tensor, val_stream: Tensor, window: int) -> tuple[TokenWindows, TokenWindows]:
+def window_splits(train_stream: Tensor, val_stream: Tensor, window: int, random_offset: bool = False
+                  ) -> tuple[TokenWindows, TokenWindows]:
     """Train windows (full ones only) and val windows (covering the whole stream) of `window` tokens; a train
-    split shorter than one window is an error naming data.seq_len."""
-    train = TokenWindows(train_stream, window)
+    split shorter than one window is an error naming data.seq_len. random_offset: each train example carries
+    window - 1 tokens of slack for `crop_windows` (val windows stay fixed, so evaluations compare)."""
+    train = TokenWindows(train_stream, window, slack=window - 1 if random_offset else 0)
     if len(train) == 0:
         raise DataError(f"data.seq_len: the train split has {len(train_stream)} tokens, "
                         f"fewer than one window of {window} tokens")
@@ -132,10 +136,11 @@ class LMTask:
         self.seq_len = seq_len
         self.train_stream, _ = encode_stream(tokenizer, corpus["train"])
         self.val_stream, self.val_chars = encode_stream(tokenizer, corpus["val"])
-        self.train, self.val = window_splits(self.train_stream, self.val_stream, seq_len)
+        random_offset = cfg is not None and cfg.random_offset
+        self.train, self.val = window_splits(self.train_stream, self.val_stream, seq_len, random_offset)
         # characters covered by the predicted tokens 1..T-1 of each val window
         self.val_window_chars = [int(self.val_chars[s + 1 : e].sum()) for s, e in map(self.val.bounds, range(len(self.val)))]
-        self.collate = CausalLMCollator(tokenizer.pad_id)
+        self.collate = CausalLMCollator(tokenizer.pad_id, window=seq_len if random_offset else None)
 
     def model_overrides(self) -> dict:
         """Model config values the data decides (used where the YAML leaves them null)."""

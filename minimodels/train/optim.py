@@ -38,7 +38,9 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "relative_adamw": RelativeAdamW}
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
     """Weight decay on every tensor with dim >= 2 — matrices and all embeddings (tokens, positions, segments,
-    P-tuning's prompts), as nanoGPT does; none on biases and norm gains (dim < 2)."""
+    P-tuning's prompts), as nanoGPT does; none on biases and norm gains (dim < 2).
+    fused: PyTorch's fused AdamW, one kernel over all tensors; the default on CPU loops over the tensors
+    (`python scripts/bench_train.py` prints both step times for the model it benchmarks)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

@@ -51,6 +51,7 @@ from minimodels.train.checkpoint import (RunFolderError, checkpoint_dirs, checkp
                                          load_weights, read_weights, rng_state, save_checkpoint, set_aside, set_rng_state)
 from minimodels.train.distributed import World, shard_fully
 from minimodels.train.inherit import alpha_at, inheritance_loss
+from minimodels.train.memory import reuse_freed_memory
 from minimodels.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -112,6 +113,7 @@ def collate_generator(seed: int, step: int) -> torch.Generator:
 class Trainer:
     def __init__(self, model: torch.nn.Module, task, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False,
                  world: World | None = None, teacher: torch.nn.Module | None = None):
+        reuse_freed_memory()  # keep freed blocks mapped: no page faults for the next step's tensors (memory.py)
         self.world = world or World()
         self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
         self.quiet = quiet or not self.world.main  # only rank 0 prints
@@ -133,7 +135,8 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model)
         trained = self.ddp or self.model
         self.forward = torch.compile(trained) if cfg.compile else trained
-        self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type == "cuda")
+        # fused AdamW: one kernel for all tensors; on CPU ~6x faster than the per-tensor loop (optim.py)
+        self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.step = 0  # optimizer steps done
