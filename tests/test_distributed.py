@@ -47,7 +47,7 @@ def spawn_two(worker) -> None:
     mp.spawn(worker, args=(2, port), nprocs=2, join=True)
 
 
-@pytest.mark.parametrize("grad_accum,fsdp", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("grad_accum,fsdp", [pytest.param(1, False, marks=pytest.mark.slow), (2, False), (2, True)])
 def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(config, tmp_path, grad_accum, fsdp):
     """DDP, and FSDP2 (parameters, gradients and optimizer state sharded over the 2 processes)."""
     train(config, tmp_path / "ddp", "train.batch_size=2", f"train.grad_accum={grad_accum}",
@@ -64,7 +64,7 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(config, tmp_
     assert losses["ddp"] == pytest.approx(losses["one"], rel=0, abs=1e-6)
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
+@pytest.mark.parametrize("fsdp", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_two_process_checkpoint_resumes_under_two_and_under_one_process(config, tmp_path, fsdp):
     full = tmp_path / "full"
     train(config, full, "train.batch_size=2", f"train.distributed.fsdp={str(fsdp).lower()}", nproc=2)
@@ -76,6 +76,7 @@ def test_a_two_process_checkpoint_resumes_under_two_and_under_one_process(config
         assert_same(weights(out), weights(full))
 
 
+@pytest.mark.slow
 def test_switch_gpt_trains_under_two_processes(config, tmp_path):
     """Every expert takes part in every step (an empty slice when it got no tokens), so DDP finds a gradient
     for each parameter even when the router leaves an expert idle on one process."""
@@ -224,6 +225,7 @@ EP = ("model.moe.num_experts=4", "model.moe.expert_parallel=true", "model.moe.ga
       "model.moe.aux_loss_coef=0", "model.moe.capacity_factor=null")
 
 
+@pytest.mark.slow
 def test_switch_gpt_with_expert_parallelism_trains_like_one_process(config, tmp_path):
     """2 processes x batch 2 with the experts sharded (2 of 4 each) == 1 process x batch 4 with all 4: the same
     losses and the same whole model after 20 steps. Exact when routing does not depend on the batch: dropless,

@@ -270,6 +270,7 @@ def test_config_errors_name_the_key():
         forward(tiny_glm(block_size=4), r)
 
 
+@pytest.mark.slow
 def test_tiny_run_samples_and_generate_fills_blanks(tmp_path):
     from minimodels.train.run import run
 
@@ -333,6 +334,7 @@ def first_span_accuracy_after_training(zero_part_b_p1: bool) -> float:
     return first_span_accuracy()
 
 
+@pytest.mark.slow
 def test_a_tiny_glm_learns_to_fill_blanks_from_part_a():
     """The first span of Part B starts with the id after the one before its blank, so a model gets it right by
     finding its blank in Part A through the position p1; with Part B's p1 zeroed it can only guess among the 2-3

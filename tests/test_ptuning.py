@@ -254,6 +254,7 @@ def test_ptuning_config_errors(backbones, tmp_path):
         run(ptuning_cfg(backbones, "bert", tmp_path / "r", "model.num_relations=3"), quiet=True)
 
 
+@pytest.mark.slow
 def test_probe_script_prints_one_row_per_relation(backbones, tmp_path):
     import subprocess
     import sys

@@ -74,6 +74,7 @@ def test_bench_train_script(config):
     assert len(rows) == 3 and any("HF" in row for row in rows)
 
 
+@pytest.mark.slow
 def test_generate_with_t5_and_bert_runs(tmp_path):
     """generate serves each architecture: T5 writes an output for the prompt (greedy and beam), BERT fills [MASK]."""
     common = ["train.max_steps=2", "model.n_layer=1", "model.n_head=2", "train.batch_size=4", "train.eval_batches=1",
