@@ -197,8 +197,9 @@ def test_grad_accum_2_with_batch_b_equals_one_batch_of_2b(name, runs):
     """The same training losses and evaluations for 4 steps (without dropout). MoE configs with routing that does
     not depend on the micro-batch: dropless, no load-balancing loss, no jitter (the z-loss is a mean over tokens)."""
     exact = [*(BATCH_FREE_ROUTING if name in SWITCH else ()), *DROPOUT.get(name, ())]
-    assert_same_scores(runs.trained(name, *HALF, "train.grad_accum=2", *exact), runs.trained(name, *exact), 1e-6,
-                       evaluations=name not in RANDOM_VAL)
+    # MoE: a different summation order moves a router logit by round-off, and AdamW turns that into ~1e-5 by step 3
+    assert_same_scores(runs.trained(name, *HALF, "train.grad_accum=2", *exact), runs.trained(name, *exact),
+                       1e-5 if name in SWITCH else 1e-6, evaluations=name not in RANDOM_VAL)
 
 
 @pytest.mark.parametrize("name", rows(sorted(SWITCH)))
