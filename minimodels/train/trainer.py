@@ -18,9 +18,9 @@ generator a function of (seed, optimizer step), so the data position is a single
 resumed run sees exactly the batches an uninterrupted run would have seen.
 
 Under torchrun (minimodels/train/distributed.py) the model is wrapped in DDP (or sharded by FSDP2 with
-train.distributed.fsdp) and micro-batch i is the slice rank*b .. (rank+1)*b of a global batch of
-world_size*b examples, so N processes with batch b see exactly the examples (and the collator's random
-choices) one process with batch N*b would; rank 0 alone logs and writes checkpoints. A loss that compares
+train.distributed.fsdp) and each process takes its rows of an optimizer step's batch of
+grad_accum * world_size * b examples (train_batch), so N processes with batch b see exactly the examples (and
+the collator's random choices) one process with batch N*b would; rank 0 alone logs and writes checkpoints. A loss that compares
 the examples of a batch with each other (contrastive negatives) gathers the other processes' examples
 itself (BriVL, minimodels/nn/gather.py).
 With expert parallelism (model.moe.expert_parallel) each process holds only its share of the experts: DDP
@@ -135,7 +135,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model)
         trained = self.ddp or self.model
         self.forward = torch.compile(trained) if cfg.compile else trained
-        # fused AdamW: one kernel for all tensors; on CPU ~6x faster than the per-tensor loop (optim.py)
+        # fused AdamW: one kernel for all tensors; on CPU ~3x faster than the per-tensor loop (bench_train.py)
         self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
@@ -243,7 +243,7 @@ class Trainer:
         (sharded,) = self.world.sum([sum(float(g.float().square().sum()) for local, g in grads if local)])
         norm = (shared + sharded) ** 0.5
         scale = self.cfg.grad_clip / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-        if scale < 1:
+        if self.cfg.grad_clip > 0 and scale < 1:  # grad_clip 0: measure the norm, clip nothing
             for _, g in grads:
                 g.mul_(scale)
         return norm
