@@ -38,15 +38,22 @@ def manual_attention(q, k, v, mask=None, bias=None, dropout_p=0.0, scale=None):
     """q (B, nh, Tq, hs), k/v (B, nh, Tk, hs); mask bool broadcastable to (B, nh, Tq, Tk), True = attend;
     bias float broadcastable to (B, nh, Tq, Tk), added to the scores; scale defaults to 1/sqrt(hs)."""
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, Tq, Tk)
-    if bias is not None:
-        scores = scores + bias
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    (B, nh, Tq, hs), Tk = q.shape, k.size(-2)
+    q3, k3 = q.reshape(B * nh, Tq, hs), k.reshape(B * nh, Tk, hs)  # (B*nh, Tq, hs), (B*nh, Tk, hs)
+    if mask is None and bias is None:
+        scores = torch.bmm(q3, k3.transpose(1, 2)) * scale  # (B*nh, Tq, Tk)
+    else:
+        # B + M as one additive term: the bias, and -inf where the mask says no
+        extra = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias.to(q.dtype)
+        if mask is not None:
+            extra = extra.masked_fill(~mask, float("-inf"))
+        if extra.dim() > 2:  # per batch or head: (B*nh, Tq, Tk); a (Tq, Tk) term broadcasts as it is
+            extra = extra.expand(B, nh, Tq, Tk).reshape(B * nh, Tq, Tk)
+        scores = torch.baddbmm(extra, q3, k3.transpose(1, 2), alpha=scale)  # Q K^T * scale + B + M, one kernel
     att = F.softmax(scores, dim=-1)
     if dropout_p > 0:
         att = F.dropout(att, p=dropout_p)
-    return att @ v  # (B, nh, Tq, hs)
+    return torch.bmm(att, v.reshape(B * nh, Tk, hs)).view(B, nh, Tq, hs)  # (B, nh, Tq, hs)
 
 
 def attention(q, k, v, mask=None, bias=None, causal=False, dropout_p=0.0, scale=None, impl="auto"):
