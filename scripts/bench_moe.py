@@ -2,6 +2,7 @@
 
     python scripts/bench_moe.py --threads 1
     python scripts/bench_moe.py --threads 1 --experts 64 --dtypes bf16 --rounds 7
+    python scripts/bench_moe.py --threads 1 --clock cpu      # on a machine other jobs share (see bench_train.py)
 
 One step = forward + backward of one layer on T tokens (x (T, d_model) in float32 and, as inside a network,
 needing a gradient; bf16 = torch.autocast on float32 weights, as training runs it), gradients set to None
@@ -15,6 +16,10 @@ Every variant routes with the same dropless TopKGate(k) and runs the same expert
     per-token   moe_reference, the loop over tokens the tests use; timed on the first --loop-tokens
                 tokens only (one step per round) and scaled by T / loop_tokens
     dense       one MLP d_model -> k * d_ff -> d_model: the same active FLOPs per token, no router
+    floor       the experts' matmuls alone: the k * T token slots split evenly over E experts with stacked
+                (E, d_model, d_ff) weights, two batched matmuls, no router, no permutation: what no dispatch
+                of these experts can beat (the same FLOPs as dense, but E experts' weights to read and
+                their gradients to write)
 
 Variants run interleaved, in a rotating order, round after round, so a noisy shared machine slows all of
 them alike; each entry is the median over rounds of the mean step time within a round.
@@ -32,6 +37,9 @@ from minimodels.moe import MoE, TopKGate, moe_reference
 from minimodels.nn import MLP
 from minimodels.train.memory import reuse_freed_memory
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = CLOCKS["wall"]  # main() sets it from --clock
+
 
 def masked_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """Hugging Face's SwitchTransformersExperts.forward, with our gate: one mask per expert."""
@@ -45,8 +53,27 @@ def masked_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def step_fn(variant: str, moe: MoE, dense: MLP, x: torch.Tensor, grad: torch.Tensor, dtype: str, loop_tokens: int):
-    params = list(moe.parameters()) + list(dense.parameters()) + [x]
+class BalancedExperts(torch.nn.Module):
+    """The floor: E experts as stacked weights, each given exactly its share of the token slots."""
+
+    def __init__(self, E: int, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(E, d_model, d_ff) * d_model ** -0.5)  # (E, d_model, d_ff)
+        self.b1 = torch.nn.Parameter(torch.zeros(E, 1, d_ff))
+        self.w2 = torch.nn.Parameter(torch.randn(E, d_ff, d_model) * d_ff ** -0.5)  # (E, d_ff, d_model)
+        self.b2 = torch.nn.Parameter(torch.zeros(E, 1, d_model))
+
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        E = self.w1.shape[0]
+        slots = x.repeat(k, 1).view(E, -1, x.shape[-1])  # (E, k*T/E, d_model)
+        h = torch.nn.functional.gelu(torch.baddbmm(self.b1, slots, self.w1))  # (E, k*T/E, d_ff)
+        return torch.baddbmm(self.b2, h, self.w2).view(k, -1, x.shape[-1]).sum(0)  # (T, d_model)
+
+
+def step_fn(variant: str, moe: MoE, dense: MLP, floor: BalancedExperts, x: torch.Tensor, grad: torch.Tensor,
+            dtype: str, loop_tokens: int):
+    params = list(moe.parameters()) + list(dense.parameters()) + list(floor.parameters()) + [x]
+    k = moe.gate.k
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -56,6 +83,8 @@ def step_fn(variant: str, moe: MoE, dense: MLP, x: torch.Tensor, grad: torch.Ten
                 y, g = masked_loop(moe, x), grad
             elif variant == "dense":
                 y, g = dense(x), grad
+            elif variant == "floor":
+                y, g = floor(x, k), grad
             else:  # per-token
                 y, g = moe_reference(moe, x[:loop_tokens])[0], grad[:loop_tokens]
         y.backward(g.to(y.dtype))
@@ -69,20 +98,23 @@ def bench(E: int, k: int, dtype: str, args) -> dict[str, float]:
     torch.manual_seed(0)
     moe = MoE(args.d_model, E, TopKGate(args.d_model, E, k=k), d_ff=args.d_ff)
     dense = MLP(args.d_model, k * args.d_ff)
+    if (k * args.tokens) % E:
+        raise SystemExit(f"error: --tokens {args.tokens} x k={k} slots do not split evenly over E={E} experts")
+    floor = BalancedExperts(E, args.d_model, args.d_ff)
     x = torch.randn(args.tokens, args.d_model, requires_grad=True)  # as inside a network: x needs a gradient
     grad = torch.randn(args.tokens, args.d_model)
-    variants = ["ours", "masked", "dense", "per-token"]
-    steps = {v: step_fn(v, moe, dense, x, grad, dtype, args.loop_tokens) for v in variants}
+    variants = ["ours", "masked", "dense", "floor", "per-token"]
+    steps = {v: step_fn(v, moe, dense, floor, x, grad, dtype, args.loop_tokens) for v in variants}
     for step in steps.values():  # warm-up
         step()
     times = {v: [] for v in variants}
     for r in range(args.rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             reps = 1 if v == "per-token" else args.reps
-            start = time.perf_counter()
+            start = clock()
             for _ in range(reps):
                 steps[v]()
-            times[v].append((time.perf_counter() - start) / reps)
+            times[v].append((clock() - start) / reps)
     ms = {v: statistics.median(t) * 1e3 for v, t in times.items()}
     ms["per-token"] *= args.tokens / args.loop_tokens
     return ms
@@ -99,23 +131,30 @@ def main():
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="wall time, or the CPU time of the "
+                        "timing thread (needs --threads 1; robust when other jobs share the machine)")
     parser.add_argument("--loop-tokens", type=int, default=128, help="tokens the per-token loop is timed on")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("error: --clock cpu counts one thread's CPU time: it needs --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as the trainer does (MINIMODELS_REUSE_MEMORY=0: glibc's defaults)
     print(f"T={args.tokens} d_model={args.d_model} d_ff={args.d_ff}, forward+backward, "
-          f"threads={torch.get_num_threads()}, median of {args.rounds} rounds; "
+          f"threads={torch.get_num_threads()}, {args.clock} clock, median of {args.rounds} rounds; "
           f"per-token loop timed on {args.loop_tokens} tokens and scaled\n")
-    print("| dtype | E | k | ours ms | masked ms | dense ms | per-token ms "
-          "| masked / ours | ours / dense | per-token / ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | E | k | ours ms | masked ms | dense ms | floor ms | per-token ms "
+          "| masked / ours | ours / dense | floor / dense | ours / floor | per-token / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         for E in args.experts:
             for k in args.top_k:
                 ms = bench(E, k, dtype, args)
                 print(f"| {dtype} | {E} | {k} | {ms['ours']:.1f} | {ms['masked']:.1f} | {ms['dense']:.1f} | "
-                      f"{ms['per-token']:.0f} | {ms['masked'] / ms['ours']:.2f}x | {ms['ours'] / ms['dense']:.2f}x | "
+                      f"{ms['floor']:.1f} | {ms['per-token']:.0f} | {ms['masked'] / ms['ours']:.2f}x | "
+                      f"{ms['ours'] / ms['dense']:.2f}x | {ms['floor'] / ms['dense']:.2f}x | {ms['ours'] / ms['floor']:.2f}x | "
                       f"{ms['per-token'] / ms['ours']:.0f}x |", flush=True)
 
 

@@ -5,6 +5,15 @@ printed as a markdown table.
     python scripts/bench_train.py configs/bert.yaml                 # BERT vs BertForMaskedLM
     python scripts/bench_train.py configs/t5.yaml --rounds 4        # T5 vs T5ForConditionalGeneration
     python scripts/bench_train.py configs/gpt.yaml model.n_layer=2 train.batch_size=8   # dotted overrides
+    python scripts/bench_train.py configs/switch_gpt.yaml --dtypes bf16 # Switch-GPT vs its dense twin
+    python scripts/bench_train.py --threads 1 --clock cpu               # on a machine other jobs share
+
+A config with `model.moe` (Switch-GPT, Switch-BERT, ...) is timed against its dense twin, the same config with
+`model.moe: null` (same width, same FLOPs per token but the router), instead of a Hugging Face model:
+"speed vs dense" is the sparse model's tokens/s over the dense one's.
+`--clock cpu` times each step by the CPU time of the thread running it (one thread only), so time the
+process spends waiting for a core taken by another job does not count; memory traffic of other jobs still
+slows it, so compare rows of one run, not runs.
 
 The model size and batch come from the config (vocab_size from data.vocab_size when the model leaves it
 null). One step = forward + backward + AdamW step (fused, as the trainer's) on a batch of random tokens
@@ -30,6 +39,7 @@ import dataclasses
 import os
 import statistics
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -74,6 +84,10 @@ def to_hf(model, attn: str):
 BATCHES = {"gpt": gpt_batch, "bert": bert_batch, "t5": t5_batch}  # model.arch -> random batch shaped like its task
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = CLOCKS["wall"]  # main() sets it from --clock
+
+
 def matmul_peak(dtype: torch.dtype, sizes=(2048, 3072, 4096), repeats: int = 3) -> float:
     """Best FLOP/s of a square matmul C = A B (2 n^3 FLOPs) over a few sizes."""
     best = 0.0
@@ -81,21 +95,22 @@ def matmul_peak(dtype: torch.dtype, sizes=(2048, 3072, 4096), repeats: int = 3) 
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         a @ b  # warm-up
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+            best = max(best, 2 * n**3 / (clock() - t0))
     return best
 
 
 def train_step(model, opt, batch: dict, dtype: torch.dtype) -> float:
-    """One forward + backward + AdamW step; returns its wall time in seconds. All models take the same call."""
-    t0 = time.perf_counter()
+    """One forward + backward + AdamW step; returns its time in seconds (by `clock`). All models take the
+    same call."""
+    t0 = clock()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         loss = model(**batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def adamw_step_ms(model, rounds: int = 20) -> dict[str, float]:
@@ -107,9 +122,9 @@ def adamw_step_ms(model, rounds: int = 20) -> dict[str, float]:
     times = {name: [] for name in opts}
     for _ in range(rounds):
         for name, opt in opts.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             opt.step()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: 1e3 * statistics.median(t[2:]) for name, t in times.items()}
 
 
@@ -130,12 +145,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model and dtype before timing")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--clock", default="wall", choices=list(CLOCKS), help="wall time, or the CPU time of the "
+                   "timing thread (needs --threads 1; robust when other jobs share the machine)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="HF attn_implementation")
     p.add_argument("--peak-sizes", default="2048,3072,4096", help="matrix sizes n for the (n x n) matmul peak")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also print the N operators taking the most time in bf16 steps of ours (manual)")
     args = p.parse_intermixed_args()
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("error: --clock cpu counts one thread's CPU time: it needs --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as the trainer does (MINIMODELS_REUSE_MEMORY=0: glibc's defaults)
 
@@ -147,11 +168,15 @@ def main() -> None:
                                     init_from=None)
     batch = BATCHES[arch](cfg, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    models = {f"ours ({impl})": build_model(dataclasses.replace(cfg.model, attn_impl=impl)) for impl in ("sdpa", "manual")}
-    models["ours (manual)"].load_state_dict(models["ours (sdpa)"].state_dict())
-    hf_model = to_hf(models["ours (sdpa)"], args.hf_attn)
-    hf_name = f"HF {type(hf_model).__name__} ({hf_model.config._attn_implementation})"
-    models[hf_name] = hf_model
+    if cfg.model.moe is None:  # ours with either attention against Hugging Face's model with our weights
+        models = {f"ours ({impl})": build_model(dataclasses.replace(cfg.model, attn_impl=impl)) for impl in ("sdpa", "manual")}
+        models["ours (manual)"].load_state_dict(models["ours (sdpa)"].state_dict())
+        reference = to_hf(models["ours (sdpa)"], args.hf_attn)
+        ref_name = f"HF {type(reference).__name__} ({reference.config._attn_implementation})"
+    else:  # the sparse model against its dense twin, both with the attention `auto` picks
+        models = {f"ours, {cfg.model.moe.num_experts} experts ({cfg.model.moe.gate})": build_model(cfg.model)}
+        reference, ref_name = build_model(dataclasses.replace(cfg.model, moe=None)), "ours, dense twin"
+    models[ref_name] = reference
     # the trainer's optimizer for every model (minimodels/train/optim.py): fused AdamW
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in models.items()}
     for m in models.values():
@@ -173,15 +198,14 @@ def main() -> None:
                 step_times[d, name] += [train_step(models[name], opts[name], batch, dtype) for _ in range(args.steps)]
     peak = {d: max(peak[d], matmul_peak(dt, sizes)) for d, dt in dtypes.items()}  # again at the end: keep the best
 
-    import transformers
-
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items())
-    print(f"## {arch.upper()} training throughput (torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{args.threads} threads, {os.cpu_count()} CPUs)\n")
+    versions = f"torch {torch.__version__}" + ("" if cfg.model.moe else f", transformers {version('transformers')}")
+    print(f"## {arch.upper()} training throughput ({versions}, {args.threads} threads, {os.cpu_count()} CPUs, "
+          f"{args.clock} clock)\n")
     print(f"{args.config} {' '.join(args.overrides)}: {sum(p.numel() for p in models[names[0]].parameters()) / 1e6:.2f}M "
-          f"parameters; batch {shapes}; {flops[names[0]] / 1e9:.1f} GFLOP/step (ours), {flops[hf_name] / 1e9:.1f} (HF); median of {args.rounds} x {args.steps} steps "
+          f"parameters; batch {shapes}; {flops[names[0]] / 1e9:.1f} GFLOP/step (ours), {flops[ref_name] / 1e9:.1f} ({ref_name}); median of {args.rounds} x {args.steps} steps "
           f"after {args.warmup} warm-up steps\n")
-    print("| dtype | model | ms / step | tokens / s | GFLOP/s | matmul peak GFLOP/s | MFU | speed vs HF |")
+    print(f"| dtype | model | ms / step | tokens / s | GFLOP/s | matmul peak GFLOP/s | MFU | speed vs {'dense' if cfg.model.moe else 'HF'} |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for d in dtypes:
         median = {name: statistics.median(step_times[d, name]) for name in names}
@@ -189,21 +213,24 @@ def main() -> None:
             achieved = flops[name] / median[name]
             print(f"| {d} | {name} | {1e3 * median[name]:.0f} | {tokens / median[name]:,.0f} | "
                   f"{achieved / 1e9:.1f} | {peak[d] / 1e9:.0f} | {achieved / peak[d]:.1%} | "
-                  f"{median[hf_name] / median[name]:.2f}x |")
+                  f"{median[ref_name] / median[name]:.2f}x |")
     print()
-    for d in dtypes:
+    for d in dtypes if cfg.model.moe is None else ():
         ratio = statistics.median(step_times[d, "ours (sdpa)"]) / statistics.median(step_times[d, "ours (manual)"])
         print(f"- {d}: manual attention is {ratio:.2f}x the speed of sdpa "
               f"(> 1: manual faster) -> fastest here: {'manual' if ratio > 1 else 'sdpa'}")
     adamw = adamw_step_ms(models[names[0]])
     print(f"- AdamW step over our model's parameters: " + ", ".join(f"{k} {v:.1f} ms" for k, v in adamw.items()))
     if args.profile:
-        print_profile(models["ours (manual)"], opts["ours (manual)"], batch, args.profile)
+        print_profile(models[names[-2]], opts[names[-2]], batch, args.profile)  # ours (manual) or the sparse model
 
 
 def print_profile(model, opt, batch: dict, rows: int, steps: int = 4) -> None:
     """Where a bf16 training step spends its time: the operators with the most self time over `steps` steps,
-    as a share of the step (matmuls: aten::mm, addmm, bmm; the rest is what a faster step must remove)."""
+    as a share of the step (matmuls: aten::mm, addmm, bmm; the rest is what a faster step must remove).
+    Use it to find candidates and an A/B of steps to size them: for memory-bound operators the profiler's share
+    can be far above what removing them saves (the GPT step's cross-entropy: ~19% of the profile here, while
+    a step with a free stand-in loss was 4.5% faster, 1 thread, CPU time)."""
     from torch.profiler import profile
 
     with profile() as prof:
@@ -211,7 +238,7 @@ def print_profile(model, opt, batch: dict, rows: int, steps: int = 4) -> None:
             train_step(model, opt, batch, torch.bfloat16)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"\n| operator (bf16 step of ours, manual attention) | ms / step | share |\n|---|---:|---:|")
+    print(f"\n| operator (bf16 step of {model.config.arch}) | ms / step | share |\n|---|---:|---:|")
     for e in events[:rows]:
         print(f"| {e.key} | {e.self_cpu_time_total / 1e3 / steps:.1f} | {e.self_cpu_time_total / total:.1%} |")
 

@@ -55,6 +55,15 @@ def student(teacher: str, eval_interval: int, decay_steps: int | None) -> Run:
                                            f"train.eval_interval={eval_interval}") + inherit, (teacher,))
 
 
+GATE_BUDGET = ("train.max_steps=300", "train.eval_interval=100", "train.save_interval=300")  # the gate table's runs
+GATES = {  # Switch-GPT (8 experts in blocks 1 and 3, capacity factor 1.25) with each gate
+    "switch": ("model.moe.gate=switch",),
+    "topk1": ("model.moe.gate=topk", "model.moe.top_k=1"),
+    "topk2": ("model.moe.gate=topk", "model.moe.top_k=2"),
+    "noisy_topk2": ("model.moe.gate=noisy_topk", "model.moe.top_k=2"),
+    "gshard": ("model.moe.gate=gshard",),
+}
+
 RUNS = {
     "gpt": Run("configs/gpt.yaml"),
     "bert": Run("configs/bert.yaml"),
@@ -72,6 +81,10 @@ RUNS = {
     "ptuning_bert": Run("configs/ptuning_bert.yaml", started_from("kb_bert"), ("kb_bert",)),
     "ptuning_gpt": Run("configs/ptuning_gpt.yaml", started_from("kb_gpt"), ("kb_gpt",)),
     "glm": Run("configs/glm.yaml"),
+    **{f"gate_{name}": Run("configs/switch_gpt.yaml", GATE_BUDGET + gate) for name, gate in GATES.items()},
+    "gate_dense": Run("configs/gpt.yaml", GATE_BUDGET),  # also the dense run the upcycling row starts from
+    "upcycle_dense": Run("configs/gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
+    "upcycle_switch": Run("configs/switch_gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
     "ki_gpt_scratch": student("gpt", 75, None),
     "ki_decay": student("gpt", 75, 300),
     "ki_bert_scratch": student("bert", 150, None),
@@ -124,6 +137,7 @@ class Row:
     runs: tuple[str, ...]  # the runs it reads (the runs they start from are trained first)
     measure: Callable[[Path], dict]  # the runs folder -> the numbers (the JSON)
     cell: Callable[[dict], str]  # the numbers -> the README's result cell
+    table: Callable[[dict], str] | None = None  # the numbers -> a markdown table printed below the row
 
 
 def lm(run: str, metric: str):
@@ -190,6 +204,33 @@ def ptuning_cell(lm_name: str, pretrained: str, ptuned: str):
                       + part(", P-tuning {}", minutes(n["wall_time_s"].get(ptuned))))
 
 
+def moe_numbers(runs_: dict[str, str]):
+    """Per run: final val_bpc, tokens/s, and (MoE runs) the dropped share and load entropy of the last log line,
+    averaged over the MoE blocks."""
+
+    def measure(runs: Path) -> dict:
+        from minimodels.train.plot import read_events
+
+        out = {}
+        for label, run in runs_.items():
+            last = ([{}] + [e for e in read_events(runs / run) if "loss" in e])[-1]  # the last train log line
+            blocks = sorted({k[:-len("_dropped")] for k in last if k.endswith("_dropped")})
+            out[label] = {"val_bpc": final(runs, run, "val_bpc"), "tokens_per_s": final(runs, run, "tokens_per_s")}
+            if blocks:
+                out[label] |= {m: sum(last[f"{b}_{m}"] for b in blocks) / len(blocks) for m in ("dropped", "load_entropy")}
+        return out
+    return measure
+
+
+def moe_table(n: dict) -> str:
+    lines = ["| model | val_bpc | dropped slots | load entropy | tokens / s |", "|---|---:|---:|---:|---:|"]
+    for label, m in n.items():
+        if isinstance(m, dict) and "val_bpc" in m:
+            moe = f"{m['dropped']:.1%} | {m['load_entropy']:.3f}" if "dropped" in m else "– | –"
+            lines.append(f"| {label} | {m['val_bpc']:.3f} | {moe} | {m['tokens_per_s'] or 0:,.0f} |")
+    return "\n".join(lines)
+
+
 def took(n: dict, run: str) -> str:
     return part(" in {}", minutes(n["wall_time_s"].get(run)))
 
@@ -239,6 +280,21 @@ ROWS = {
                lambda n: f"val loss {n['val_loss']:.3f} per Part B target{took(n, 'glm')}; on {n['blanks']} blanks in "
                f"held-out docstrings exact match {n['exact_match']['glm']:.3f}, BERT (told the length) "
                f"{n['exact_match']['bert_told']:.3f}, GPT {n['exact_match']['gpt']:.3f}"),
+    "moe_gates": Row("Switch-GPT gates", "Switch-GPT with each gate (switch, topk k=1/2, noisy_topk, gshard) and the "
+                     "dense GPT, 300 steps each: val_bpc, dropped slots, load entropy, tokens/s",
+                     tuple(f"gate_{g}" for g in GATES) + ("gate_dense",),
+                     moe_numbers({**{g: f"gate_{g}" for g in GATES}, "dense": "gate_dense"}),
+                     lambda n: "300 steps: " + ", ".join(f"{g} {n[g]['val_bpc']:.3f}" for g in (*GATES, "dense")),
+                     moe_table),
+    "upcycling": Row("Sparse upcycling", "a dense GPT trained 300 steps, then 300 more steps as the dense GPT or "
+                     "upcycled into Switch-GPT, against Switch-GPT trained 300 steps from scratch: val_bpc",
+                     ("upcycle_dense", "upcycle_switch", "gate_switch"),
+                     moe_numbers({"dense, 300 steps": "gate_dense", "dense, +300 steps": "upcycle_dense",
+                                  "upcycled Switch-GPT, +300 steps": "upcycle_switch",
+                                  "Switch-GPT from scratch, 300 steps": "gate_switch"}),
+                     lambda n: f"upcycled Switch-GPT **{n['upcycled Switch-GPT, +300 steps']['val_bpc']:.3f}** vs "
+                               f"{n['dense, +300 steps']['val_bpc']:.3f} continuing the dense GPT (300 + 300 steps)",
+                     moe_table),
     "inherit_gpt": Row("Knowledge inheritance", "a GPT of width 384 learning from runs/gpt vs from scratch: steps to the "
                        "teacher's val loss", ("ki_gpt_scratch", "ki_decay"), inherited("gpt", "ki_gpt_scratch", "ki_decay"),
                        inherit_cell("GPT")),
@@ -334,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"row": names[0], **numbers}))
         else:
             print(f"| {row.model} | {row.cell(numbers)} |")
+            if row.table is not None:
+                print("\n" + row.table(numbers))
 
     return guarded(go)
 
