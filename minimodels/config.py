@@ -192,21 +192,14 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
 # --------------------------------------------------------------------------- writing
 
 
-def to_dict(cfg: ExperimentConfig) -> dict:
-    """Plain dict (lists for tuples) with model.arch first, ready for yaml.safe_dump."""
-
-    def plain(x):
-        if isinstance(x, (tuple, list)):
-            return [plain(v) for v in x]
-        if dataclasses.is_dataclass(x):  # a nested section, e.g. model.moe
-            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        return x
-
-    out = {}
-    for section in ("model", "data", "train", "output"):
-        obj = getattr(cfg, section)
-        out[section] = {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    return out
+def to_dict(cfg: Any) -> Any:
+    """A config as plain YAML data: dataclasses become dicts in field order (so model.arch comes first), tuples
+    lists; ready for yaml.safe_dump."""
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    if dataclasses.is_dataclass(cfg):  # the experiment, a section, or a nested one such as model.moe
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    return cfg
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
