@@ -75,7 +75,9 @@ def generate_main(argv: list[str] | None = None) -> int:
 
         import torch
 
-        from minimodels.config import ConfigError, need
+        from minimodels.config import need
+        from minimodels.data import TASKS
+        from minimodels.protocols import Generation
         from minimodels.train.run import load_run
 
         need(a.max_new_tokens > 0, "--max-new-tokens", f"must be positive, got {a.max_new_tokens}")
@@ -85,72 +87,12 @@ def generate_main(argv: list[str] | None = None) -> int:
         need(a.num_beams > 0, "--num-beams", f"must be positive, got {a.num_beams}")
         need(a.num_samples > 0, "--num-samples", f"must be positive, got {a.num_samples}")
         cfg, model, tok = load_run(a.run_dir, a.device)
-        if a.num_beams > 1 and cfg.model.arch != "t5":
-            raise ConfigError(f"--num-beams {a.num_beams}: beam search is for T5 runs")
-        device = next(model.parameters()).device
-        g = torch.Generator(device).manual_seed(a.seed)
-        arch = cfg.model.arch
-        elsewhere = {  # runs whose model does not write text, and the script that uses them
-            "brivl": f"a brivl run embeds images and texts; search it with python scripts/search.py {a.run_dir} \"a red circle\"",
-            "ptuning": f"a ptuning run answers its probe's prompts; print its table with python scripts/probe.py {a.run_dir}",
-        }
-        if arch in elsewhere:
-            raise ConfigError(f"generate: {elsewhere[arch]}")
-        if arch == "bert":
-            return fill_mask(model, tok, a.prompt, a.top_k or 5, device)
-        if arch == "glm":
-            from minimodels.data.blank_infilling import encode_blanks, fill_blanks, show_fills
-
-            part_a, blanks = encode_blanks(tok, a.prompt)
-            for i in range(a.num_samples):
-                fills = fill_blanks(model, tok, part_a, blanks, a.max_new_tokens, a.temperature, a.top_k, a.top_p, g)
-                print(("-" * 40 + "\n") * (i > 0) + show_fills(tok, part_a, blanks, fills))
-            return
-        if arch == "t5":
-            ids = tok.encode(a.prompt) + [tok.eos_id]  # the encoder input ends with eos, as in training
-        else:
-            ids = tok.encode(a.prompt) if a.prompt else [tok.eos_id]
-            if len(ids) > model.config.block_size:
-                raise ConfigError(f"--prompt is {len(ids)} tokens, longer than model.block_size={model.config.block_size}")
-        for i in range(a.num_samples):
-            idx = torch.tensor([ids], device=device)
-            options = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, use_cache=not a.no_cache, generator=g)
-            if i:
-                print("-" * 40)
-            if arch == "t5":
-                out = model.generate(idx, max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, eos_token_id=tok.eos_id,
-                                     **options)  # (1, 1 + n): the start token (pad), then the output
-                out_ids = out[0, 1:].tolist()
-                out_ids = out_ids[: out_ids.index(tok.eos_id) + 1] if tok.eos_id in out_ids else out_ids  # pad after eos
-                print(tok.decode(out_ids, skip_special_tokens=False))
-            else:
-                out = model.generate(idx, a.max_new_tokens, **options)
-                print(a.prompt + tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=False))  # shows <|endoftext|>
+        generator = torch.Generator(next(model.parameters()).device).manual_seed(a.seed)
+        request = Generation(a.run_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.num_beams,
+                             a.num_samples, not a.no_cache, generator)
+        print(TASKS[cfg.data.task].generate(model, tok, request))  # the run's task knows how its model writes
 
     return guarded(go)
-
-
-def fill_mask(model, tok, prompt: str, top_k: int, device) -> None:
-    """BERT: print the top_k candidates with their probabilities for every [MASK] in the prompt."""
-    import torch
-
-    from minimodels.config import ConfigError
-
-    if model.config.head != "mlm":
-        raise ConfigError(f"generate: this BERT run has model.head={model.config.head!r}; only an mlm head fills masks")
-    if tok.mask_id is None:
-        raise ConfigError("generate: the run's tokenizer has no [MASK] token")
-    ids = [tok.cls_id] + tok.encode(prompt) + [tok.sep_id]  # [CLS] prompt [SEP], as the MLM task builds inputs
-    if len(ids) > model.config.block_size:
-        raise ConfigError(f"--prompt is {len(ids)} tokens, longer than model.block_size={model.config.block_size}")
-    masked = [t for t, i in enumerate(ids) if i == tok.mask_id]
-    if not masked:
-        raise ConfigError("--prompt has no [MASK] to fill, e.g. --prompt \"Return the [MASK] of the list.\"")
-    with torch.no_grad():
-        probs = model(torch.tensor([ids], device=device)).logits[0].float().softmax(-1)  # (T, V)
-    for n, t in enumerate(masked):
-        p, cand = probs[t].topk(top_k)
-        print(f"[MASK] {n + 1}: " + "  ".join(f"{tok.decode([c])!r} {q:.3f}" for c, q in zip(cand.tolist(), p.tolist())))
 
 
 def guarded(fn) -> int:

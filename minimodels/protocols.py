@@ -6,7 +6,12 @@ so every call site is a plain method call a student can grep, never a `hasattr` 
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from minimodels.schema import ConfigError
 
 
 class TrainedModel(Protocol):
@@ -17,3 +22,42 @@ class TrainedModel(Protocol):
         micro-batches), on the plain model (not its DDP wrapper), on every process. BriVL moves its momentum
         towers towards the freshly updated query towers here. Default: nothing."""
         return None
+
+
+@dataclass
+class Generation:
+    """What `minimodels generate` hands the run's task: the prompt and the command line's options, checked."""
+
+    run_dir: str  # the run folder (a refusal may name it in the command it suggests instead)
+    prompt: str = ""  # the text to continue, translate or fill, as the task reads it
+    max_new_tokens: int = 100  # GLM: per blank
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = None  # sample among the k likeliest tokens; BERT: the candidates shown
+    top_p: float | None = None  # sample among the likeliest tokens that make up this share of the probability
+    num_beams: int = 1  # T5: beam search with this many beams
+    num_samples: int = 1  # texts written, one after another from the same generator
+    use_cache: bool = True  # False: recompute the whole context every step
+    generator: torch.Generator | None = None  # seeded by --seed, on the model's device
+
+    def no_beams(self) -> None:
+        """Refuse --num-beams > 1: only T5's tasks search with beams."""
+        if self.num_beams > 1:
+            raise ConfigError(f"--num-beams {self.num_beams}: beam search is for T5 runs")
+
+
+class TextTask(Protocol):
+    """What a run and `minimodels generate` ask of a task (minimodels/data/), beyond train, val, collate and
+    evaluate. A task subclasses it (`class LMTask(TextTask)`) and overrides what differs from the defaults."""
+
+    tokenizer: Any  # the run's Tokenizer (minimodels/data/tokenizer.py)
+
+    def model_overrides(self) -> dict:
+        """Model config values the data decides, used where the YAML leaves them null. Default: the vocabulary size."""
+        return {"vocab_size": self.tokenizer.vocab_size}
+
+    @staticmethod
+    def generate(model, tokenizer, request: Generation) -> str:
+        """`minimodels generate`: what the run's model writes for request.prompt, as printed. A static method:
+        generate loads a run's model and tokenizer, not its corpus, so there is no task object.
+        Default: refuse (ConfigError), for a model that writes no text."""
+        raise ConfigError(f"generate: a {model.config.arch} run writes no text")

@@ -8,7 +8,7 @@ all-to-all, printed as one markdown table row per run (rank 0 prints).
 
 It runs the ordinary Trainer's steps (no evaluation, no checkpoints; the tokenizer goes to --run-dir): --warmup
 untimed steps, then --steps timed ones. The all-to-all time is measured by wrapping
-minimodels.moe.parallel.exchange (the token exchange, forward and backward) with a timer in this script.
+minimodels.moe.all_to_all.exchange (the token exchange, forward and backward) with a timer in this script.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-import minimodels.moe.parallel as parallel
+import minimodels.moe.all_to_all as all_to_all
 from minimodels.config import load_config
 from minimodels.models import build_model
 from minimodels.train.distributed import close_world, init_world
@@ -27,7 +27,7 @@ from minimodels.train.run import prepare
 from minimodels.train.trainer import Trainer
 
 exchange_seconds = 0.0
-untimed_exchange = parallel.exchange
+untimed_exchange = all_to_all.exchange
 
 
 def timed_exchange(*args):
@@ -47,7 +47,7 @@ def main():
     p.add_argument("--run-dir", default="runs/bench_parallel", help="where the tokenizer is written")
     a = p.parse_args()
     global exchange_seconds
-    parallel.exchange = timed_exchange
+    all_to_all.exchange = timed_exchange
     cfg = load_config(a.config, a.overrides)
     world = init_world(cfg.train.distributed.backend)
     run_dir = Path(a.run_dir)

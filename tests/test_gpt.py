@@ -109,13 +109,13 @@ def test_position_ids_match_hf_gpt2_and_are_checked_against_block_size():
         model(ids, position_ids=position_ids + 1)
 
 
-def test_from_hf_classmethod_and_local_checkpoint(tmp_path):
-    from minimodels.hf import load_hf_gpt2
+def test_from_hf_and_local_checkpoint(tmp_path):
+    from minimodels.hf import gpt_from_hf, load_hf_gpt2
 
     hf = hf_gpt2()
     ids = torch.randint(0, 100, (1, 10))
     hf.save_pretrained(tmp_path)
-    for model in (GPT.from_hf(hf), load_hf_gpt2(str(tmp_path))):
+    for model in (gpt_from_hf(hf), load_hf_gpt2(str(tmp_path))):
         with torch.no_grad():
             assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-5
 
@@ -131,8 +131,10 @@ def test_unsupported_hf_options_are_named(option, value):
 
 def test_to_hf_requires_biases():
     pytest.importorskip("transformers")
+    from minimodels.hf import gpt_to_hf
+
     with pytest.raises(ValueError, match="bias"):
-        tiny_gpt(bias=False).to_hf()
+        gpt_to_hf(tiny_gpt(bias=False))
 
 
 # ---------------------------------------------------------------------------------------------- attention kernels

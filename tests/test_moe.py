@@ -462,8 +462,10 @@ def test_yaml_sets_the_experts_width_the_switch_jitter_and_gshards_random_routin
 
 
 def test_export_of_an_moe_model_to_hf_is_refused():
+    from minimodels.hf import gpt_to_hf
+
     with pytest.raises(ValueError, match="model.moe: .* cannot be exported to GPT-2"):
-        tiny("gpt", dict(num_experts=4)).to_hf()
+        gpt_to_hf(tiny("gpt", dict(num_experts=4)))
 
 
 def test_training_logs_routing_metrics_and_draws_the_expert_load(tmp_path):

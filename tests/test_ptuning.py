@@ -12,7 +12,7 @@ from minimodels.data.corpus import DataError
 from minimodels.data.kb import RELATIONS, KBProbeTask, build_kb, fill_template, kb_corpus, manual_template
 from minimodels.models import PTuning
 from minimodels.train.checkpoint import latest_checkpoint, read_weights
-from minimodels.train.run import load_run, run
+from minimodels.train.run import fill_backbone, load_run, run
 
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "train.max_steps=2", "train.batch_size=8",
         "train.eval_batches=1", "output.sample_tokens=0"]
@@ -126,6 +126,7 @@ def ptuning_cfg(backbones, name, out, *overrides):
 def tiny_ptuning(backbones, name, *overrides):
     """A P-tuning model (in eval mode; its backbone as initialised, not loaded) on tiny backbone `name`, and its task."""
     cfg = ptuning_cfg(backbones, name, backbones / "unused", *overrides)
+    fill_backbone(cfg)
     task = build_task(cfg.data, None, backbones / f"kb_{name}" / "tokenizer.json")
     return PTuning(dataclasses.replace(cfg.model, **task.model_overrides())).eval(), task
 

@@ -134,3 +134,20 @@ def test_scripts_exit_2_with_one_line(tiny_run, args, line):
     out, _ = tiny_run
     r = sh(*[a.replace("{run}", str(out)) for a in args])
     assert (r.returncode, r.stderr) == (2, line + "\n")
+
+
+def test_every_task_answers_generate_and_the_default_refuses():
+    """`minimodels generate` calls TASKS[data.task].generate for every run: each task has one (TextTask's)."""
+    from minimodels.config import ConfigError
+    from minimodels.data import TASKS
+    from minimodels.models import GPT, GPTConfig
+    from minimodels.protocols import Generation, TextTask
+
+    assert all(TextTask in task.__mro__ for task in TASKS.values())  # (a Protocol refuses issubclass)
+
+    class Quiet(TextTask):  # a task that writes no text keeps the default
+        pass
+
+    model = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ConfigError, match="^generate: a gpt run writes no text$"):
+        Quiet.generate(model, None, Generation("runs/x"))

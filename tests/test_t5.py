@@ -87,8 +87,10 @@ def test_logits_and_loss_match_hf(version, hf_kw, impl):
 
 @pytest.mark.parametrize("version", ["v1.0", "v1.1"])
 def test_greedy_and_beam_generation_match_hf(version):
+    from minimodels.hf import t5_from_hf
+
     hf = hf_t5(version)
-    model = T5.from_hf(hf)
+    model = t5_from_hf(hf)
     ids, mask, _ = batch(seed=5)
     # pick as eos a token row 0 produces early, so sequences finish at different steps and get padded
     free = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)

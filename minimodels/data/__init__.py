@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 from minimodels.data.blank_infilling import BlankInfillingTask
 from minimodels.data.corpus import GENERATED, DataError, load_corpus
 from minimodels.data.docstring_to_text import DocstringToNameTask, DocstringToPackageTask
@@ -33,7 +33,7 @@ TASKS["image_text"] = ShapesRetrievalTask  # BriVL / CLIP: image-caption retriev
 GENERATED["shapes"] = shapes_corpus  # captions of procedurally drawn scenes (data/shapes.py)
 TASKS["blank_infilling"] = BlankInfillingTask  # GLM pretraining
 
-__all__ = ["DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
+__all__ = ["DataConfig", "DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
 
 
 def build_task(data_cfg: DataConfig, seq_len: int | None, tokenizer_path: str | Path):

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError
-from minimodels.data.tasks import encode_stream, window_splits
+from minimodels.data.tasks import SAMPLES_APART, encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
+from minimodels.protocols import Generation, TextTask
 
 MASK_TOKENS = {"mask": "[MASK]", "smask": "[sMASK]", "gmask": "[gMASK]"}  # blank kind -> its token
 SOP, EOP = "[sop]", "[eop]"  # start and end of a span in Part B
@@ -231,7 +232,7 @@ def fill_blanks(model, tokenizer: Tokenizer, part_a: list[int], blanks: list[int
 # --------------------------------------------------------------------------- the task
 
 
-class BlankInfillingTask:
+class BlankInfillingTask(TextTask):
     """GLM pretraining: windows of `seq_len` tokens of the text, blanked anew in every batch.
 
     Metrics over the Part B targets (span tokens and [eop]): val_loss (nats per target) and val_acc (share that
@@ -258,9 +259,6 @@ class BlankInfillingTask:
         self.train, self.val = window_splits(self.train_stream, self.val_stream, seq_len)
         self.collate = BlankInfillingCollator(self.ids, tokenizer.pad_id, tokenizer.eos_id, sentence_ends(tokenizer),
                                               mix, cfg.noise_density, cfg.mean_span_length)
-
-    def model_overrides(self) -> dict:
-        return {"vocab_size": self.tokenizer.vocab_size}
 
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
@@ -298,3 +296,16 @@ class BlankInfillingTask:
             return filled
         truth = show_fills(self.tokenizer, part_a, blanks, [tokens[a:b].tolist() for a, b in spans])
         return f"model:  {filled}\ntarget: {truth}"
+
+    @staticmethod
+    def generate(model, tokenizer: Tokenizer, request: Generation) -> str:
+        """GLM fills each [MASK] / [sMASK] / [gMASK] of the prompt with up to request.max_new_tokens tokens
+        (without a blank: continues the text)."""
+        request.no_beams()
+        part_a, blanks = encode_blanks(tokenizer, request.prompt)
+        texts = []
+        for _ in range(request.num_samples):
+            fills = fill_blanks(model, tokenizer, part_a, blanks, request.max_new_tokens, request.temperature,
+                                request.top_k, request.top_p, request.generator)
+            texts.append(show_fills(tokenizer, part_a, blanks, fills))
+        return SAMPLES_APART.join(texts)

@@ -28,7 +28,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 
 
 class DataError(ValueError):

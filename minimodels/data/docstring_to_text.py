@@ -39,15 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX
 from minimodels.data.corpus import DataError, split_records, stdlib_records
 from minimodels.data.package_classification import choose_packages, package_of
-from minimodels.data.span_corruption import collate_pairs
+from minimodels.data.span_corruption import SpanCorruptionTask, collate_pairs
 from minimodels.data.tokenizer import Tokenizer
+from minimodels.protocols import TextTask
 
 
-class DocstringToTextTask:
+class DocstringToTextTask(TextTask):
     """Examples are (input ids, target ids) pairs of a docstring and `target(record)`; records for which
     `target` returns None are skipped. Subclasses define `target`."""
 
@@ -83,8 +84,7 @@ class DocstringToTextTask:
     def collate(self, examples: list[tuple[Tensor, Tensor]], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         return collate_pairs([x for x, _ in examples], [y for _, y in examples], self.tokenizer.pad_id)
 
-    def model_overrides(self) -> dict:
-        return {"vocab_size": self.tokenizer.vocab_size}
+    generate = staticmethod(SpanCorruptionTask.generate)  # T5 writes the output for a prompt alike after either task
 
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:

@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError
 from minimodels.data.tokenizer import Tokenizer
+from minimodels.protocols import Generation, TextTask
+from minimodels.schema import ConfigError
 
 SEED = 1234  # the world is fixed: every run, test and probe sees the same entities and facts
 
@@ -259,7 +261,7 @@ class ProbeExample:
     labels: list[int]
 
 
-class KBProbeTask:
+class KBProbeTask(TextTask):
     """P-tuning's task, data.task: kb_probe. Examples are the facts of the probe's train half, each filled into
     data.template; val is the held-out half. Batches: input_ids, prompt_index, labels, attention_mask (B, T)
     and relation (B,) (each relation has prompts of its own). Metrics: val_p_at_1 over all held-out facts and
@@ -293,6 +295,12 @@ class KBProbeTask:
 
     def model_overrides(self) -> dict:
         return {"num_relations": len(RELATIONS), "num_prompt_tokens": num_pseudo(self.template)}
+
+    @staticmethod
+    def generate(model, tokenizer: Tokenizer, request: Generation) -> str:
+        """Refused: the model answers the probe's prompts; scripts/probe.py prints them."""
+        raise ConfigError(f"generate: a ptuning run answers its probe's prompts; print its table with "
+                          f"python scripts/probe.py {request.run_dir}")
 
     def collate(self, examples: list[ProbeExample], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         input_ids, real = pad_right([e.input_ids for e in examples], self.tokenizer.pad_id)  # (B, T)

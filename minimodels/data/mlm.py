@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError
 from minimodels.data.tasks import TokenWindows, encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
+from minimodels.protocols import Generation, TextTask
+from minimodels.schema import ConfigError
 
 
 class MLMCollator:
@@ -99,7 +101,7 @@ class ClsWindows:
         return torch.cat([torch.tensor([self.cls_id]), window])  # (T,)
 
 
-class MaskedLMTask:
+class MaskedLMTask(TextTask):
     """BERT pretraining: masked LM on windows of the corpus. Metrics over the selected positions:
     val_loss (nats per predicted token) and val_mlm_acc (share predicted exactly). Validation batches are
     masked with a fixed generator per batch (trainer.val_batches), so every evaluation masks the same tokens."""
@@ -116,9 +118,6 @@ class MaskedLMTask:
         train, val = window_splits(self.train_stream, self.val_stream, seq_len - 1)  # [CLS] makes seq_len
         self.train, self.val = ClsWindows(train, tokenizer.cls_id), ClsWindows(val, tokenizer.cls_id)
         self.collate = MLMCollator(tokenizer, cfg.mask_prob, cfg.whole_word_mask)
-
-    def model_overrides(self) -> dict:
-        return {"vocab_size": self.tokenizer.vocab_size}
 
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
@@ -148,3 +147,28 @@ class MaskedLMTask:
         counts[special] = 0  # special tokens are never targets
         log_p = counts.log() - counts.sum().log()  # (V,)
         return {"val_loss": -log_p[val].mean().item(), "val_mlm_acc": (val == counts.argmax()).double().mean().item()}
+
+    @staticmethod
+    @torch.no_grad()
+    def generate(model, tokenizer: Tokenizer, request: Generation) -> str:
+        """BERT (head mlm) fills each [MASK] of the prompt with one token: one line per [MASK] with its
+        request.top_k (default 5) likeliest candidates and their probabilities."""
+        request.no_beams()
+        if model.config.head != "mlm":
+            raise ConfigError(f"generate: this BERT run has model.head={model.config.head!r}; only an mlm head fills masks")
+        if tokenizer.mask_id is None:
+            raise ConfigError("generate: the run's tokenizer has no [MASK] token")
+        ids = [tokenizer.cls_id] + tokenizer.encode(request.prompt) + [tokenizer.sep_id]  # as the MLM task builds inputs
+        if len(ids) > model.config.block_size:
+            raise ConfigError(f"--prompt is {len(ids)} tokens, longer than model.block_size={model.config.block_size}")
+        masked = [t for t, i in enumerate(ids) if i == tokenizer.mask_id]
+        if not masked:
+            raise ConfigError("--prompt has no [MASK] to fill, e.g. --prompt \"Return the [MASK] of the list.\"")
+        device = next(model.parameters()).device
+        probs = model(torch.tensor([ids], device=device)).logits[0].float().softmax(-1)  # (T, V)
+        lines = []
+        for n, t in enumerate(masked):
+            p, cand = probs[t].topk(request.top_k or 5)
+            lines.append(f"[MASK] {n + 1}: " + "  ".join(f"{tokenizer.decode([c])!r} {q:.3f}"
+                                                       for c, q in zip(cand.tolist(), p.tolist())))
+        return "\n".join(lines)

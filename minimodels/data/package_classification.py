@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 from minimodels.data.collate import pad_right
 from minimodels.data.corpus import DataError, split_records, stdlib_records
+from minimodels.data.mlm import MaskedLMTask
 from minimodels.data.tokenizer import Tokenizer
+from minimodels.protocols import TextTask
 
 MIN_TRAIN = 50  # docstrings a package needs in train ...
 MIN_VAL = 20  # ... and in val, for a usable class
@@ -45,7 +47,7 @@ def choose_packages(split: dict[str, list[dict]]) -> list[str]:
     return sorted(sorted(usable, key=lambda p: (-train[p], p))[:MAX_CLASSES])
 
 
-class PackageClassificationTask:
+class PackageClassificationTask(TextTask):
     """Sequence classification of stdlib docstrings by package. Examples are (token ids (T,), label);
     batches carry input_ids (B, T), attention_mask (B, T) and labels (B,). Metrics: val_loss, val_acc."""
 
@@ -79,6 +81,8 @@ class PackageClassificationTask:
 
     def model_overrides(self) -> dict:
         return {"vocab_size": self.tokenizer.vocab_size, "num_labels": len(self.classes)}
+
+    generate = staticmethod(MaskedLMTask.generate)  # a BERT run's [MASK] fill (refused: this head classifies)
 
     def collate(self, examples: list, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         ids, real = pad_right([ids for ids, _ in examples], self.tokenizer.pad_id)  # (B, T), (B, T)

@@ -40,10 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 from minimodels.data.collate import pad_right
 from minimodels.data.corpus import DataError
 from minimodels.data.tokenizer import Tokenizer
+from minimodels.protocols import Generation, TextTask
+from minimodels.schema import ConfigError
 
 IMAGE_SIZE = 32
 MAX_OBJECTS = 3
@@ -314,7 +316,7 @@ def image_batch(images: Tensor, scenes: list[tuple[Object, ...]]) -> dict[str, T
     return {"images": images.float() / 127.5 - 1, "boxes": boxes, "box_mask": box_mask}
 
 
-class ShapesRetrievalTask:
+class ShapesRetrievalTask(TextTask):
     """Image–text retrieval on the shapes scenes (data.source: shapes, data.task: image_text).
 
     Batches: images (B, 3, H, W) in [-1, 1], boxes (B, 3, 4) of the objects as fractions (x0, y0, x1, y1),
@@ -341,8 +343,11 @@ class ShapesRetrievalTask:
         self.unseen = torch.tensor([any((o.colour, o.shape) in UNSEEN for o in s) for s in gallery.scenes])
         self.probes = splits["probe"]
 
-    def model_overrides(self) -> dict:
-        return {"vocab_size": self.tokenizer.vocab_size}
+    @staticmethod
+    def generate(model, tokenizer: Tokenizer, request: Generation) -> str:
+        """Refused: the model embeds images and texts; scripts/search.py uses it."""
+        raise ConfigError(f"generate: a brivl run embeds images and texts; search it with "
+                          f"python scripts/search.py {request.run_dir} \"a red circle\"")
 
     def encode(self, texts: list[str]) -> dict[str, Tensor]:
         return text_batch(self.tokenizer, texts, self.seq_len)

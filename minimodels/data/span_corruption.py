@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
-from minimodels.data.tasks import encode_stream, window_splits
+from minimodels.data.tasks import SAMPLES_APART, encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
+from minimodels.protocols import Generation, TextTask
 
 SENTINEL = "<extra_id_{}>"  # T5's names for the sentinel tokens; <extra_id_0> marks the first span
 
@@ -91,7 +92,7 @@ class SpanCorruptionCollator:
         return collate_pairs([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id)
 
 
-class SpanCorruptionTask:
+class SpanCorruptionTask(TextTask):
     """Pre-training an encoder-decoder: windows of `seq_len` tokens of the text, span-corrupted per batch.
 
     Metrics: val_loss (nats per target token) and val_acc (share of target tokens that are the argmax,
@@ -113,9 +114,6 @@ class SpanCorruptionTask:
         self.train, self.val = window_splits(self.train_stream, self.val_stream, seq_len)
         self.collate = SpanCorruptionCollator(self.sentinel_ids, tokenizer.eos_id, tokenizer.pad_id,
                                               cfg.noise_density, cfg.mean_span_length)
-
-    def model_overrides(self) -> dict:
-        return {"vocab_size": self.tokenizer.vocab_size}
 
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
@@ -153,3 +151,19 @@ class SpanCorruptionTask:
             return self.tokenizer.decode([i for i in ids if i != self.tokenizer.pad_id], skip_special_tokens=False)
 
         return f"input:  {show(inputs.tolist())}\nmodel:  {show(out[0].tolist())}\ntarget: {show(targets.tolist())}"
+
+    @staticmethod
+    def generate(model, tokenizer: Tokenizer, request: Generation) -> str:
+        """T5 writes the output for the prompt as its input (sentinels like <extra_id_0> mark blanks): greedy,
+        sampled or by beam search; the output's sentinels and eos are shown, the padding after eos is not."""
+        ids = tokenizer.encode(request.prompt) + [tokenizer.eos_id]  # the encoder input ends with eos, as in training
+        idx = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
+        texts = []
+        for _ in range(request.num_samples):
+            out = model.generate(idx, max_new_tokens=request.max_new_tokens, num_beams=request.num_beams,
+                                 eos_token_id=tokenizer.eos_id, temperature=request.temperature, top_k=request.top_k,
+                                 top_p=request.top_p, use_cache=request.use_cache, generator=request.generator)
+            out_ids = out[0, 1:].tolist()  # (1, 1 + n): the start token (pad), then the output
+            out_ids = out_ids[: out_ids.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in out_ids else out_ids
+            texts.append(tokenizer.decode(out_ids, skip_special_tokens=False))
+        return SAMPLES_APART.join(texts)

@@ -25,10 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minimodels.config import DataConfig
+from minimodels.data.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, CausalLMCollator
 from minimodels.data.corpus import DataError
 from minimodels.data.tokenizer import Tokenizer
+from minimodels.protocols import Generation, TextTask
+from minimodels.schema import ConfigError
+
+SAMPLES_APART = "\n" + "-" * 40 + "\n"  # between the texts of `minimodels generate --num-samples N`
 
 
 # --------------------------------------------------------------------------- token streams
@@ -122,7 +126,7 @@ def window_splits(train_stream: Tensor, val_stream: Tensor, window: int, random_
 # --------------------------------------------------------------------------- causal language modelling
 
 
-class LMTask:
+class LMTask(TextTask):
     """Causal language modelling: predict every next token of the text.
 
     Metrics: val_loss (nats per token), val_ppl = exp(val_loss) and val_bpc (bits per character),
@@ -141,10 +145,6 @@ class LMTask:
         # characters covered by the predicted tokens 1..T-1 of each val window
         self.val_window_chars = [int(self.val_chars[s + 1 : e].sum()) for s, e in map(self.val.bounds, range(len(self.val)))]
         self.collate = CausalLMCollator(tokenizer.pad_id, window=seq_len if random_offset else None)
-
-    def model_overrides(self) -> dict:
-        """Model config values the data decides (used where the YAML leaves them null)."""
-        return {"vocab_size": self.tokenizer.vocab_size}
 
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
@@ -192,6 +192,22 @@ class LMTask:
         if not prompt:
             out_ids = out_ids[1:]  # drop the eos we started from
         return self.tokenizer.decode(out_ids, skip_special_tokens=False)
+
+
+    @staticmethod
+    def generate(model, tokenizer: Tokenizer, request: Generation) -> str:
+        """GPT continues the prompt (empty: starts a new document); document breaks show as the eos token's text."""
+        request.no_beams()
+        ids = tokenizer.encode(request.prompt) if request.prompt else [tokenizer.eos_id]
+        if len(ids) > model.config.block_size:
+            raise ConfigError(f"--prompt is {len(ids)} tokens, longer than model.block_size={model.config.block_size}")
+        idx = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
+        texts = []
+        for _ in range(request.num_samples):
+            out = model.generate(idx, request.max_new_tokens, temperature=request.temperature, top_k=request.top_k,
+                                 top_p=request.top_p, use_cache=request.use_cache, generator=request.generator)
+            texts.append(request.prompt + tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=False))
+        return SAMPLES_APART.join(texts)
 
 
 def unigram_baseline(train_stream: Tensor, val_stream: Tensor, val_chars: int, vocab_size: int) -> dict[str, float]:

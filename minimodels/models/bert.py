@@ -1,7 +1,7 @@
 """BERT: a bidirectional Transformer encoder, pretrained by masked language modelling (Devlin et al. 2018).
 
 Read top to bottom: the config, the MLM head, the model (embeddings -> post-LN blocks -> pooler -> the head
-the config asks for), BERT initialisation, and Hugging Face interop.
+the config asks for) and BERT initialisation.
 
     h_0 = LN(E_tok[x] + E_pos[0..T-1] + E_seg[s])       token + position + segment embeddings (section 3.2)
     h_l = Block(h_{l-1})  for l = 1..L                  post-LN, bidirectional self-attention (minimodels/nn/block.py)
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import ACTIVATIONS, PostLNBlock, build_ffn, check_block_options
+from minimodels.nn import ACTIVATIONS, PostLNBlock, build_ffn, check_block_options, normal_init
 from minimodels.protocols import TrainedModel
 
 HEADS = ("mlm", "classify", "pooler", "none")
@@ -126,15 +126,7 @@ class BERT(nn.Module, TrainedModel):
         if c.head == "classify":
             self.classifier_dropout = nn.Dropout(c.dropout)
             self.classifier = nn.Linear(c.n_embd, c.num_labels)  # W_c, new at fine-tuning time
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        """BERT: every matrix ~ N(0, 0.02^2) (truncated in the original TF code), biases 0, LayerNorm gain 1."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        self.apply(normal_init)  # BERT: every matrix ~ N(0, 0.02^2) (truncated in the original TF code), biases 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -207,18 +199,3 @@ class BERT(nn.Module, TrainedModel):
     def num_params(self, exclude_positions: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if exclude_positions else n
-
-    # ------------------------------------------------------------------ Hugging Face interop
-    @classmethod
-    def from_hf(cls, hf_model) -> "BERT":
-        """Build a BERT from a transformers BertForMaskedLM, BertModel, BertForPreTraining or
-        BertForSequenceClassification (transformers is imported only in minimodels.hf)."""
-        from minimodels.hf import bert_from_hf
-
-        return bert_from_hf(hf_model)
-
-    def to_hf(self):
-        """Export to the matching transformers class (head mlm -> BertForMaskedLM, ...) with the same weights."""
-        from minimodels.hf import bert_to_hf
-
-        return bert_to_hf(self)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minimodels.models.bert import BERT, BERTConfig
-from minimodels.nn import MLP, PreLNBlock, all_gather_no_grad, all_gather_with_grad, rank_and_size
+from minimodels.nn import MLP, PreLNBlock, all_gather_no_grad, all_gather_with_grad, normal_init, rank_and_size
 from minimodels.protocols import TrainedModel
 
 KINDS = ("inbatch", "momentum_queue")
@@ -248,7 +248,7 @@ class BriVL(nn.Module, TrainedModel):
         config.validate()  # (the text tower's BERT insists on model.vocab_size)
         self.config = c = config
         self.image = ImageTower(c)
-        self.image.apply(BERT._init_weights)  # N(0, 0.02) matrices, zero biases
+        self.image.apply(normal_init)  # N(0, 0.02) matrices, zero biases
         self.text = TextTower(c)
         # s = 1/tau, stored as log(1/tau) (CLIP) so it stays positive; a buffer when it is not learned.
         # Shape (1,), not a scalar: FSDP2 shards parameters along their first dimension.

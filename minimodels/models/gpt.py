@@ -1,7 +1,7 @@
 """GPT: a decoder-only Transformer language model (Radford et al. 2018, 2019).
 
 Read top to bottom: the config, the model (embeddings -> pre-LN blocks -> final norm -> tied LM head),
-generation with a KV cache, Hugging Face interop, and GPT-2 initialisation (`gpt2_init`, which GLM uses too).
+generation with a KV cache, and GPT-2 initialisation (`gpt2_init`, which GLM uses too).
 
     h_0 = W_e[x] + W_p[0..T-1]                  token + learned position embeddings
     h_l = Block(h_{l-1})  for l = 1..L          pre-LN, causal self-attention (minimodels/nn/block.py)
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, sample_next
+from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, normal_init, sample_next
 from minimodels.protocols import TrainedModel
 
 
@@ -87,13 +87,6 @@ class GPT(nn.Module, TrainedModel):
         if c.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
         gpt2_init(self, c.n_layer)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 past_key_values: list[KVCache] | None = None, use_cache: bool = False,
@@ -177,25 +170,11 @@ class GPT(nn.Module, TrainedModel):
         n += c.vocab_size * c.n_embd  # the LM head matmul (tied or not)
         return 6 * n + 12 * c.n_layer * seq_len * c.n_embd
 
-    # ------------------------------------------------------------------ Hugging Face interop
-    @classmethod
-    def from_hf(cls, hf_model) -> "GPT":
-        """Build a GPT from a transformers GPT2LMHeadModel (transformers is imported only in minimodels.hf)."""
-        from minimodels.hf import gpt_from_hf
-
-        return gpt_from_hf(hf_model)
-
-    def to_hf(self):
-        """Export to a transformers GPT2LMHeadModel with the same weights."""
-        from minimodels.hf import gpt_to_hf
-
-        return gpt_to_hf(self)
-
 
 def gpt2_init(model: nn.Module, n_layer: int) -> None:
     """GPT-2 initialisation (GLM uses it too): every matrix and embedding ~ N(0, 0.02^2), biases 0; then the
     residual-branch output projections ~ N(0, (0.02 / sqrt(N))^2), N = 2 residual adds per layer (section 2.3)."""
-    model.apply(GPT._init_weights)
+    model.apply(normal_init)
     for name, p in model.named_parameters():
         if name.endswith("proj.weight") and (".attn." in name or ".ffn." in name):  # experts: ffn.experts.N.proj
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))

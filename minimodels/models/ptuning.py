@@ -30,12 +30,14 @@ batches carry `relation`, and each example gets its own relation's prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from minimodels.models.bert import BERT, BERTConfig
+from minimodels.models.gpt import GPT, GPTConfig
 from minimodels.protocols import TrainedModel
+from minimodels.schema import build
 
 ENCODERS = ("lstm", "mlp", "none")
 
@@ -49,7 +51,7 @@ class PTuningConfig:
     deep: bool = False  # P-tuning v2: trainable prefix keys/values in every block of the LM too
     num_prompt_tokens: int | None = None  # pseudo tokens in the template; null = counted from data.template
     num_relations: int | None = None  # one prompt per relation; null = from the task
-    backbone: dict | None = None  # the LM's model section, read from init_from/config.yaml (leave null)
+    backbone: dict | None = None  # the LM's model section; null = the run fills it from init_from/config.yaml
 
     def validate(self) -> None:
         if self.encoder not in ENCODERS:
@@ -70,20 +72,7 @@ class PTuningOutput:
     loss: torch.Tensor | None = None  # mean cross-entropy of the objects (nats), when labels are given
 
 
-def backbone_config(config: PTuningConfig):
-    """The frozen LM's model config: config.backbone, or the model section of init_from/config.yaml."""
-    from minimodels.config import build, load_config  # imported late: config imports the model table
-    from minimodels.models import MODEL_CONFIGS
-
-    if config.backbone is None:
-        path = Path(config.init_from) / "config.yaml"
-        if not path.is_file():
-            raise ValueError(f"model.init_from: {path} not found (train the backbone first, e.g. configs/kb_bert.yaml)")
-        return load_config(path).model
-    arch = config.backbone.get("arch")
-    if arch not in MODEL_CONFIGS:
-        raise ValueError(f"model.backbone.arch: unknown model {arch!r}")
-    return build(MODEL_CONFIGS[arch], config.backbone, "model.backbone", "config")
+BACKBONES = {"bert": (BERTConfig, BERT), "gpt": (GPTConfig, GPT)}  # the LMs P-tuning drives: config, model class
 
 
 class PromptEncoder(nn.Module):
@@ -112,17 +101,18 @@ class PromptEncoder(nn.Module):
 class PTuning(nn.Module, TrainedModel):
     def __init__(self, config: PTuningConfig):
         super().__init__()
-        from minimodels.models import MODELS  # the backbone is any registered LM (imported late: a cycle)
-
         config.validate()
         if config.num_relations is None or config.num_prompt_tokens is None:
             raise ValueError("model.num_relations / model.num_prompt_tokens: must be set (the kb_probe task fills them)")
+        if config.backbone is None:
+            raise ValueError("model.backbone: must be set (the run fills it from model.init_from/config.yaml)")
         self.config = c = config
-        lm_config = backbone_config(config)
-        if lm_config.arch not in ("bert", "gpt"):
-            raise ValueError(f"model.init_from: P-tuning drives a BERT or GPT, got model.arch={lm_config.arch}")
-        self.causal = lm_config.arch == "gpt"
-        self.backbone = MODELS[lm_config.arch][1](lm_config)  # weights: pretrained_parts(), loaded by the run
+        arch = config.backbone.get("arch")
+        if arch not in BACKBONES:
+            raise ValueError(f"model.init_from: P-tuning drives a BERT or GPT, got model.arch={arch}")
+        lm_config = build(BACKBONES[arch][0], config.backbone, "model.backbone", "config")
+        self.causal = arch == "gpt"
+        self.backbone = BACKBONES[arch][1](lm_config)  # weights: pretrained_parts(), loaded by the run
         self.backbone.requires_grad_(False)
         C, n = lm_config.n_embd, c.num_prompt_tokens
         self.prompts = nn.ModuleList(PromptEncoder(n, c.hidden or C, C, c.encoder) for _ in range(c.num_relations))

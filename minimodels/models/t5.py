@@ -2,7 +2,7 @@
 
 Read top to bottom: the config, one stack (encoder or decoder), the model (shared embedding -> encoder ->
 decoder with cross-attention -> LM head), T5's initialisation, greedy / sampled decoding and beam search
-with a KV cache, and Hugging Face interop.
+with a KV cache (Hugging Face interop: minimodels/hf.py).
 
     h = Encoder(W_e[x])                      bidirectional self-attention, relative position bias
     s = Decoder(W_e[y_<t], h)                causal self-attention + cross-attention to h
@@ -300,17 +300,3 @@ class T5(nn.Module, TrainedModel):
     # ------------------------------------------------------------------ helpers
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
-
-    # ------------------------------------------------------------------ Hugging Face interop
-    @classmethod
-    def from_hf(cls, hf_model) -> "T5":
-        """Build a T5 from a transformers T5ForConditionalGeneration (transformers is imported only in minimodels.hf)."""
-        from minimodels.hf import t5_from_hf
-
-        return t5_from_hf(hf_model)
-
-    def to_hf(self):
-        """Export to a transformers T5ForConditionalGeneration with the same weights."""
-        from minimodels.hf import t5_to_hf
-
-        return t5_to_hf(self)

@@ -5,7 +5,8 @@
     layer.py     MoE (sort-and-split dispatch over any experts) and moe_reference (the per-token loop)
     config.py    model.moe: which blocks of GPT / BERT / T5 get an MoE FFN, the model's MoE loss and metrics,
                  and sparse upcycling (an MoE model started from a dense run)
-    parallel.py  expert parallelism: experts sharded over torch.distributed processes, tokens sent by all-to-all
+    all_to_all.py  expert parallelism in one layer: each token slot sent by all-to-all to its expert's process
+    parallel.py  expert parallelism in a model: its MoE layers' experts sharded over the processes
 """
 
 from minimodels.moe.config import MoEConfig, add_moe_loss, build_block_ffn, is_moe_block, upcycle

@@ -10,7 +10,7 @@ A gate (minimodels/moe/gates.py) fills expert_index and weight; any nn.Module ma
     3. experts     each expert runs once, on its contiguous slice
     4. combine     scale each slot by its weight and add it back to its token's row
 
-Expert parallelism (expert_parallel=True, minimodels/moe/parallel.py) slots in between 2 and 3 (an
+Expert parallelism (expert_parallel=True, minimodels/moe/all_to_all.py) slots in between 2 and 3 (an
 all-to-all sends each slice to the process holding its expert) and between 3 and 4 (the way back).
 `moe_reference` below is the per-token loop the tests hold the fast path to.
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from minimodels.moe.gates import build_gate
-from minimodels.moe.parallel import run_experts_parallel
+from minimodels.moe.all_to_all import run_experts_parallel
 from minimodels.moe.routing import Routing
 from minimodels.nn.feedforward import MLP
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config
-from minimodels.data import TASKS, build_task
+from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
+from minimodels.data import TASKS, Tokenizer, build_task
 from minimodels.models import build_model
 from minimodels.moe.parallel import expert_shards
 from minimodels.train.checkpoint import (RunFolderError, checkpoint_dirs, latest_checkpoint, load_pretrained, load_weights,
@@ -35,6 +35,7 @@ RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "samp
 
 def prepare(cfg: ExperimentConfig, run_dir: Path):
     """Build the task (corpus + tokenizer) and fill what the model config takes from the data (vocab_size)."""
+    fill_backbone(cfg)
     seq_len = cfg.data.seq_len or getattr(cfg.model, "block_size", None)
     if seq_len is None and getattr(TASKS.get(cfg.data.task), "needs_seq_len", True):  # kb_probe builds its own
         raise ConfigError(f"data.seq_len: must be set for model.arch={cfg.model.arch} (it has no block_size)")
@@ -49,6 +50,16 @@ def prepare(cfg: ExperimentConfig, run_dir: Path):
             what = {"vocab_size": "tokens in the tokenizer", "num_labels": "classes of the task"}.get(key, "relations")
             raise ConfigError(f"model.{key}: {have} is less than the data's {value} {what}; null takes the data's")
     return task
+
+
+def fill_backbone(cfg: ExperimentConfig) -> None:
+    """P-tuning drives the LM of its model.init_from run: a null model.backbone becomes that run's model section."""
+    if cfg.model.arch != "ptuning" or cfg.model.backbone is not None:
+        return
+    path = Path(cfg.model.init_from) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"model.init_from: {path} not found (train the backbone first, e.g. configs/kb_bert.yaml)")
+    cfg.model = dataclasses.replace(cfg.model, backbone=to_dict(load_config(path))["model"])
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
@@ -191,8 +202,6 @@ def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> No
 
 def check_same_tokenizer(source: Path, run_dir: Path, key: str) -> None:
     """A run whose weights we use (key: the YAML key naming it) must share this run's tokenizer."""
-    from minimodels.data import Tokenizer
-
     if not (source / "tokenizer.json").is_file():
         raise ConfigError(f"{key}: {source}/tokenizer.json not found (is {source} a run folder?)")
     theirs, ours = Tokenizer.load(source / "tokenizer.json"), Tokenizer.load(run_dir / "tokenizer.json")
@@ -213,10 +222,9 @@ def load_teacher(source: Path, run_dir: Path, device: str, world: World):
 def load_run(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()):
     """Load a finished (or interrupted) run for inference: (config, model in eval mode, tokenizer) on `device`
     (a script's --device)."""
-    from minimodels.data import Tokenizer
-
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", overrides)
+    fill_backbone(cfg)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
