@@ -108,10 +108,11 @@ class T5Stack(nn.Module):
         self.name = "dec" if decoder else "enc"
         self.ln_f = RMSNorm(c.d_model, eps=c.norm_eps)
 
-    def forward(self, x, padding_mask=None, memory=None, memory_mask=None, past_key_values=None, use_cache=False):
+    def forward(self, x, padding_mask=None, memory=None, memory_mask=None, past_key_values=None, use_cache=False,
+                dropless=False):
         """x (B, T, C) embedded tokens. padding_mask (B, T) for the encoder; memory (B, S, C) and memory_mask
-        (B, S) for the decoder; past_key_values the decoder cache. Returns ((B, T, C), cache or None, routings:
-        name -> Routing of each MoE block)."""
+        (B, S) for the decoder; past_key_values the decoder cache; dropless: MoE blocks route every token,
+        whatever their capacity. Returns ((B, T, C), cache or None, routings: name -> Routing of each MoE block)."""
         T = x.size(1)
         past = past_key_values[0][0].size(2) if past_key_values else 0  # decoder tokens already in the cache
         # B[h, i, j] = b_h(bucket(j - i)), computed once and added to the scores of every layer
@@ -122,7 +123,7 @@ class T5Stack(nn.Module):
         for i, block in enumerate(self.blocks):
             x, kv, routing = block(x, padding_mask=padding_mask, position_bias=position_bias, memory=memory,
                                    memory_mask=memory_mask, past_kv=past_key_values[i] if past_key_values else None,
-                                   use_cache=use_cache)
+                                   use_cache=use_cache, dropless=dropless)
             if use_cache:
                 presents.append(kv)
             if routing is not None:
@@ -171,22 +172,23 @@ class T5(nn.Module, TrainedModel):
                 nn.init.normal_(m.proj.weight, std=c.d_ff**-0.5)
 
     # ------------------------------------------------------------------ forward
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, dict[str, Routing]]:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               dropless: bool = False) -> tuple[torch.Tensor, dict[str, Routing]]:
         """input_ids (B, S), attention_mask (B, S) 1/True on real tokens -> encoder output h (B, S, C), and the
-        routings of its MoE blocks (empty without model.moe)."""
+        routings of its MoE blocks (empty without model.moe; dropless: they route every token)."""
         mask = None if attention_mask is None else attention_mask.bool()
-        h, _, routings = self.encoder(self.tok_emb(input_ids), padding_mask=mask)
+        h, _, routings = self.encoder(self.tok_emb(input_ids), padding_mask=mask, dropless=dropless)
         return h, routings
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
                attention_mask: torch.Tensor | None = None, past_key_values: list[KVCache] | None = None,
-               use_cache: bool = False) -> tuple[torch.Tensor, list[KVCache] | None, dict[str, Routing]]:
+               use_cache: bool = False, dropless: bool = False) -> tuple[torch.Tensor, list[KVCache] | None, dict[str, Routing]]:
         """decoder_input_ids (B, T) after `past_key_values`; attention_mask (B, S) is the ENCODER's padding
-        mask. Returns logits (B, T, V), the updated cache (when use_cache) and the MoE blocks' routings."""
+        mask; dropless: MoE blocks route every token. Returns logits (B, T, V), the updated cache (when
+        use_cache) and the MoE blocks' routings."""
         mask = None if attention_mask is None else attention_mask.bool()
         s, presents, routings = self.decoder(self.tok_emb(decoder_input_ids), memory=encoder_hidden_states, memory_mask=mask,
-                                   past_key_values=past_key_values, use_cache=use_cache)  # (B, T, C)
+                                             past_key_values=past_key_values, use_cache=use_cache, dropless=dropless)  # (B, T, C)
         if self.config.tie_weights:
             # Mesh TensorFlow: with the output layer tied to the (std 1) embedding, rescale by d_model^-0.5
             s = s * self.config.d_model**-0.5
@@ -236,18 +238,20 @@ class T5(nn.Module, TrainedModel):
 
         num_beams > 1: beam search (see `beam_search`). Otherwise one token per step from `sample_next`:
         temperature 0 (the default) is greedy decoding, > 0 samples (with top_k / top_p). The encoder runs
-        once; with the cache each step feeds the decoder only the newest token."""
+        once; with the cache each step feeds the decoder only the newest token. MoE blocks route dropless, as
+        in GPT's generate: capacity counts the tokens of one forward pass (B in a cached step), so any capacity
+        would make the cached and the uncached decoding differ."""
         if num_beams > 1:
             return self.beam_search(input_ids, attention_mask, max_new_tokens, num_beams, eos_token_id, length_penalty)
         was_training = self.training
         self.eval()
-        memory, _ = self.encode(input_ids, attention_mask)  # (B, S, C)
+        memory, _ = self.encode(input_ids, attention_mask, dropless=True)  # (B, S, C)
         out = torch.full((input_ids.size(0), 1), self.config.pad_token_id, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)  # (B,) produced eos
         cache = None
         for _ in range(max_new_tokens):
             step_ids = out if cache is None else out[:, -1:]  # the whole prefix once, then only the newest token
-            logits, cache, _ = self.decode(step_ids, memory, attention_mask, cache, use_cache)
+            logits, cache, _ = self.decode(step_ids, memory, attention_mask, cache, use_cache, dropless=True)
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if eos_token_id is not None:
                 next_id = next_id.masked_fill(done[:, None], self.config.pad_token_id)
@@ -268,7 +272,7 @@ class T5(nn.Module, TrainedModel):
         was_training = self.training
         self.eval()
         B, k, pad = input_ids.size(0), num_beams, self.config.pad_token_id
-        memory = self.encode(input_ids, attention_mask)[0].repeat_interleave(k, dim=0)  # (B*k, S, C), encoder run once
+        memory = self.encode(input_ids, attention_mask, dropless=True)[0].repeat_interleave(k, dim=0)  # (B*k, S, C), once
         mask = None if attention_mask is None else attention_mask.repeat_interleave(k, dim=0)  # (B*k, S)
         seqs = torch.full((B * k, 1), pad, dtype=torch.long, device=input_ids.device)  # (B*k, 1)
         scores = torch.zeros(B, k, device=input_ids.device)
@@ -277,7 +281,8 @@ class T5(nn.Module, TrainedModel):
         lengths = torch.zeros(B * k, device=input_ids.device)
         cache = None
         for _ in range(max_new_tokens):
-            logits, cache, _ = self.decode(seqs if cache is None else seqs[:, -1:], memory, mask, cache, use_cache=True)
+            logits, cache, _ = self.decode(seqs if cache is None else seqs[:, -1:], memory, mask, cache, use_cache=True,
+                                           dropless=True)  # MoE blocks: dropless, as in generate
             logp = F.log_softmax(logits[:, -1, :].float(), dim=-1)  # (B*k, V)
             V = logp.size(-1)
             logp[done] = float("-inf")  # a finished beam can only be continued by pad, at log-prob 0
