@@ -3,11 +3,17 @@
 
 import sys
 
+from minimodels.cli import guarded
 from minimodels.train.plot import plot_metrics, plot_shares
+
+
+def main() -> None:
+    print(plot_metrics(*sys.argv[1:]))
+    for path in plot_shares(sys.argv[1]):
+        print(path)
+
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    print(plot_metrics(*sys.argv[1:]))
-    for path in plot_shares(sys.argv[1]):
-        print(path)
+    sys.exit(guarded(main))

@@ -151,3 +151,27 @@ def test_every_task_answers_generate_and_the_default_refuses():
     model = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(ConfigError, match="^generate: a gpt run writes no text$"):
         Quiet.generate(model, None, Generation("runs/x"))
+
+
+
+def test_plot_redraws_skips_a_cut_last_line_and_the_script_names_a_broken_one(tiny_run, tmp_path):
+    import shutil
+
+    from minimodels.train import RunFolderError
+    from minimodels.train.plot import plot_metrics, read_events
+
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    metrics = run / "metrics.jsonl"
+    whole = read_events(run)
+    metrics.write_text(metrics.read_text() + '{"step": 6, "val_lo')  # a process killed while writing a line
+    assert read_events(run) == whole
+    (run / "loss.png").unlink()
+    assert plot_metrics(run) == run / "loss.png" and (run / "loss.png").is_file()
+    with pytest.raises(RunFolderError, match="metrics.jsonl: not found"):
+        read_events(tmp_path / "nowhere")
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "not json"] + lines[1:]) + "\n")
+    r = sh("scripts/plot.py", str(run))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {metrics}: line 2 is not JSON"

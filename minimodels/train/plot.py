@@ -17,7 +17,22 @@ def pyplot():
 
 
 def read_events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    """The events of <run_dir>/metrics.jsonl, one dict per line. A last line cut short (a process killed while
+    writing it) is left out; any other line that is not JSON, or a missing file, is a RunFolderError."""
+    from minimodels.train.checkpoint import RunFolderError  # (checkpoint.py imports torch; plotting does not need it)
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise RunFolderError(f"{path}: not found (is {run_dir} a run folder?)")
+    lines = path.read_text().splitlines()
+    events = []
+    for i, line in enumerate(lines):
+        try:
+            events.append(json.loads(line)) if line.strip() else None
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise RunFolderError(f"{path}: line {i + 1} is not JSON") from None
+    return events
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
