@@ -1,19 +1,69 @@
-"""Optional methods of a model, declared once with their defaults; the trainer calls them directly.
+"""What the run and the trainer may ask of a model, a task and a feed-forward module, declared once with defaults.
 
-A model subclasses the protocol (`class BriVL(nn.Module, TrainedModel)`) and overrides only what it needs,
-so every call site is a plain method call a student can grep, never a `hasattr` check.
+A class subclasses its protocol (`class BriVL(nn.Module, TrainedModel)`, `class MaskedLMTask(Task)`) and
+overrides only what it needs, so every call site is a plain method call a student can grep, never a
+`hasattr` check.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable
+from typing import ClassVar, Protocol
+
+import torch
 
 
 class TrainedModel(Protocol):
-    """What the trainer may ask of any model it trains, beyond `forward(**batch)`."""
+    """What the trainer and the run may ask of any model they train, beyond `forward(**batch)`, whose output has
+    `loss` and `metrics` (a dict of detached scalar or 1-D tensors to log, or None)."""
+
+    def begin_step(self, step: int) -> None:
+        """Called by the trainer before the forward passes of optimizer step `step` (0-based, counted from the
+        start of the run, also after a resume), on the module whose forward the training steps call. Knowledge
+        inheritance (minimodels/models/inherit.py) follows its alpha schedule with it. Default: nothing."""
+        return None
 
     def after_optimizer_step(self) -> None:
         """Called by the trainer once per optimizer step, after the step (so after all train.grad_accum
         micro-batches), on the plain model (not its DDP wrapper), on every process. BriVL moves its momentum
         towers towards the freshly updated query towers here. Default: nothing."""
         return None
+
+    def pretrained_parts(self) -> dict[str, str | None]:
+        """{submodule name: pretraining run folder or None} that the run loads before training
+        (minimodels/train/run.py init_sources). Default: the whole model ("") from model.init_from; BriVL
+        names its text tower, P-tuning its frozen LM."""
+        return {"": self.config.init_from}
+
+
+class Task(Protocol):
+    """What the run and the trainer use of a task (minimodels/data/tasks.py describes the contract). A task has
+    `train` and `val` (sequences of examples), `collate(examples, generator) -> batch`, `archs` and:"""
+
+    archs: ClassVar[tuple[str, ...]]  # the model.arch values whose forward takes the task's batches
+    needs_seq_len: ClassVar[bool] = True  # examples are windows of data.seq_len (or model.block_size) tokens
+
+    def model_overrides(self) -> dict:
+        """Model config values the data decides, e.g. {"vocab_size": ...} (used where the YAML leaves them null)."""
+        ...
+
+    def evaluate(self, model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Validation metrics, called under torch.no_grad(), autocast and model.eval(), batches on the device."""
+        ...
+
+    def unigram_baseline(self) -> dict[str, float]:
+        """What a model that ignores context scores on the val split (logged as step 0). Default: {} (none)."""
+        return {}
+
+    def sample(self, model, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+               generator: torch.Generator | None = None) -> str | None:
+        """A text sample from `model` for `prompt` (written to sample.txt at the end of a run). Default: None
+        (the task has no sample)."""
+        return None
+
+
+class FeedForward(Protocol):
+    """A block's feed-forward module (minimodels/nn/block.py feed_forward): forward(x) -> y, or, for a module that
+    routes tokens (a mixture of experts), forward(x, padding_mask, dropless) -> (y, routing)."""
+
+    routes_tokens: ClassVar[bool] = False

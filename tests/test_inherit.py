@@ -1,15 +1,16 @@
-"""Knowledge inheritance (minimodels/train/inherit.py): the alpha schedule, the loss, and train.teacher end to end."""
+"""Knowledge inheritance (minimodels/models/inherit.py): the alpha schedule, the loss, and train.teacher end to end."""
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from minimodels.config import ConfigError, TeacherConfig, load_config
 from minimodels.train.checkpoint import latest_checkpoint, read_weights
-from minimodels.train.inherit import alpha_at, inheritance_loss, target_logits
+from minimodels.models.bert import BERTOutput
+from minimodels.models.gpt import GPTOutput
+from minimodels.models.inherit import alpha_at, inheritance_loss, target_logits
 from minimodels.train.run import run
 
 TINY = ["model.n_layer=1", "model.n_head=2", "model.block_size=32", "train.batch_size=4", "train.eval_batches=1",
@@ -26,8 +27,7 @@ def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
     torch.manual_seed(0)
     labels = torch.tensor([[5, 6, -100, -100], [1, 2, 3, 4]])  # (B, T): row 0 is padded after 2 tokens
     s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)  # (B, T, V)
-    student = SimpleNamespace(logits=s, loss=torch.tensor(2.5), masked_logits=None)
-    teacher = SimpleNamespace(logits=t, masked_logits=None)
+    student, teacher = GPTOutput(logits=s, loss=torch.tensor(2.5)), GPTOutput(logits=t)
     batch = {"labels": labels}
     # a causal LM: position t is scored against label t + 1 -> rows (0, 0), (1, 0), (1, 1), (1, 2)
     expected_rows = torch.stack([s[0, 0], s[1, 0], s[1, 1], s[1, 2]])
@@ -39,11 +39,11 @@ def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
     loss, got_kl = inheritance_loss(student, teacher, batch, alpha=0.25, temperature=T)
     torch.testing.assert_close(got_kl, kl)
     torch.testing.assert_close(loss, 0.75 * 2.5 + 0.25 * T**2 * kl)
-    same, zero = inheritance_loss(student, SimpleNamespace(logits=s, masked_logits=None), batch, 1.0, T)
+    same, zero = inheritance_loss(student, GPTOutput(logits=s), batch, 1.0, T)
     assert zero.abs() < 1e-6 and same.abs() < 1e-5  # a teacher that agrees adds nothing
     # a masked LM's scores at its labelled positions are used as they are
-    bert = SimpleNamespace(masked_logits=expected_rows, loss=torch.tensor(1.0))
-    torch.testing.assert_close(inheritance_loss(bert, SimpleNamespace(masked_logits=p_t.log() * T), batch, 1.0, T)[1], kl)
+    bert = BERTOutput(logits=None, masked_logits=expected_rows, loss=torch.tensor(1.0))
+    torch.testing.assert_close(inheritance_loss(bert, BERTOutput(logits=None, masked_logits=p_t.log() * T), batch, 1.0, T)[1], kl)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """The Trainer: gradient accumulation, exact resume, clear stop on a non-finite loss, the run folder."""
 
+import dataclasses
 import json
 import shutil
+import typing
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 
 from minimodels.config import ConfigError, TrainConfig, load_config
 from minimodels.models import GPT, GPTConfig
-from minimodels.protocols import TrainedModel
+from minimodels.protocols import Task, TrainedModel
 from minimodels.train import Trainer, TrainingError
 from minimodels.train.checkpoint import checkpoint_dirs
 from minimodels.train.run import run
@@ -109,6 +111,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     @dataclass
     class Out:
         loss: torch.Tensor
+        metrics: dict | None = None
 
     class Exploding(torch.nn.Module, TrainedModel):
         def __init__(self):
@@ -284,7 +287,7 @@ def test_batch_larger_than_the_data_names_train_batch_size(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("name", ["cuda", "cuda:1", "mps"])
 def test_a_device_this_machine_lacks_names_the_key(name):
-    from minimodels.train.trainer import resolve_device
+    from minimodels.train.device import resolve_device
 
     with pytest.raises(ConfigError, match=rf"^--device: {name}: this machine has no"):
         resolve_device(name, key="--device")
@@ -305,8 +308,14 @@ def test_a_vocab_smaller_than_the_tokenizer_names_model_vocab_size(tmp_path, tex
     assert prepare(cfg, tmp_path).tokenizer.vocab_size == cfg.model.vocab_size
 
 
-def test_every_model_has_the_optional_methods_the_trainer_calls():
-    """The trainer calls model.after_optimizer_step() directly: every model in the table subclasses TrainedModel."""
+def test_every_model_and_task_has_the_optional_methods_the_run_calls():
+    """The trainer and the run call model.begin_step(), model.after_optimizer_step(), model.pretrained_parts(),
+    task.unigram_baseline() and task.sample() directly: every model in the table subclasses TrainedModel, every
+    task Task, and their outputs carry metrics."""
+    from minimodels.data import TASKS
     from minimodels.models import MODELS
 
     assert all(TrainedModel in cls.__mro__ for _, cls in MODELS.values())
+    assert all(Task in cls.__mro__ for cls in TASKS.values())
+    outputs = [typing.get_type_hints(cls.forward)["return"] for _, cls in MODELS.values()]
+    assert all("metrics" in {f.name for f in dataclasses.fields(out)} for out in outputs)

@@ -27,6 +27,7 @@ from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError
 from minimodels.data.tasks import TokenWindows, encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
+from minimodels.protocols import Task
 
 
 class MLMCollator:
@@ -99,7 +100,7 @@ class ClsWindows:
         return torch.cat([torch.tensor([self.cls_id]), window])  # (T,)
 
 
-class MaskedLMTask:
+class MaskedLMTask(Task):
     """BERT pretraining: masked LM on windows of the corpus. Metrics over the selected positions:
     val_loss (nats per predicted token) and val_mlm_acc (share predicted exactly). Validation batches are
     masked with a fixed generator per batch (trainer.val_batches), so every evaluation masks the same tokens."""
@@ -123,13 +124,12 @@ class MaskedLMTask:
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
         """Loss and accuracy at the selected positions, recomputed from the model's scores there: BERT's
-        `out.masked_logits` (N, V), or for a model without it the selected rows of `out.logits` (B, T, V)."""
+        `out.masked_logits` (N, V)."""
         nats, correct, count = 0.0, 0, 0
         for batch in batches:
             out = model(**batch)
             selected = batch["labels"] != IGNORE_INDEX  # (B, T)
-            scores = out.masked_logits if getattr(out, "masked_logits", None) is not None else out.logits[selected]
-            scores, targets = scores.float(), batch["labels"][selected]  # (N, V), (N,)
+            scores, targets = out.masked_logits.float(), batch["labels"][selected]  # (N, V), (N,)
             nats += F.cross_entropy(scores, targets, reduction="sum").item()
             correct += int((scores.argmax(dim=-1) == targets).sum())
             count += len(targets)

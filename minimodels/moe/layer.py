@@ -33,6 +33,7 @@ from minimodels.moe.gates import build_gate
 from minimodels.moe.parallel import run_experts_parallel
 from minimodels.moe.routing import Routing
 from minimodels.nn.feedforward import MLP
+from minimodels.protocols import FeedForward
 
 
 def build_experts(expert, num_experts: int, d_model: int, d_ff: int | None) -> nn.ModuleList:
@@ -56,7 +57,7 @@ def build_experts(expert, num_experts: int, d_model: int, d_ff: int | None) -> n
     raise TypeError(f"MoE: expert must be None, an nn.Module, a callable or a list of modules, got {type(expert)}")
 
 
-class MoE(nn.Module):
+class MoE(nn.Module, FeedForward):
     """A mixture-of-experts feed-forward layer.
 
     gate: a name for build_gate ("topk", "noisy_topk", "switch", "gshard", "expert_choice") built with

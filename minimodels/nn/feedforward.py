@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minimodels.protocols import FeedForward
+
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact, with erf
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new", T5 v1.1's gated-gelu
@@ -26,7 +28,7 @@ def _activation(name: str):
     return ACTIVATIONS[name]
 
 
-class MLP(nn.Module):
+class MLP(nn.Module, FeedForward):
     """Two linear layers with an activation between: d_model -> d_ff -> d_model."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0, bias: bool = True):
@@ -40,7 +42,7 @@ class MLP(nn.Module):
         return self.dropout(self.proj(self.act(self.fc(x))))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(nn.Module, FeedForward):
     """A gated linear unit: the activated gate x W_g multiplies the linear path x W_1 element-wise."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu_tanh", dropout: float = 0.0, bias: bool = False):
