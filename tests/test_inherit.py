@@ -2,16 +2,17 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from minimodels.config import ConfigError, TeacherConfig, load_config
-from minimodels.train.checkpoint import latest_checkpoint, read_weights
 from minimodels.models.bert import BERTOutput
 from minimodels.models.gpt import GPTOutput
 from minimodels.models.inherit import alpha_at, inheritance_loss, target_logits
-from minimodels.train.run import run
+from minimodels.train.checkpoint import latest_checkpoint, read_weights, stored_once
+from minimodels.train.run import load_run, run
 
 TINY = ["model.n_layer=1", "model.n_head=2", "model.block_size=32", "train.batch_size=4", "train.eval_batches=1",
         "data.tokenizer=char", "output.sample_tokens=0", "train.warmup_steps=0"]
@@ -85,3 +86,22 @@ def test_teacher_errors_name_the_key(teacher, tmp_path):
                                                         f"train.teacher={{run: {tmp_path / 'none'}}}"])
     with pytest.raises(ConfigError, match="train.teacher.run: .* holds no checkpoint"):
         run(nothing, quiet=True)
+
+
+def test_a_run_with_a_teacher_checkpoints_the_student_alone_and_resumes_on_its_alpha_schedule(teacher, tmp_path):
+    """The teacher is in no checkpoint: model.safetensors holds exactly the student's state_dict keys (a run with a
+    teacher resumes, loads and fine-tunes as one without), and a resumed run picks alpha_t up at its step."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    overrides = TINY + ["model.n_embd=32", "train.max_steps=4", "train.save_interval=2", "train.log_interval=1",
+                        f"data.tokenizer={teacher}/tokenizer.json", f"train.teacher={{run: {teacher}, alpha: 0.6, decay_steps: 3}}"]
+    run(load_config("configs/gpt.yaml", overrides + [f"output.dir={full}"]), quiet=True)
+    _, student, _ = load_run(full, "cpu")  # builds a plain GPT and loads the checkpoint into it strictly
+    assert read_weights(latest_checkpoint(full)).keys() == stored_once(student.state_dict(), student).keys()
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")  # stopped after the step-2 checkpoint
+    run(load_config(resumed / "config.yaml", [f"output.dir={resumed}"]), resume=True, quiet=True)
+    a, b = read_weights(latest_checkpoint(full)), read_weights(latest_checkpoint(resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [[(e["step"], e["inherit_alpha"], e.get("inherit_kl")) for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if "inherit_alpha" in e] for out in (full, resumed)]
+    assert logged[0] == logged[1] and [alpha for _, alpha, _ in logged[0]] == pytest.approx([0.6, 0.4, 0.2, 0.0])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import shutil
 import typing
 from dataclasses import dataclass
@@ -66,6 +67,40 @@ def test_grad_accumulation_matches_big_batch(tmp_path):
     for (name, p), q, p0 in zip(big.model.named_parameters(), small.model.parameters(), before):
         assert (p - p0).abs().max() > 0, name  # the step did something
         assert torch.allclose(p, q, atol=1e-6, rtol=0), name
+
+
+class Reads(torch.Tensor):
+    """A tensor that counts how often it, or anything computed from it, is read on the host."""
+
+    count = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__bool__):
+            cls.count += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_the_losses_of_a_step_are_read_on_the_host_once_whatever_the_accumulation(tmp_path, grad_accum):
+    """No host synchronisation per micro-batch: the losses stay on the device until the last backward of the step."""
+    @dataclass
+    class Out:
+        loss: torch.Tensor
+        metrics: dict | None = None
+
+    class Counted(torch.nn.Module, TrainedModel):
+        def __init__(self):
+            super().__init__()
+            self.gpt = tiny_gpt()
+
+        def forward(self, **batch):
+            return Out(self.gpt(**batch).loss.as_subclass(Reads))
+
+    t = Trainer(Counted(), RandomLMTask(), train_cfg(batch_size=8 // grad_accum, grad_accum=grad_accum), tmp_path, quiet=True)
+    Reads.count = 0
+    loss = t.train_step()["loss"]
+    assert Reads.count == 1 and math.isfinite(loss)
 
 
 def test_each_process_gets_its_rows_of_the_one_process_batch_random_collator_included(tmp_path):
