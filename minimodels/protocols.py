@@ -1,13 +1,12 @@
-"""What the run and the trainer may ask of a model, a task and a feed-forward module, declared once with defaults.
+"""What the run and the trainer may ask of a model and a task, declared once with defaults.
 
-A class subclasses its protocol (`class BriVL(nn.Module, TrainedModel)`, `class MaskedLMTask(Task)`) and
+A class subclasses its protocol (`class BriVL(nn.Module, TrainedModel)`, `class MaskedLMTask(TextTask)`) and
 overrides only what it needs, so every call site is a plain method call a student can grep, never a
-`hasattr` check.
+`hasattr` check. (A block's feed-forward module has its own, nn/feedforward.py FeedForward.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import ClassVar, Protocol
 
 import torch
@@ -36,20 +35,12 @@ class TrainedModel(Protocol):
         return {"": self.config.init_from}
 
 
-class Task(Protocol):
-    """What the run and the trainer use of a task (minimodels/data/tasks.py describes the contract). A task has
-    `train` and `val` (sequences of examples), `collate(examples, generator) -> batch`, `archs` and:"""
+class TextTask(Protocol):
+    """What the run asks of a task (minimodels/data/) beyond train, val, collate, evaluate and model_overrides
+    (minimodels/data/tasks.py describes that contract). A task subclasses it (`class LMTask(TextTask)`) and
+    overrides what differs from the defaults."""
 
-    archs: ClassVar[tuple[str, ...]]  # the model.arch values whose forward takes the task's batches
     needs_seq_len: ClassVar[bool] = True  # examples are windows of data.seq_len (or model.block_size) tokens
-
-    def model_overrides(self) -> dict:
-        """Model config values the data decides, e.g. {"vocab_size": ...} (used where the YAML leaves them null)."""
-        ...
-
-    def evaluate(self, model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Validation metrics, called under torch.no_grad(), autocast and model.eval(), batches on the device."""
-        ...
 
     def unigram_baseline(self) -> dict[str, float]:
         """What a model that ignores context scores on the val split (logged as step 0). Default: {} (none)."""
@@ -60,10 +51,3 @@ class Task(Protocol):
         """A text sample from `model` for `prompt` (written to sample.txt at the end of a run). Default: None
         (the task has no sample)."""
         return None
-
-
-class FeedForward(Protocol):
-    """A block's feed-forward module (minimodels/nn/block.py feed_forward): forward(x) -> y, or, for a module that
-    routes tokens (a mixture of experts), forward(x, padding_mask, dropless) -> (y, routing)."""
-
-    routes_tokens: ClassVar[bool] = False

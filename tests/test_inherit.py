@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import events
 from minimodels.config import ConfigError, TeacherConfig, load_config
 from minimodels.models.bert import BERTOutput
 from minimodels.models.gpt import GPTOutput
@@ -102,6 +103,6 @@ def test_a_run_with_a_teacher_checkpoints_the_student_alone_and_resumes_on_its_a
     run(load_config(resumed / "config.yaml", [f"output.dir={resumed}"]), resume=True, quiet=True)
     a, b = read_weights(latest_checkpoint(full)), read_weights(latest_checkpoint(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    logged = [[(e["step"], e["inherit_alpha"], e.get("inherit_kl")) for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-               if "inherit_alpha" in e] for out in (full, resumed)]
+    logged = [[(e["step"], e["inherit_alpha"], e.get("inherit_kl")) for e in events(out) if "inherit_alpha" in e]
+              for out in (full, resumed)]
     assert logged[0] == logged[1] and [alpha for _, alpha, _ in logged[0]] == pytest.approx([0.6, 0.4, 0.2, 0.0])

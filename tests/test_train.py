@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from minimodels.config import ConfigError, TrainConfig, load_config
 from minimodels.models import GPT, GPTConfig
-from minimodels.protocols import Task, TrainedModel
+from minimodels.protocols import TextTask, TrainedModel
 from minimodels.train import Trainer, TrainingError
 from minimodels.train.checkpoint import checkpoint_dirs
 from minimodels.train.run import run
@@ -346,11 +346,11 @@ def test_a_vocab_smaller_than_the_tokenizer_names_model_vocab_size(tmp_path, tex
 def test_every_model_and_task_has_the_optional_methods_the_run_calls():
     """The trainer and the run call model.begin_step(), model.after_optimizer_step(), model.pretrained_parts(),
     task.unigram_baseline() and task.sample() directly: every model in the table subclasses TrainedModel, every
-    task Task, and their outputs carry metrics."""
+    task TextTask, and their outputs carry metrics."""
     from minimodels.data import TASKS
     from minimodels.models import MODELS
 
     assert all(TrainedModel in cls.__mro__ for _, cls in MODELS.values())
-    assert all(Task in cls.__mro__ for cls in TASKS.values())
+    assert all(TextTask in cls.__mro__ for cls in TASKS.values())
     outputs = [typing.get_type_hints(cls.forward)["return"] for _, cls in MODELS.values()]
     assert all("metrics" in {f.name for f in dataclasses.fields(out)} for out in outputs)

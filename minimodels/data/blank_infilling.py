@@ -34,7 +34,7 @@ from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError
 from minimodels.data.tasks import encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
-from minimodels.protocols import Task
+from minimodels.protocols import TextTask
 
 MASK_TOKENS = {"mask": "[MASK]", "smask": "[sMASK]", "gmask": "[gMASK]"}  # blank kind -> its token
 SOP, EOP = "[sop]", "[eop]"  # start and end of a span in Part B
@@ -232,7 +232,7 @@ def fill_blanks(model, tokenizer: Tokenizer, part_a: list[int], blanks: list[int
 # --------------------------------------------------------------------------- the task
 
 
-class BlankInfillingTask(Task):
+class BlankInfillingTask(TextTask):
     """GLM pretraining: windows of `seq_len` tokens of the text, blanked anew in every batch.
 
     Metrics over the Part B targets (span tokens and [eop]): val_loss (nats per target) and val_acc (share that

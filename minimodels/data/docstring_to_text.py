@@ -45,10 +45,10 @@ from minimodels.data.corpus import DataError, split_records, stdlib_records
 from minimodels.data.package_classification import choose_packages, package_of
 from minimodels.data.span_corruption import collate_pairs
 from minimodels.data.tokenizer import Tokenizer
-from minimodels.protocols import Task
+from minimodels.protocols import TextTask
 
 
-class DocstringToTextTask(Task):
+class DocstringToTextTask(TextTask):
     """Examples are (input ids, target ids) pairs of a docstring and `target(record)`; records for which
     `target` returns None are skipped. Subclasses define `target`."""
 

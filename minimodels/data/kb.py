@@ -34,7 +34,7 @@ from minimodels.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError
 from minimodels.data.tokenizer import Tokenizer
-from minimodels.protocols import Task
+from minimodels.protocols import TextTask
 
 SEED = 1234  # the world is fixed: every run, test and probe sees the same entities and facts
 
@@ -260,7 +260,7 @@ class ProbeExample:
     labels: list[int]
 
 
-class KBProbeTask(Task):
+class KBProbeTask(TextTask):
     """P-tuning's task, data.task: kb_probe. Examples are the facts of the probe's train half, each filled into
     data.template; val is the held-out half. Batches: input_ids, prompt_index, labels, attention_mask (B, T)
     and relation (B,) (each relation has prompts of its own). Metrics: val_p_at_1 over all held-out facts and

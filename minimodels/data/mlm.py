@@ -27,7 +27,7 @@ from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError
 from minimodels.data.tasks import TokenWindows, encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
-from minimodels.protocols import Task
+from minimodels.protocols import TextTask
 
 
 class MLMCollator:
@@ -100,7 +100,7 @@ class ClsWindows:
         return torch.cat([torch.tensor([self.cls_id]), window])  # (T,)
 
 
-class MaskedLMTask(Task):
+class MaskedLMTask(TextTask):
     """BERT pretraining: masked LM on windows of the corpus. Metrics over the selected positions:
     val_loss (nats per predicted token) and val_mlm_acc (share predicted exactly). Validation batches are
     masked with a fixed generator per batch (trainer.val_batches), so every evaluation masks the same tokens."""

@@ -26,7 +26,7 @@ from minimodels.config import DataConfig
 from minimodels.data.collate import pad_right
 from minimodels.data.corpus import DataError, split_records, stdlib_records
 from minimodels.data.tokenizer import Tokenizer
-from minimodels.protocols import Task
+from minimodels.protocols import TextTask
 
 MIN_TRAIN = 50  # docstrings a package needs in train ...
 MIN_VAL = 20  # ... and in val, for a usable class
@@ -46,7 +46,7 @@ def choose_packages(split: dict[str, list[dict]]) -> list[str]:
     return sorted(sorted(usable, key=lambda p: (-train[p], p))[:MAX_CLASSES])
 
 
-class PackageClassificationTask(Task):
+class PackageClassificationTask(TextTask):
     """Sequence classification of stdlib docstrings by package. Examples are (token ids (T,), label);
     batches carry input_ids (B, T), attention_mask (B, T) and labels (B,). Metrics: val_loss, val_acc."""
 

@@ -44,7 +44,7 @@ from minimodels.config import DataConfig
 from minimodels.data.collate import pad_right
 from minimodels.data.corpus import DataError
 from minimodels.data.tokenizer import Tokenizer
-from minimodels.protocols import Task
+from minimodels.protocols import TextTask
 
 IMAGE_SIZE = 32
 MAX_OBJECTS = 3
@@ -315,7 +315,7 @@ def image_batch(images: Tensor, scenes: list[tuple[Object, ...]]) -> dict[str, T
     return {"images": images.float() / 127.5 - 1, "boxes": boxes, "box_mask": box_mask}
 
 
-class ShapesRetrievalTask(Task):
+class ShapesRetrievalTask(TextTask):
     """Image–text retrieval on the shapes scenes (data.source: shapes, data.task: image_text).
 
     Batches: images (B, 3, H, W) in [-1, 1], boxes (B, 3, 4) of the objects as fractions (x0, y0, x1, y1),

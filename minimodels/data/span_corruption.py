@@ -26,7 +26,7 @@ from minimodels.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.tasks import encode_stream, window_splits
 from minimodels.data.tokenizer import Tokenizer
-from minimodels.protocols import Task
+from minimodels.protocols import TextTask
 
 SENTINEL = "<extra_id_{}>"  # T5's names for the sentinel tokens; <extra_id_0> marks the first span
 
@@ -92,7 +92,7 @@ class SpanCorruptionCollator:
         return collate_pairs([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id)
 
 
-class SpanCorruptionTask(Task):
+class SpanCorruptionTask(TextTask):
     """Pre-training an encoder-decoder: windows of `seq_len` tokens of the text, span-corrupted per batch.
 
     Metrics: val_loss (nats per target token) and val_acc (share of target tokens that are the argmax,

@@ -29,7 +29,7 @@ from minimodels.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, CausalLMCollator
 from minimodels.data.corpus import DataError
 from minimodels.data.tokenizer import Tokenizer
-from minimodels.protocols import Task
+from minimodels.protocols import TextTask
 
 
 # --------------------------------------------------------------------------- token streams
@@ -123,7 +123,7 @@ def window_splits(train_stream: Tensor, val_stream: Tensor, window: int, random_
 # --------------------------------------------------------------------------- causal language modelling
 
 
-class LMTask(Task):
+class LMTask(TextTask):
     """Causal language modelling: predict every next token of the text.
 
     Metrics: val_loss (nats per token), val_ppl = exp(val_loss) and val_bpc (bits per character),

@@ -25,13 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimodels.config import TeacherConfig
 from minimodels.models.bert import BERTOutput
 from minimodels.protocols import TrainedModel
 
 
-def alpha_at(step: int, cfg: TeacherConfig) -> float:
-    """alpha_t for optimizer step `step` (0-based)."""
+def alpha_at(step: int, cfg) -> float:
+    """alpha_t for optimizer step `step` (0-based); cfg: train.teacher (minimodels/config.py TeacherConfig)."""
     if cfg.decay_steps is None:
         return cfg.alpha
     return cfg.alpha * max(0.0, 1.0 - step / cfg.decay_steps)
@@ -63,9 +62,9 @@ class Inheritance(nn.Module, TrainedModel):
     """The student with a frozen teacher beside it: forward(**batch) returns the student's output with loss
     (1 - alpha_t) L_self + alpha_t T^2 KL and metrics inherit_alpha (and inherit_kl while alpha_t > 0; once
     alpha_t has decayed to 0 the teacher no longer runs). Its parameters are the student's, under "student.";
-    the trainer tells it the step (begin_step), which sets alpha_t."""
+    the trainer tells it the step (begin_step), which sets alpha_t. cfg: train.teacher (config.py TeacherConfig)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TeacherConfig):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
         super().__init__()
         self.student, self.cfg, self.alpha = student, cfg, alpha_at(0, cfg)
         # a tuple, not a submodule: the teacher is not trained, synchronised by DDP or saved in checkpoints

@@ -32,8 +32,7 @@ import torch.nn as nn
 from minimodels.moe.gates import build_gate
 from minimodels.moe.parallel import run_experts_parallel
 from minimodels.moe.routing import Routing
-from minimodels.nn.feedforward import MLP
-from minimodels.protocols import FeedForward
+from minimodels.nn.feedforward import MLP, FeedForward
 
 
 def build_experts(expert, num_experts: int, d_model: int, d_ff: int | None) -> nn.ModuleList:

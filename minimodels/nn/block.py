@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from minimodels.nn.attention import KVCache, MultiHeadAttention
-from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS
+from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS, FeedForward
 from minimodels.nn.norm import build_norm
-from minimodels.protocols import FeedForward
 
 ATTN_IMPLS = ("auto", "manual", "sdpa")
 

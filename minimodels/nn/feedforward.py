@@ -10,10 +10,10 @@ experts are copies of this module (minimodels/moe/config.py).
 
 from __future__ import annotations
 
+from typing import ClassVar, Protocol
+
 import torch.nn as nn
 import torch.nn.functional as F
-
-from minimodels.protocols import FeedForward
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact, with erf
@@ -26,6 +26,13 @@ def _activation(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]
+
+
+class FeedForward(Protocol):
+    """A block's feed-forward module (minimodels/nn/block.py feed_forward): forward(x) -> y, or, for a module that
+    routes tokens (a mixture of experts, minimodels/moe/layer.py), forward(x, padding_mask, dropless) -> (y, routing)."""
+
+    routes_tokens: ClassVar[bool] = False
 
 
 class MLP(nn.Module, FeedForward):

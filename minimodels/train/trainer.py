@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from minimodels.config import ConfigError, TrainConfig
-from minimodels.protocols import Task
+from minimodels.protocols import TextTask
 from minimodels.train.checkpoint import (checkpoint_dirs, checkpoint_step, load_trainer_state, rng_state, save_checkpoint,
                                          set_aside, set_rng_state)
 from minimodels.train.device import autocast, resolve_device, resolve_dtype, to_device
@@ -70,7 +70,7 @@ class Trainer:
     """Trains `model` on `task`; the training steps call `objective` (default: the model), a module whose
     forward(**batch) returns an output with loss and metrics and whose parameters are the model's."""
 
-    def __init__(self, model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False,
+    def __init__(self, model: torch.nn.Module, task: TextTask, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False,
                  world: World | None = None, objective: torch.nn.Module | None = None):
         reuse_freed_memory()  # keep freed blocks mapped: no page faults for the next step's tensors (memory.py)
         self.world = world or World()
