@@ -40,7 +40,7 @@ class DistributedConfig:
 @dataclass
 class TeacherConfig:
     run: str  # a trained (smaller) model's run folder with this run's tokenizer, e.g. runs/gpt
-    alpha: float = 1.0  # the teacher's share of the loss at step 0 (minimodels/train/inherit.py)
+    alpha: float = 1.0  # the teacher's share of the loss at step 0 (minimodels/models/inherit.py)
     decay_steps: int | None = None  # alpha decays linearly to 0 over this many steps; null = constant alpha
     temperature: float = 2.0  # T: both distributions are softened by T before the KL
 

@@ -23,8 +23,8 @@ import torch
 from minimodels.cli import guarded
 from minimodels.config import ConfigError
 from minimodels.data.kb import RELATIONS, KBProbeTask, manual_template
+from minimodels.train.device import autocast, resolve_dtype, to_device
 from minimodels.train.run import load_run
-from minimodels.train.trainer import autocast, resolve_dtype, to_device
 
 
 def p_at_1(model, task, examples, score, device, dtype, batch_size: int = 256) -> float:

@@ -303,8 +303,8 @@ def test_text_tower_starts_from_a_bert_run(tmp_path):
     bert = BERT(BERTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=tok.vocab_size))  # head mlm
     save_checkpoint(tmp_path / "bert_run", 1, bert, {}, keep_last=1)
     model = tiny(vocab_size=tok.vocab_size, text_init_from=str(tmp_path / "bert_run"))
-    assert init_sources(model, model.config) == [("text.bert", str(tmp_path / "bert_run"))]
-    for name, source in init_sources(model, model.config):
+    assert init_sources(model) == [("text.bert", str(tmp_path / "bert_run"))]
+    for name, source in init_sources(model):
         init_from_run(model.get_submodule(name), Path(source), tmp_path / "brivl_run", quiet=True)
     pretrained = dict(bert.named_parameters())  # the MLM head has no place here
     shared = [n for n, _ in model.text.bert.named_parameters() if n in pretrained]

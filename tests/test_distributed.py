@@ -87,6 +87,29 @@ def test_switch_gpt_trains_under_two_processes(config, tmp_path):
     assert all("moe_block1_load" in e for e in events if "loss" in e)
 
 
+def test_parallel_is_the_plain_one_process_case_for_a_dense_model_alone():
+    """Parallel (minimodels/train/distributed.py) is called the same way for every model: for a dense model in a
+    world of one it wraps nothing, leaves gradients alone, clips as torch does and checkpoints the model as it is."""
+    from minimodels.models import GPT, GPTConfig
+    from minimodels.train.distributed import Parallel, World
+
+    torch.manual_seed(0)
+    model, twin = (GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)) for _ in range(2))
+    twin.load_state_dict(model.state_dict())
+    parallel = Parallel(model, World(), fsdp=True)  # FSDP needs several processes: ignored alone
+    assert parallel.wrap(model) is model and not parallel.collective_forward
+    x = torch.randint(0, 20, (2, 8))
+    for m in (model, twin):
+        with parallel.gradient_sync(last=False):
+            m(x, labels=x).loss.backward()
+    parallel.finish_gradients()
+    assert parallel.clip_gradients(0.1) == pytest.approx(float(torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert parallel.gather(optimizer) == (None, optimizer.state_dict(), {}) and parallel.finite_state(optimizer)
+
+
 # ---------------------------------------------------------------------------------------------- contrastive towers
 TINY_BRIVL = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.embed_dim=16", "model.text.n_layer=1",
               "model.text.n_embd=32", "model.text.n_head=2", "train.dtype=fp32", "train.device=cpu", "train.max_steps=3",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from minimodels.data import Tokenizer
 from minimodels.train.checkpoint import RunFolderError, checkpoint_dirs
-from minimodels.train.trainer import MetricsLog
+from minimodels.train.metrics import MetricsLog
 
 CONFIG = """
 model: {arch: gpt, block_size: 32, n_layer: 1, n_head: 2, n_embd: 32}
@@ -165,7 +165,7 @@ def test_metrics_log_rewrites_atomically_and_refuses_a_corrupt_middle_line(tmp_p
         raise OSError("disk full")
 
     with monkeypatch.context() as m:  # a crash while rewriting leaves the old file whole
-        m.setattr("minimodels.train.trainer.os.replace", crash)
+        m.setattr("minimodels.train.metrics.os.replace", crash)
         with pytest.raises(OSError):
             MetricsLog(path, after_step=1)
     assert path.read_text() == text

@@ -1,16 +1,19 @@
-"""Knowledge inheritance (minimodels/train/inherit.py): the alpha schedule, the loss, and train.teacher end to end."""
+"""Knowledge inheritance (minimodels/models/inherit.py): the alpha schedule, the loss, and train.teacher end to end."""
 
 import json
 import math
-from types import SimpleNamespace
+import shutil
 
 import pytest
 import torch
 
+from conftest import events
 from minimodels.config import ConfigError, TeacherConfig, load_config
-from minimodels.train.checkpoint import latest_checkpoint, read_weights
-from minimodels.train.inherit import alpha_at, inheritance_loss, target_logits
-from minimodels.train.run import run
+from minimodels.models.bert import BERTOutput
+from minimodels.models.gpt import GPTOutput
+from minimodels.models.inherit import alpha_at, inheritance_loss, target_logits
+from minimodels.train.checkpoint import latest_checkpoint, read_weights, stored_once
+from minimodels.train.run import load_run, run
 
 TINY = ["model.n_layer=1", "model.n_head=2", "model.block_size=32", "train.batch_size=4", "train.eval_batches=1",
         "data.tokenizer=char", "output.sample_tokens=0", "train.warmup_steps=0"]
@@ -26,8 +29,7 @@ def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
     torch.manual_seed(0)
     labels = torch.tensor([[5, 6, -100, -100], [1, 2, 3, 4]])  # (B, T): row 0 is padded after 2 tokens
     s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)  # (B, T, V)
-    student = SimpleNamespace(logits=s, loss=torch.tensor(2.5), masked_logits=None)
-    teacher = SimpleNamespace(logits=t, masked_logits=None)
+    student, teacher = GPTOutput(logits=s, loss=torch.tensor(2.5)), GPTOutput(logits=t)
     batch = {"labels": labels}
     # a causal LM: position t is scored against label t + 1 -> rows (0, 0), (1, 0), (1, 1), (1, 2)
     expected_rows = torch.stack([s[0, 0], s[1, 0], s[1, 1], s[1, 2]])
@@ -39,11 +41,11 @@ def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
     loss, got_kl = inheritance_loss(student, teacher, batch, alpha=0.25, temperature=T)
     torch.testing.assert_close(got_kl, kl)
     torch.testing.assert_close(loss, 0.75 * 2.5 + 0.25 * T**2 * kl)
-    same, zero = inheritance_loss(student, SimpleNamespace(logits=s, masked_logits=None), batch, 1.0, T)
+    same, zero = inheritance_loss(student, GPTOutput(logits=s), batch, 1.0, T)
     assert zero.abs() < 1e-6 and same.abs() < 1e-5  # a teacher that agrees adds nothing
     # a masked LM's scores at its labelled positions are used as they are
-    bert = SimpleNamespace(masked_logits=expected_rows, loss=torch.tensor(1.0))
-    torch.testing.assert_close(inheritance_loss(bert, SimpleNamespace(masked_logits=p_t.log() * T), batch, 1.0, T)[1], kl)
+    bert = BERTOutput(logits=None, masked_logits=expected_rows, loss=torch.tensor(1.0))
+    torch.testing.assert_close(inheritance_loss(bert, BERTOutput(logits=None, masked_logits=p_t.log() * T), batch, 1.0, T)[1], kl)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +87,22 @@ def test_teacher_errors_name_the_key(teacher, tmp_path):
                                                         f"train.teacher={{run: {tmp_path / 'none'}}}"])
     with pytest.raises(ConfigError, match="train.teacher.run: .* holds no checkpoint"):
         run(nothing, quiet=True)
+
+
+def test_a_run_with_a_teacher_checkpoints_the_student_alone_and_resumes_on_its_alpha_schedule(teacher, tmp_path):
+    """The teacher is in no checkpoint: model.safetensors holds exactly the student's state_dict keys (a run with a
+    teacher resumes, loads and fine-tunes as one without), and a resumed run picks alpha_t up at its step."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    overrides = TINY + ["model.n_embd=32", "train.max_steps=4", "train.save_interval=2", "train.log_interval=1",
+                        f"data.tokenizer={teacher}/tokenizer.json", f"train.teacher={{run: {teacher}, alpha: 0.6, decay_steps: 3}}"]
+    run(load_config("configs/gpt.yaml", overrides + [f"output.dir={full}"]), quiet=True)
+    _, student, _ = load_run(full, "cpu")  # builds a plain GPT and loads the checkpoint into it strictly
+    assert read_weights(latest_checkpoint(full)).keys() == stored_once(student.state_dict(), student).keys()
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")  # stopped after the step-2 checkpoint
+    run(load_config(resumed / "config.yaml", [f"output.dir={resumed}"]), resume=True, quiet=True)
+    a, b = read_weights(latest_checkpoint(full)), read_weights(latest_checkpoint(resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [[(e["step"], e["inherit_alpha"], e.get("inherit_kl")) for e in events(out) if "inherit_alpha" in e]
+              for out in (full, resumed)]
+    assert logged[0] == logged[1] and [alpha for _, alpha, _ in logged[0]] == pytest.approx([0.6, 0.4, 0.2, 0.0])

@@ -1,7 +1,10 @@
 """The Trainer: gradient accumulation, exact resume, clear stop on a non-finite loss, the run folder."""
 
+import dataclasses
 import json
+import math
 import shutil
+import typing
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +13,7 @@ from safetensors.torch import load_file
 
 from minimodels.config import ConfigError, TrainConfig, load_config
 from minimodels.models import GPT, GPTConfig
-from minimodels.protocols import TrainedModel
+from minimodels.protocols import TextTask, TrainedModel
 from minimodels.train import Trainer, TrainingError
 from minimodels.train.checkpoint import checkpoint_dirs
 from minimodels.train.run import run
@@ -66,6 +69,40 @@ def test_grad_accumulation_matches_big_batch(tmp_path):
         assert torch.allclose(p, q, atol=1e-6, rtol=0), name
 
 
+class Reads(torch.Tensor):
+    """A tensor that counts how often it, or anything computed from it, is read on the host."""
+
+    count = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__bool__):
+            cls.count += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_the_losses_of_a_step_are_read_on_the_host_once_whatever_the_accumulation(tmp_path, grad_accum):
+    """No host synchronisation per micro-batch: the losses stay on the device until the last backward of the step."""
+    @dataclass
+    class Out:
+        loss: torch.Tensor
+        metrics: dict | None = None
+
+    class Counted(torch.nn.Module, TrainedModel):
+        def __init__(self):
+            super().__init__()
+            self.gpt = tiny_gpt()
+
+        def forward(self, **batch):
+            return Out(self.gpt(**batch).loss.as_subclass(Reads))
+
+    t = Trainer(Counted(), RandomLMTask(), train_cfg(batch_size=8 // grad_accum, grad_accum=grad_accum), tmp_path, quiet=True)
+    Reads.count = 0
+    loss = t.train_step()["loss"]
+    assert Reads.count == 1 and math.isfinite(loss)
+
+
 def test_each_process_gets_its_rows_of_the_one_process_batch_random_collator_included(tmp_path):
     """Rank r of 2 with batch 4 gets rows 4r .. 4r + 3 of what one process with batch 8 collates, with the same
     random draws, and so does each micro-batch under gradient accumulation (train_batch needs no process group:
@@ -109,6 +146,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     @dataclass
     class Out:
         loss: torch.Tensor
+        metrics: dict | None = None
 
     class Exploding(torch.nn.Module, TrainedModel):
         def __init__(self):
@@ -284,7 +322,7 @@ def test_batch_larger_than_the_data_names_train_batch_size(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("name", ["cuda", "cuda:1", "mps"])
 def test_a_device_this_machine_lacks_names_the_key(name):
-    from minimodels.train.trainer import resolve_device
+    from minimodels.train.device import resolve_device
 
     with pytest.raises(ConfigError, match=rf"^--device: {name}: this machine has no"):
         resolve_device(name, key="--device")
@@ -305,8 +343,14 @@ def test_a_vocab_smaller_than_the_tokenizer_names_model_vocab_size(tmp_path, tex
     assert prepare(cfg, tmp_path).tokenizer.vocab_size == cfg.model.vocab_size
 
 
-def test_every_model_has_the_optional_methods_the_trainer_calls():
-    """The trainer calls model.after_optimizer_step() directly: every model in the table subclasses TrainedModel."""
+def test_every_model_and_task_has_the_optional_methods_the_run_calls():
+    """The trainer and the run call model.begin_step(), model.after_optimizer_step(), model.pretrained_parts(),
+    task.unigram_baseline() and task.sample() directly: every model in the table subclasses TrainedModel, every
+    task TextTask, and their outputs carry metrics."""
+    from minimodels.data import TASKS
     from minimodels.models import MODELS
 
     assert all(TrainedModel in cls.__mro__ for _, cls in MODELS.values())
+    assert all(TextTask in cls.__mro__ for cls in TASKS.values())
+    outputs = [typing.get_type_hints(cls.forward)["return"] for _, cls in MODELS.values()]
+    assert all("metrics" in {f.name for f in dataclasses.fields(out)} for out in outputs)

@@ -122,13 +122,12 @@ class MaskedLMTask(TextTask):
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
         """Loss and accuracy at the selected positions, recomputed from the model's scores there: BERT's
-        `out.masked_logits` (N, V), or for a model without it the selected rows of `out.logits` (B, T, V)."""
+        `out.masked_logits` (N, V)."""
         nats, correct, count = 0.0, 0, 0
         for batch in batches:
             out = model(**batch)
             selected = batch["labels"] != IGNORE_INDEX  # (B, T)
-            scores = out.masked_logits if getattr(out, "masked_logits", None) is not None else out.logits[selected]
-            scores, targets = scores.float(), batch["labels"][selected]  # (N, V), (N,)
+            scores, targets = out.masked_logits.float(), batch["labels"][selected]  # (N, V), (N,)
             nats += F.cross_entropy(scores, targets, reduction="sum").item()
             correct += int((scores.argmax(dim=-1) == targets).sum())
             count += len(targets)

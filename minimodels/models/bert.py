@@ -119,8 +119,8 @@ class BERT(nn.Module, TrainedModel):
         )
         if c.head == "mlm":
             self.mlm = MLMHead(c.n_embd, c.vocab_size, c.activation, c.norm_eps)
-        if c.head in ("classify", "pooler") or c.nsp:  # only what is used is built: no pooler for mlm alone or none
-            self.pooler = nn.Linear(c.n_embd, c.n_embd)  # W_p
+        # only what is used is built: no pooler for mlm alone or none
+        self.pooler = nn.Linear(c.n_embd, c.n_embd) if c.head in ("classify", "pooler") or c.nsp else None  # W_p
         if c.nsp:
             self.nsp_head = nn.Linear(c.n_embd, 2)  # W_nsp
         if c.head == "classify":
@@ -164,7 +164,7 @@ class BERT(nn.Module, TrainedModel):
             x, routing = block(x, padding_mask=padding_mask, prefix_kv=prefix_kv[i] if prefix_kv else None)  # (B, T, C)
             if routing is not None:
                 routings[f"moe_block{i}"] = routing
-        pooled = torch.tanh(self.pooler(x[:, 0])) if hasattr(self, "pooler") else None  # (B, C) from [CLS]
+        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None  # (B, C) from [CLS]
 
         logits, loss, masked_logits = None, None, None
         if self.config.head == "mlm" and labels is None:

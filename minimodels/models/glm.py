@@ -70,6 +70,7 @@ class GLMOutput:
     logits: torch.Tensor  # (B, T, vocab_size); logits[:, t] scores labels[:, t] (no shift)
     loss: torch.Tensor | None = None  # cross-entropy (nats) over the Part B targets, when labels are given
     past_key_values: list[KVCache] | None = None  # one (k, v) per layer when use_cache=True
+    metrics: dict[str, torch.Tensor] | None = None  # none: nothing to log beyond the loss
 
 
 def glm_attention_mask(part_a_len: torch.Tensor, t_q: int, t_k: int) -> torch.Tensor:

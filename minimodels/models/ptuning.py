@@ -70,6 +70,7 @@ class PTuningConfig:
 class PTuningOutput:
     logits: torch.Tensor  # (B, V): the LM's scores for each example's object slot; without labels (B, T, V)
     loss: torch.Tensor | None = None  # mean cross-entropy of the objects (nats), when labels are given
+    metrics: dict[str, torch.Tensor] | None = None  # none: nothing to log beyond the loss
 
 
 BACKBONES = {"bert": (BERTConfig, BERT), "gpt": (GPTConfig, GPT)}  # the LMs P-tuning drives: config, model class

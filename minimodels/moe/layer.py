@@ -32,7 +32,7 @@ import torch.nn as nn
 from minimodels.moe.gates import build_gate
 from minimodels.moe.all_to_all import run_experts_parallel
 from minimodels.moe.routing import Routing
-from minimodels.nn.feedforward import MLP
+from minimodels.nn.feedforward import MLP, FeedForward
 
 
 def build_experts(expert, num_experts: int, d_model: int, d_ff: int | None) -> nn.ModuleList:
@@ -56,7 +56,7 @@ def build_experts(expert, num_experts: int, d_model: int, d_ff: int | None) -> n
     raise TypeError(f"MoE: expert must be None, an nn.Module, a callable or a list of modules, got {type(expert)}")
 
 
-class MoE(nn.Module):
+class MoE(nn.Module, FeedForward):
     """A mixture-of-experts feed-forward layer.
 
     gate: a name for build_gate ("topk", "noisy_topk", "switch", "gshard", "expert_choice") built with

@@ -19,17 +19,17 @@ from __future__ import annotations
 import torch.nn as nn
 
 from minimodels.nn.attention import KVCache, MultiHeadAttention
-from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS
+from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS, FeedForward
 from minimodels.nn.norm import build_norm
 
 ATTN_IMPLS = ("auto", "manual", "sdpa")
 
 
-def feed_forward(ffn: nn.Module, x, padding_mask=None, dropless: bool = False):
+def feed_forward(ffn: FeedForward, x, padding_mask=None, dropless: bool = False):
     """ffn(x) as (y, routing): routing is the MoE layer's Routing, or None for a dense FFN. A module that
     routes tokens (routes_tokens = True, the MoE layer) also gets the padding mask (padding is not routed)
     and dropless (route without capacity)."""
-    out = ffn(x, padding_mask=padding_mask, dropless=dropless) if getattr(ffn, "routes_tokens", False) else ffn(x)
+    out = ffn(x, padding_mask=padding_mask, dropless=dropless) if ffn.routes_tokens else ffn(x)
     return out if isinstance(out, tuple) else (out, None)
 
 
@@ -63,9 +63,8 @@ class PreLNBlock(nn.Module):
         attn = dict(d_head=d_head, bias=bias, dropout=dropout, scaled=scaled, impl=attn_impl)
         self.ln1 = build_norm(norm, d_model, norm_eps, bias)
         self.attn = MultiHeadAttention(d_model, n_head, causal=causal, **attn)
-        if cross_attention:
-            self.ln_cross = build_norm(norm, d_model, norm_eps, bias)
-            self.cross_attn = MultiHeadAttention(d_model, n_head, cross=True, **attn)
+        self.ln_cross = build_norm(norm, d_model, norm_eps, bias) if cross_attention else None
+        self.cross_attn = MultiHeadAttention(d_model, n_head, cross=True, **attn) if cross_attention else None
         self.ln2 = build_norm(norm, d_model, norm_eps, bias)
         self.ffn = ffn
 
@@ -77,7 +76,7 @@ class PreLNBlock(nn.Module):
         a, present = self.attn(self.ln1(x), padding_mask=padding_mask, position_bias=position_bias,
                                past_kv=past_kv[:2] if past_kv else None, use_cache=use_cache, attn_mask=attn_mask)
         x = x + a
-        if hasattr(self, "cross_attn"):
+        if self.cross_attn is not None:
             a, cross = self.cross_attn(self.ln_cross(x), memory=memory, padding_mask=memory_mask,
                                        past_kv=past_kv[2:] if past_kv else None, use_cache=use_cache)
             x = x + a

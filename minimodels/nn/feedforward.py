@@ -10,6 +10,8 @@ experts are copies of this module (minimodels/moe/config.py).
 
 from __future__ import annotations
 
+from typing import ClassVar, Protocol
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -26,7 +28,14 @@ def _activation(name: str):
     return ACTIVATIONS[name]
 
 
-class MLP(nn.Module):
+class FeedForward(Protocol):
+    """A block's feed-forward module (minimodels/nn/block.py feed_forward): forward(x) -> y, or, for a module that
+    routes tokens (a mixture of experts, minimodels/moe/layer.py), forward(x, padding_mask, dropless) -> (y, routing)."""
+
+    routes_tokens: ClassVar[bool] = False
+
+
+class MLP(nn.Module, FeedForward):
     """Two linear layers with an activation between: d_model -> d_ff -> d_model."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0, bias: bool = True):
@@ -40,7 +49,7 @@ class MLP(nn.Module):
         return self.dropout(self.proj(self.act(self.fc(x))))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(nn.Module, FeedForward):
     """A gated linear unit: the activated gate x W_g multiplies the linear path x W_1 element-wise."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu_tanh", dropout: float = 0.0, bias: bool = False):

@@ -23,12 +23,16 @@ import torch
 from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
 from minimodels.data import TASKS, Tokenizer, build_task
 from minimodels.models import build_model
+from minimodels.models.inherit import Inheritance
 from minimodels.moe.parallel import expert_shards
+from minimodels.protocols import TrainedModel
 from minimodels.train.checkpoint import (RunFolderError, checkpoint_dirs, latest_checkpoint, load_pretrained, load_weights,
                                          set_aside)
+from minimodels.train.device import resolve_device
 from minimodels.train.distributed import World, close_world, init_world
+from minimodels.train.metrics import MetricsLog
 from minimodels.train.plot import plot_metrics, plot_shares
-from minimodels.train.trainer import MetricsLog, Trainer, resolve_device
+from minimodels.train.trainer import Trainer
 
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt", "checkpoints")
 
@@ -37,7 +41,7 @@ def prepare(cfg: ExperimentConfig, run_dir: Path):
     """Build the task (corpus + tokenizer) and fill what the model config takes from the data (vocab_size)."""
     fill_backbone(cfg)
     seq_len = cfg.data.seq_len or getattr(cfg.model, "block_size", None)
-    if seq_len is None and getattr(TASKS.get(cfg.data.task), "needs_seq_len", True):  # kb_probe builds its own
+    if seq_len is None and TASKS[cfg.data.task].needs_seq_len:  # kb_probe builds its own
         raise ConfigError(f"data.seq_len: must be set for model.arch={cfg.model.arch} (it has no block_size)")
     task = build_task(cfg.data, seq_len, run_dir / "tokenizer.json")
     for key, value in task.model_overrides().items():
@@ -107,18 +111,21 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
     except ValueError as e:  # e.g. "model.moe.num_experts: 6 experts cannot be split evenly over 4 processes"
         raise ConfigError(str(e)) from None
     if not resume:
-        for name, source in init_sources(model, cfg.model):
+        for name, source in init_sources(model):
             init_from_run(model.get_submodule(name), Path(source), run_dir, quiet)
     if world.main:
         save_config(cfg, run_dir / "config.yaml")
-    teacher = load_teacher(Path(cfg.train.teacher.run), run_dir, cfg.train.device, world) if cfg.train.teacher else None
-    trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet, world=world, teacher=teacher)
+    objective = None  # the training steps call the model itself, or with train.teacher the model with its teacher
+    if cfg.train.teacher:
+        teacher = load_teacher(Path(cfg.train.teacher.run), run_dir, cfg.train.device, world)
+        objective = Inheritance(model, teacher, cfg.train.teacher)
+    trainer = Trainer(model, task, cfg.train, run_dir, quiet=quiet, world=world, objective=objective)
     if resume:
         ckpt = load_intact(trainer, run_dir)
         if not quiet:
             print(f"resumed {run_dir} from {ckpt.name} (step {trainer.step} of {cfg.train.max_steps})")
     else:
-        baseline = task.unigram_baseline() if hasattr(task, "unigram_baseline") else {}
+        baseline = task.unigram_baseline()
         if baseline and world.main:  # what a model that ignores context scores, logged as step 0 for comparison
             MetricsLog(run_dir / "metrics.jsonl").write(step=0, **{f"unigram_{k}": v for k, v in baseline.items()})
         if not quiet:
@@ -134,9 +141,8 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
     metrics = trainer.fit()
     train_time = time.perf_counter() - fit_start
     text = None
-    # the sample: rank 0, or every process when the model is sharded over them (its forward is collective)
-    if cfg.output.sample_tokens > 0 and hasattr(task, "sample") and hasattr(model, "generate") \
-            and (world.main or trainer.shards or trainer.fsdp):
+    # the sample (None when the task has none): rank 0, or every process when the model is spread over them
+    if cfg.output.sample_tokens > 0 and (world.main or trainer.parallel.collective_forward):
         text = task.sample(model, cfg.output.sample_prompt, cfg.output.sample_tokens,
                            generator=torch.Generator(trainer.device).manual_seed(cfg.train.seed))
     if not world.main:
@@ -172,13 +178,11 @@ def load_intact(trainer: Trainer, run_dir: Path) -> Path:
     raise RunFolderError(f"{damaged[0][1]}; no older checkpoint in {run_dir / 'checkpoints'} to resume from")
 
 
-def init_sources(model, config) -> list[tuple[str, str]]:
-    """(submodule name, pretraining run folder) pairs to start from: model.init_from for the whole model
-    (name ""), or the parts a model names in `pretrained_parts()` (BriVL: its BERT from model.text.init_from;
-    P-tuning: its frozen LM from model.init_from)."""
-    if hasattr(model, "pretrained_parts"):
-        return [(name, source) for name, source in model.pretrained_parts().items() if source]
-    return [("", config.init_from)] if getattr(config, "init_from", None) else []
+def init_sources(model: TrainedModel) -> list[tuple[str, str]]:
+    """(submodule name, pretraining run folder) pairs to start from: the parts a model names in
+    `pretrained_parts()`, by default the whole model (name "") from model.init_from (BriVL: its BERT from
+    model.text.init_from; P-tuning: its frozen LM from model.init_from)."""
+    return [(name, source) for name, source in model.pretrained_parts().items() if source]
 
 
 def init_from_run(model, source: Path, run_dir: Path, quiet: bool = False) -> None:
