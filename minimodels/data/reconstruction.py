@@ -1,0 +1,79 @@
+"""The shapes pictures alone, for the image tokenizer (models/vqvae.py).
+In a config: `data: {source: shapes, task: image_reconstruction}` (configs/vqvae.yaml).
+
+train: the N_TRAIN train scenes of data/shapes.py, which never hold an UNSEEN colour–shape pair; val: the
+gallery (all pairs), so `unseen_mse` tells whether the tokenizer draws pairs it never saw. A batch is
+{"images": (B, 3, H, W) floats in [-1, 1]}. The run still trains a tokenizer on the captions (build_task does
+for every run); the model reads no text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from minimodels.data.config import DataConfig
+from minimodels.data.corpus import DataError
+from minimodels.data.shapes import N_TRAIN, UNSEEN, shapes_splits, to_uint8, to_unit_range
+from minimodels.data.tokenizer import Tokenizer
+from minimodels.models.vqvae import codebook_usage, psnr
+from minimodels.protocols import TextTask
+
+N_PICTURES = 12  # gallery images in reconstructions.png
+
+
+class ImageReconstructionTask(TextTask):
+    """Metrics over the whole val split: val_loss, val_mse (per pixel and channel, in [-1, 1] units), val_psnr
+    (of that MSE), val_perplexity and val_dead_codes (the share of codes no val latent picks), unseen_mse (the
+    val scenes holding an UNSEEN pair)."""
+
+    archs = ("vqvae",)  # the model.arch values whose forward takes these batches (checked by load_config)
+    needs_seq_len = False  # an example is a picture
+
+    def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int | None, cfg: DataConfig | None = None):
+        if cfg is not None and cfg.source != "shapes":
+            raise DataError(f"data.source: the image_reconstruction task draws its own scenes; needs shapes, got {cfg.source!r}")
+        self.tokenizer = tokenizer
+        splits = shapes_splits(N_TRAIN)
+        self.train = splits["train"].images  # (N, 3, H, W) uint8: example i is one picture
+        gallery = splits["gallery"]
+        self.val = gallery.images
+        self.unseen = torch.tensor([any((o.colour, o.shape) in UNSEEN for o in s) for s in gallery.scenes])
+
+    def model_overrides(self) -> dict:
+        return {}  # no vocabulary: the model's image vocabulary is model.codebook_size
+
+    def collate(self, examples: list[Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return {"images": to_unit_range(torch.stack(examples))}
+
+    @torch.no_grad()
+    def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
+        errors, losses = [], []  # per image: mean squared error; per batch: the loss
+        counts = torch.zeros(model.config.codebook_size)  # (K,) how often each code was picked
+        for batch in batches:
+            out = model(**batch)
+            errors.append((out.reconstructions.float() - batch["images"]).pow(2).mean((1, 2, 3)).cpu())  # (B,)
+            losses.append(out.loss.item())
+            counts += torch.bincount(out.ids.flatten().cpu(), minlength=len(counts))
+        if not losses:
+            raise ValueError("evaluate got no batches")
+        errors = torch.cat(errors)  # (N,): every image has the same number of pixels, so the mean is the MSE
+        mse = errors.mean()
+        perplexity, dead = codebook_usage(counts)
+        unseen = self.unseen[:len(errors)]
+        return {"val_loss": sum(losses) / len(losses), "val_mse": mse.item(), "val_psnr": psnr(mse).item(),
+                "val_perplexity": perplexity.item(), "val_dead_codes": dead.item(),
+                "unseen_mse": errors[unseen].mean().item()}
+
+    @torch.no_grad()
+    def pictures(self, model) -> dict[str, list[tuple[str, Tensor]]]:
+        """reconstructions.png: the first N_PICTURES gallery images above their reconstructions."""
+        originals = self.val[:N_PICTURES]
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        decoded = model.decode(model.encode(to_unit_range(originals).to(device))).cpu()
+        model.train(was_training)
+        return {"reconstructions": [("original", originals), ("reconstruction", to_uint8(decoded))]}
