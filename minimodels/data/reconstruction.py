@@ -16,7 +16,8 @@ from torch import Tensor
 
 from minimodels.data.config import DataConfig
 from minimodels.data.corpus import DataError
-from minimodels.data.shapes import N_TRAIN, UNSEEN, shapes_splits, to_uint8, to_unit_range
+from minimodels.data import shapes
+from minimodels.data.shapes import UNSEEN, to_uint8, to_unit_range
 from minimodels.data.tokenizer import Tokenizer
 from minimodels.models.vqvae import codebook_usage, psnr
 from minimodels.protocols import TextTask
@@ -36,7 +37,7 @@ class ImageReconstructionTask(TextTask):
         if cfg is not None and cfg.source != "shapes":
             raise DataError(f"data.source: the image_reconstruction task draws its own scenes; needs shapes, got {cfg.source!r}")
         self.tokenizer = tokenizer
-        splits = shapes_splits(N_TRAIN)
+        splits = shapes.shapes_splits(shapes.N_TRAIN)
         self.train = splits["train"].images  # (N, 3, H, W) uint8: example i is one picture
         gallery = splits["gallery"]
         self.val = gallery.images
