@@ -165,3 +165,29 @@ def test_reconstruction_pictures_are_the_gallery_above_its_reconstructions(monke
     model.eval()
     expected = shapes.to_uint8(model(shapes.to_unit_range(originals)).reconstructions)
     assert torch.equal(decoded, expected)
+
+
+def test_evaluate_of_a_perfect_reconstructor(monkeypatch):
+    """A model that hands back its input and picks codes 0 and 1 alike: val_mse 0, the parser's own rate on the
+    originals as val_parsed, perplexity 2 with 2 of 4 codes dead."""
+    from types import SimpleNamespace
+
+    from minimodels.data.reconstruction import ImageReconstructionTask
+    from minimodels.data.scene_parser import parse_scene, same_scene
+    from minimodels.train.trainer import val_batches
+
+    monkeypatch.setattr(shapes, "N_TRAIN", 64)
+    task = ImageReconstructionTask(None, {}, None)
+
+    class Identity:
+        config = SimpleNamespace(codebook_size=4)
+
+        def __call__(self, images):
+            ids = torch.arange(len(images) * 4).view(-1, 2, 2) % 2  # (B, 2, 2): codes 0 and 1, equally often
+            return SimpleNamespace(loss=torch.tensor(0.0), reconstructions=images, ids=ids)
+
+    m = task.evaluate(Identity(), val_batches(task, 50, max_batches=4))  # the first 200 gallery scenes
+    originals = [same_scene(parse_scene(image), scene) for image, scene in zip(task.val[:200], task.val_scenes)]
+    assert m["val_mse"] == 0 and m["unseen_mse"] == 0 and math.isinf(m["val_psnr"])
+    assert m["val_parsed"] == pytest.approx(sum(originals) / 200) and m["val_parsed"] >= 0.97
+    assert m["val_perplexity"] == pytest.approx(2.0) and m["val_dead_codes"] == 0.5

@@ -4,7 +4,9 @@ The pictures are procedural: solid palette colours (each object's jittered by at
 shapes, two sizes, a noisy dark background, objects at least a pixel apart. So a few rules recover the scene:
 
 1. colour segmentation: each pixel takes the nearest of the palette colours and the background's mean colour;
-2. connected components of each colour (4-neighbours): one per object;
+2. connected components of each colour (4-neighbours): one per object. A component of fewer pixels than half the
+   smallest shape (a small triangle, 2 * 3.5^2 ~ 24) is not an object: a decoder's blurred edge between a colour
+   and the background passes through other palette colours (a VQ-VAE reconstruction's, a generated picture's);
 3. size from the area: the largest small shape is a circle (pi 3.5^2 ~ 38 pixels), the smallest large one a
    triangle (2 * 6^2 = 72 pixels);
 4. shape from the component's geometry (the fill is its area over its bounding box's):
@@ -30,6 +32,7 @@ from minimodels.data.shapes import COLOURS, SIZES, Object, relation
 BACKGROUND = (30, 30, 30)  # the mean of the background noise (shapes.draw)
 PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=float)  # (1 + C, 3); index 0 is the background
 COLOUR_NAMES = (None, *COLOURS)
+MIN_AREA = SIZES["small"] ** 2  # pixels: half a small triangle's; smaller components are not objects
 LARGE_AREA = (math.pi * SIZES["small"] ** 2 + 2 * SIZES["large"] ** 2) / 2  # pixels: a larger component is large
 SQUARE_FILL = 0.95  # a square fills its box (up to the odd pixel)
 CIRCLE_FILL = 0.68  # between the diamonds' <= 0.63 and the circles' >= 0.73
@@ -85,7 +88,7 @@ def read_object(colour: str, region: list[tuple[int, int]]) -> Object:
 def parse_scene(image: Tensor | np.ndarray) -> tuple[Object, ...]:
     """image (3, H, W) uint8 -> the objects drawn in it, in the order of their first pixel (row by row)."""
     labels = segment(np.asarray(image))
-    return tuple(read_object(COLOUR_NAMES[label], region) for label, region in components(labels))
+    return tuple(read_object(COLOUR_NAMES[label], region) for label, region in components(labels) if len(region) >= MIN_AREA)
 
 
 def same_scene(a: tuple[Object, ...], b: tuple[Object, ...]) -> bool:
