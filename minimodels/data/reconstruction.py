@@ -24,7 +24,6 @@ from minimodels.data.scene_parser import parse_scene, same_scene
 from minimodels.data import shapes
 from minimodels.data.shapes import UNSEEN, to_uint8, to_unit_range
 from minimodels.data.tokenizer import Tokenizer
-from minimodels.models.vqvae import codebook_usage, psnr
 from minimodels.protocols import TextTask
 
 N_PICTURES = 12  # gallery images in reconstructions.png
@@ -69,9 +68,9 @@ class ImageReconstructionTask(TextTask):
             raise ValueError("evaluate got no batches")
         errors = torch.cat(errors)  # (N,): every image has the same number of pixels, so the mean is the MSE
         mse = errors.mean()
-        perplexity, dead = codebook_usage(counts)
+        perplexity, dead = model.codebook_usage(counts)
         unseen = self.unseen[:len(errors)]
-        return {"val_loss": sum(losses) / len(losses), "val_mse": mse.item(), "val_psnr": psnr(mse).item(),
+        return {"val_loss": sum(losses) / len(losses), "val_mse": mse.item(), "val_psnr": model.psnr(mse).item(),
                 "val_perplexity": perplexity.item(), "val_dead_codes": dead.item(),
                 "unseen_mse": errors[unseen].mean().item(), "val_parsed": sum(parsed) / len(parsed)}
 

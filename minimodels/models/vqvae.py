@@ -226,6 +226,10 @@ class Codebook(nn.Module):
 
 
 class VQVAE(nn.Module, TrainedModel):
+    # the metric functions, for the image_reconstruction task to score the whole val split with (data never imports models)
+    psnr = staticmethod(psnr)
+    codebook_usage = staticmethod(codebook_usage)
+
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         config.validate()
