@@ -59,7 +59,8 @@ TINY = {
     "ptuning_bert": ("data.kb_documents=2",),
     "clip": TOWERS,
     "brivl": TOWERS + ("model.contrastive.queue_size=8",),
-    "vqvae": ("model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4"),
+    "vqvae": ("model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4",
+              "model.restart_below=0.995"),  # the codes no latent picks restart at every step
 }
 
 # Evaluation collates the val split in batches of train.batch_size, each with its own generator: random collators
