@@ -27,7 +27,8 @@ Why EMA: each code moves to the mean of its latents at a rate set by gamma alone
 loss, the codes would follow the trainer's learning rate schedule and AdamW's weight decay would pull every code
 towards 0; as buffers the optimizer never sees them.
 
-Codes that no latent picks never move: they die (here ~90% of 256 codes within 300 steps, perplexity ~8). A dead
+Codes that no latent picks never move: they die (configs/vqvae.yaml with restart_below 0: 88% of the 256 codes
+unused on the gallery after 300 steps, perplexity 7.8; with restarts 2.7% and 24.4, none by step 1500). A dead
 code restarts: once its N_j falls below model.restart_below it moves onto the latent the codebook fits worst, as
 if it had picked that one latent (N_j = 1, m_j = z). Jukebox (Dhariwal et al. 2020) restarts on random latents; the
 worst-fit ones do not depend on the order of the batch's rows (see `Codebook.restart`).
