@@ -70,6 +70,11 @@ class TextTask(Protocol):
         """Model config values the data decides, used where the YAML leaves them null. Default: the vocabulary size."""
         return {"vocab_size": self.tokenizer.vocab_size}
 
+    def pictures(self, model) -> dict[str, list[tuple[str, Any]]]:
+        """Pictures of what the trained model does, which a run draws into <output.dir>/<name>.png (output.plot):
+        {name: [(row label, images (N, 3, H, W) uint8), ...]}, one row of images per entry. Default: none."""
+        return {}
+
     @staticmethod
     def generate(model, tokenizer, request: Generation) -> str:
         """`minimodels generate`: what the run's model writes for request.prompt, as printed. A static method:

@@ -81,6 +81,7 @@ RUNS = {
     "ptuning_bert": Run("configs/ptuning_bert.yaml", started_from("kb_bert"), ("kb_bert",)),
     "ptuning_gpt": Run("configs/ptuning_gpt.yaml", started_from("kb_gpt"), ("kb_gpt",)),
     "glm": Run("configs/glm.yaml"),
+    "vqvae": Run("configs/vqvae.yaml"),
     **{f"gate_{name}": Run("configs/switch_gpt.yaml", GATE_BUDGET + gate) for name, gate in GATES.items()},
     "gate_dense": Run("configs/gpt.yaml", GATE_BUDGET),  # also the dense run the upcycling row starts from
     "upcycle_dense": Run("configs/gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
@@ -197,6 +198,13 @@ def brivl_numbers(run: str):
     return lambda runs: {"t2i_r1": final(runs, run, "t2i_r1"), "chance_r1": final(runs, run, "chance_r1")}
 
 
+def vqvae_numbers(runs: Path) -> dict:
+    """The final reconstruction and codebook metrics on the gallery, the codebook's size and the token grid's side."""
+    numbers = {k: final(runs, "vqvae", k) for k in ("val_mse", "val_psnr", "val_perplexity", "val_dead_codes", "val_parsed")}
+    model = yaml.safe_load((runs / "vqvae" / "config.yaml").read_text())["model"]
+    return numbers | {"codebook_size": model["codebook_size"], "grid": model["image_size"] // model["downsample"]}
+
+
 def ptuning_cell(lm_name: str, pretrained: str, ptuned: str):
     return lambda n: (f"P@1 on held-out facts: {lm_name} **{100 * n['p_at_1']['ptuning']:.1f}** vs best manual prompt "
                       f"{100 * n['p_at_1']['best_manual']:.1f} (majority {100 * n['p_at_1']['majority']:.1f})"
@@ -280,6 +288,11 @@ ROWS = {
                lambda n: f"val loss {n['val_loss']:.3f} per Part B target{took(n, 'glm')}; on {n['blanks']} blanks in "
                f"held-out docstrings exact match {n['exact_match']['glm']:.3f}, BERT (told the length) "
                f"{n['exact_match']['bert_told']:.3f}, GPT {n['exact_match']['gpt']:.3f}"),
+    "vqvae": Row("VQ-VAE (CogView's image tokenizer)", "VQ-VAE on the shapes pictures: reconstruction of the held-out "
+                 "gallery and codebook usage", ("vqvae",), vqvae_numbers,
+                 lambda n: f"held-out gallery as {n['grid']}x{n['grid']} tokens: PSNR **{n['val_psnr']:.1f} dB** (MSE {n['val_mse']:.4f}), "
+                 f"codebook perplexity {n['val_perplexity']:.1f} of {n['codebook_size']} codes, {n['val_dead_codes']:.1%} dead"
+                 + part(", {:.1%} of the reconstructions parsed as their scene", n["val_parsed"]) + took(n, "vqvae")),
     "moe_gates": Row("Switch-GPT gates", "Switch-GPT with each gate (switch, topk k=1/2, noisy_topk, gshard) and the "
                      "dense GPT, 300 steps each: val_bpc, dropped slots, load entropy, tokens/s",
                      tuple(f"gate_{g}" for g in GATES) + ("gate_dense",),

@@ -10,7 +10,7 @@ promises to keep exact:
    and under FSDP2, or a one-line refusal.
 
 Fine-tuning and P-tuning configs start from a tiny pretraining run made first. The default run covers rows 1
-and 2 for gpt, bert, t5, brivl and switch_gpt; the rest is slow: python -m pytest -m slow tests/test_combinations.py
+and 2 for gpt, bert, t5, brivl, switch_gpt and vqvae; the rest is slow: python -m pytest -m slow tests/test_combinations.py
 """
 
 import json
@@ -30,7 +30,7 @@ from minimodels.train.checkpoint import checkpoint_dirs
 from minimodels.train.run import prepare, run
 
 CONFIGS = sorted(p.stem for p in Path("configs").glob("*.yaml"))
-DEFAULT = ("gpt", "bert", "t5", "brivl", "switch_gpt")  # in the default run; the others are slow
+DEFAULT = ("gpt", "bert", "t5", "brivl", "switch_gpt", "vqvae")  # in the default run; the others are slow
 PRETRAINING = {"bert_finetune": "bert", "t5_finetune": "t5", "ptuning_bert": "kb_bert", "ptuning_gpt": "kb_gpt"}
 
 B = 2  # the micro-batch of the accumulation and 2-process rows; the reference runs batch 2B
@@ -59,6 +59,8 @@ TINY = {
     "ptuning_bert": ("data.kb_documents=2",),
     "clip": TOWERS,
     "brivl": TOWERS + ("model.contrastive.queue_size=8",),
+    "vqvae": ("model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4",
+              "model.restart_below=0.995"),  # the codes no latent picks restart at every step
 }
 
 # Evaluation collates the val split in batches of train.batch_size, each with its own generator: random collators

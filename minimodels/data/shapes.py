@@ -306,6 +306,16 @@ def text_batch(tokenizer: Tokenizer, texts: list[str], seq_len: int) -> dict[str
     return {"input_ids": ids, "attention_mask": real.long()}
 
 
+def to_unit_range(images: Tensor) -> Tensor:
+    """Pixels as a model sees them: uint8 in [0, 255] -> floats in [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """to_unit_range undone: floats in [-1, 1] (clamped there) -> uint8 in [0, 255]."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def image_batch(images: Tensor, scenes: list[tuple[Object, ...]]) -> dict[str, Tensor]:
     """images (B, 3, H, W) uint8 -> floats in [-1, 1]; boxes (B, 3, 4) of the objects, box_mask (B, 3)."""
     boxes = torch.zeros(len(scenes), MAX_OBJECTS, 4)  # (B, R, 4)
@@ -313,7 +323,7 @@ def image_batch(images: Tensor, scenes: list[tuple[Object, ...]]) -> dict[str, T
         for r, o in enumerate(scene):
             boxes[b, r] = torch.tensor(o.box)
     box_mask = torch.arange(MAX_OBJECTS) < torch.tensor([len(s) for s in scenes])[:, None]  # (B, R)
-    return {"images": images.float() / 127.5 - 1, "boxes": boxes, "box_mask": box_mask}
+    return {"images": to_unit_range(images), "boxes": boxes, "box_mask": box_mask}
 
 
 class ShapesRetrievalTask(TextTask):

@@ -9,6 +9,7 @@ from minimodels.models.glm import GLM, GLMConfig
 from minimodels.models.gpt import GPT, GPTConfig
 from minimodels.models.ptuning import PTuning, PTuningConfig
 from minimodels.models.t5 import T5, T5Config
+from minimodels.models.vqvae import VQVAE, VQVAEConfig
 from minimodels.moe.parallel import shard_experts
 
 MODELS = {
@@ -18,6 +19,7 @@ MODELS = {
     "ptuning": (PTuningConfig, PTuning),
     "brivl": (BriVLConfig, BriVL),
     "glm": (GLMConfig, GLM),
+    "vqvae": (VQVAEConfig, VQVAE),
 }
 MODEL_CONFIGS = {name: cfg for name, (cfg, _) in MODELS.items()}
 
@@ -32,5 +34,5 @@ def build_model(config):
     return model
 
 
-__all__ = ["BERT", "BERTConfig", "BriVL", "BriVLConfig", "GLM", "GLMConfig", "GPT", "GPTConfig", "PTuning", "PTuningConfig", "T5", "T5Config",
+__all__ = ["BERT", "BERTConfig", "BriVL", "BriVLConfig", "GLM", "GLMConfig", "GPT", "GPTConfig", "PTuning", "PTuningConfig", "T5", "T5Config", "VQVAE", "VQVAEConfig",
            "MODELS", "MODEL_CONFIGS", "build_model"]

@@ -1,5 +1,6 @@
 """Plots from metrics.jsonl: loss.png (training and validation loss against steps), and one PNG per
-vector-valued metric, drawn as stacked shares over training (an MoE layer's load per expert: moe_block1_load.png)."""
+vector-valued metric, drawn as stacked shares over training (an MoE layer's load per expert: moe_block1_load.png);
+and rows of pictures a task hands over (the VQ-VAE's originals above reconstructions: reconstructions.png)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,21 @@ def plot_shares(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(run_dir / f"{name}.png")
     return paths
+
+
+def plot_image_rows(rows, out: str | Path) -> Path:
+    """rows: [(label, images (N, 3, H, W) uint8), ...] -> a PNG with one row of N images per entry, labelled."""
+    plt = pyplot()
+    cols = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols, 1.4 * len(rows)), squeeze=False)
+    for (label, images), row in zip(rows, axes):
+        for i, ax in enumerate(row):
+            if i < len(images):
+                ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")  # (H, W, 3)
+            ax.set(xticks=[], yticks=[])
+            ax.axis("on" if i < len(images) else "off")
+        row[0].set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)

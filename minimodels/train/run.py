@@ -6,6 +6,7 @@
                                   run() holds wall_time_s (the whole call) and train_time_s (Trainer.fit)
     <output.dir>/checkpoints/     step_XXXXXXXX/{model.safetensors, trainer.pt}
     <output.dir>/loss.png         loss curves (and <metric>.png for metrics logged as shares, e.g. MoE expert load)
+    <output.dir>/<name>.png       the task's pictures, e.g. reconstructions.png (the VQ-VAE's originals above reconstructions)
     <output.dir>/sample.txt       a text sample from the final model
 """
 
@@ -31,7 +32,7 @@ from minimodels.train.checkpoint import (RunFolderError, checkpoint_dirs, latest
 from minimodels.train.device import resolve_device
 from minimodels.train.distributed import World, close_world, init_world
 from minimodels.train.metrics import MetricsLog
-from minimodels.train.plot import plot_metrics, plot_shares
+from minimodels.train.plot import plot_image_rows, plot_metrics, plot_shares
 from minimodels.train.trainer import Trainer
 
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt", "checkpoints")
@@ -145,11 +146,15 @@ def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: b
     if cfg.output.sample_tokens > 0 and (world.main or trainer.parallel.collective_forward):
         text = task.sample(model, cfg.output.sample_prompt, cfg.output.sample_tokens,
                            generator=torch.Generator(trainer.device).manual_seed(cfg.train.seed))
+    # the task's pictures (the VQ-VAE's reconstructions): rank 0, or every process when the model is sharded
+    pictures = task.pictures(model) if cfg.output.plot and (world.main or trainer.parallel.collective_forward) else {}
     if not world.main:
         return metrics
     if cfg.output.plot:
         plot_metrics(run_dir)
         plot_shares(run_dir)
+        for name, rows in pictures.items():
+            plot_image_rows(rows, run_dir / f"{name}.png")
     if text is not None:
         (run_dir / "sample.txt").write_text(text)
         if not quiet:
