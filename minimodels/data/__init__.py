@@ -16,6 +16,7 @@ from minimodels.data.docstring_to_text import DocstringToNameTask, DocstringToPa
 from minimodels.data.kb import KBProbeTask, kb_corpus
 from minimodels.data.mlm import MaskedLMTask
 from minimodels.data.package_classification import PackageClassificationTask
+from minimodels.data.records import records_corpus
 from minimodels.data.shapes import ShapesRetrievalTask, shapes_corpus
 from minimodels.data.span_corruption import SpanCorruptionTask
 from minimodels.data.tasks import LMTask
@@ -32,6 +33,7 @@ GENERATED["kb"] = kb_corpus  # the synthetic knowledge base's facts as text (min
 TASKS["image_text"] = ShapesRetrievalTask  # BriVL / CLIP: image-caption retrieval
 GENERATED["shapes"] = shapes_corpus  # captions of procedurally drawn scenes (data/shapes.py)
 TASKS["blank_infilling"] = BlankInfillingTask  # GLM pretraining
+GENERATED["records"] = records_corpus  # order records whose blanks the text on both sides decides (data/records.py)
 
 __all__ = ["DataConfig", "DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
 
