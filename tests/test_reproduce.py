@@ -88,7 +88,7 @@ SMALL = {"gpt": GPT_SIZE + ["data.vocab_size=300"],  # GPT's and BERT's keys
          "t5": ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.vocab_size=300"],
          "brivl": GPT_SIZE + ["model.embed_dim=32", "model.text.n_layer=1", "model.text.n_embd=32", "model.text.n_head=2"],
          "ptuning": []}
-ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",
+ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "t5_records": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",
         "kb_gpt": "kb", "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning"}  # the others: "gpt"
 
 
