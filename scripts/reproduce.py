@@ -90,6 +90,7 @@ RUNS = {
     "ki_decay": student("gpt", 75, 300),
     "ki_bert_scratch": student("bert", 150, None),
     "ki_bert_decay": student("bert", 150, 600),
+    **{f"{arch}_records": Run(f"configs/{arch}_records.yaml") for arch in ("glm", "bert", "t5", "gpt")},
 }
 
 
@@ -157,13 +158,29 @@ def probed(ptuned: str):
     return lambda runs: {"p_at_1": script_json("probe.py", str(runs / ptuned))["mean"]}
 
 
-def infilled(runs: Path) -> dict:
-    """GLM's row: its final val loss, and scripts/infill.py's exact matches for GLM, BERT and GPT on the same blanks.
-    (exact_match.bert_not_told and .t5 need the both-sides benchmark, not in the repo yet: absent.)"""
-    table = script_json("infill.py", *(str(runs / r) for r in ("glm", "bert", "gpt")))
-    em = {name: table["runs"][str(runs / r)]["exact_match"]["all"] for name, r in
-          (("glm", "glm"), ("bert_told", "bert"), ("gpt", "gpt"))}
-    return {"val_loss": final(runs, "glm", "val_loss"), "blanks": table["blanks"], "exact_match": em}
+def infilled(glm: str, bert: str, gpt: str, t5: str | None = None):
+    """Numbers of a GLM row: GLM's final val loss, and scripts/infill.py's exact matches on the same blanks for GLM,
+    BERT told and not told the length, GPT (and T5), overall and by the blank's length in words."""
+
+    def measure(runs: Path) -> dict:
+        named = {"glm": glm, "bert_told": bert, "gpt": gpt} | ({"t5": t5} if t5 else {})
+        table = script_json("infill.py", *(str(runs / r) for r in named.values()))
+        rows = {k: table["runs"][str(runs / r)] for k, r in named.items()} | {"bert_not_told": table["runs"][f"{runs / bert} (not told)"]}
+        return ({"val_loss": final(runs, glm, "val_loss"), "blanks": table["blanks"],
+                 "exact_match": {k: r["exact_match"]["all"] for k, r in rows.items()},
+                 "exact_match_by_words": {k: {n: em for n, em in r["exact_match"].items() if n != "all"} for k, r in rows.items()}}
+                | {k: v for k, v in table.items() if k == "left_only_chance"})
+    return measure
+
+
+def infill_table(n: dict) -> str:
+    """Exact match by the blank's length in words, a line per model."""
+    lengths = list(n["exact_match_by_words"]["glm"])
+    lines = ["| model | " + " | ".join(f"EM {k} word{'s' * (k != '1')}" for k in lengths) + " | EM all |",
+             "|---|" + "---:|" * (len(lengths) + 1)]
+    for model, by_words in n["exact_match_by_words"].items():
+        lines.append(f"| {model} | " + " | ".join(f"{by_words[k]:.3f}" for k in lengths) + f" | {n['exact_match'][model]:.3f} |")
+    return "\n".join(lines)
 
 
 def inherited(teacher: str, scratch: str, inherit: str):
@@ -284,7 +301,7 @@ ROWS = {
     "ptuning_gpt": Row("P-tuning (BERT / GPT frozen)", "P-tuning a frozen GPT (runs/kb_gpt): P@1 vs manual prompts",
                        ("ptuning_gpt",), probed("ptuning_gpt"), ptuning_cell("GPT", "kb_gpt", "ptuning_gpt")),
     "glm": Row("GLM (blank infilling)", "GLM: val loss, and exact match on held-out blanks against BERT and GPT",
-               ("glm", "bert", "gpt"), infilled,
+               ("glm", "bert", "gpt"), infilled("glm", "bert", "gpt"),
                lambda n: f"val loss {n['val_loss']:.3f} per Part B target{took(n, 'glm')}; on {n['blanks']} blanks in "
                f"held-out docstrings exact match {n['exact_match']['glm']:.3f}, BERT (told the length) "
                f"{n['exact_match']['bert_told']:.3f}, GPT {n['exact_match']['gpt']:.3f}"),
@@ -314,6 +331,15 @@ ROWS = {
     "inherit_bert": Row("Knowledge inheritance", "a BERT of width 384 learning from runs/bert vs from scratch: steps to "
                         "the teacher's val loss", ("ki_bert_scratch", "ki_bert_decay"),
                         inherited("bert", "ki_bert_scratch", "ki_bert_decay"), inherit_cell("BERT")),
+    "glm_records": Row("GLM (both-sides blanks)", "GLM, T5, BERT (told the length, and not) and GPT on held-out order "
+                       "records whose blanks the summary on their right restates: exact match",
+                       ("glm_records", "bert_records", "t5_records", "gpt_records"),
+                       infilled("glm_records", "bert_records", "gpt_records", "t5_records"),
+                       lambda n: f"{n['blanks']} blanks of 1-4 words in held-out records, decided by the text right of "
+                       f"them: exact match GLM **{n['exact_match']['glm']:.3f}** (not told the length), T5 "
+                       f"{n['exact_match']['t5']:.3f} (not told), BERT {n['exact_match']['bert_told']:.3f} told / "
+                       f"{n['exact_match']['bert_not_told']:.3f} not told, GPT (left context) {n['exact_match']['gpt']:.3f}; "
+                       f"left-only chance {n['left_only_chance']:.4f}", infill_table),
 }
 
 

@@ -88,7 +88,7 @@ SMALL = {"gpt": GPT_SIZE + ["data.vocab_size=300"],  # GPT's and BERT's keys
          "t5": ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.vocab_size=300"],
          "brivl": GPT_SIZE + ["model.embed_dim=32", "model.text.n_layer=1", "model.text.n_embd=32", "model.text.n_head=2"],
          "ptuning": []}
-ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",
+ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "t5_records": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",
         "kb_gpt": "kb", "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning"}  # the others: "gpt"
 
 
@@ -104,7 +104,9 @@ def test_every_row_runs_tiny_and_prints_its_numbers(row, tmp_path_factory):
     r = subprocess.run([sys.executable, "scripts/reproduce.py", row, *tiny, "--runs-dir", str(runs)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines()[-1].startswith(f"| {reproduce.ROWS[row].model} | ")
+    lines = r.stdout.splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith(f"| {reproduce.ROWS[row].model} | ")]
+    assert at and (at[-1] == len(lines) - 1 or reproduce.ROWS[row].table is not None)  # the row, then its table
     r = subprocess.run([sys.executable, "scripts/reproduce.py", row, *tiny, "--runs-dir", str(runs), "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "training" not in r.stderr, r.stderr[-2000:]

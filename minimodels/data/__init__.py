@@ -17,6 +17,7 @@ from minimodels.data.kb import KBProbeTask, kb_corpus
 from minimodels.data.mlm import MaskedLMTask
 from minimodels.data.package_classification import PackageClassificationTask
 from minimodels.data.reconstruction import ImageReconstructionTask
+from minimodels.data.records import records_corpus
 from minimodels.data.shapes import ShapesRetrievalTask, shapes_corpus
 from minimodels.data.span_corruption import SpanCorruptionTask
 from minimodels.data.tasks import LMTask
@@ -34,6 +35,7 @@ TASKS["image_text"] = ShapesRetrievalTask  # BriVL / CLIP: image-caption retriev
 GENERATED["shapes"] = shapes_corpus  # captions of procedurally drawn scenes (data/shapes.py)
 TASKS["blank_infilling"] = BlankInfillingTask  # GLM pretraining
 TASKS["image_reconstruction"] = ImageReconstructionTask  # VQ-VAE: the shapes pictures alone (data/reconstruction.py)
+GENERATED["records"] = records_corpus  # order records whose blanks the text on both sides decides (data/records.py)
 
 __all__ = ["DataConfig", "DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
 
