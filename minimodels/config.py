@@ -71,7 +71,7 @@ class TrainConfig:
     log_interval: int = 10  # write a train event to metrics.jsonl every N steps
     save_interval: int = 500  # checkpoint every N steps (and at the end)
     keep_last: int = 2  # checkpoints kept on disk
-    compile: bool = False  # torch.compile the model (costs ~15 s on first call)
+    compile: bool = False  # torch.compile the model (its first step compiles: ~50 s on 1 CPU thread, see README)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # options for torchrun (README)
     teacher: TeacherConfig | None = None  # knowledge inheritance: distil from this trained run; null = off
 

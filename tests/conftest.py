@@ -1,15 +1,24 @@
 """Helpers shared by the test files that train whole runs: scripts/train.py under plain python or torchrun,
-and what a run folder holds (its final weights, its logged losses)."""
+and what a run folder holds (its final weights, its logged losses). Tests marked `cuda` are skipped without a GPU."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from minimodels.train.checkpoint import checkpoint_dirs
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA GPU: on a machine without one they are skipped."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 def train_script(*args, nproc=1) -> subprocess.CompletedProcess:

@@ -41,7 +41,7 @@ def test_cached_forward_matches_full_forward():
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :7], use_cache=True)
-        step = model(ids[:, 7:], past_key_values=out.past_key_values)  # 5 new tokens on top of 7 cached
+        step = model(ids[:, 7:], cache=out.cache)  # 5 new tokens on top of 7 cached
     torch.testing.assert_close(step.logits, full[:, 7:], rtol=0, atol=1e-5)
 
 
@@ -56,6 +56,18 @@ def test_generation_with_and_without_cache_is_identical(impl):
     sampled = [model.generate(prompt, 30, top_k=10, use_cache=c, generator=torch.Generator().manual_seed(3))
                for c in (True, False)]
     assert torch.equal(sampled[0], sampled[1])
+
+
+def test_generate_feeds_the_newest_token_until_the_window_slides_then_the_whole_window():
+    """As generate's docstring says: the prompt once, then one token per step while the context fits in
+    block_size; past it, every step re-encodes the last block_size tokens."""
+    model = tiny_gpt()
+    fed = []  # tokens of each forward pass
+    model.tok_emb.register_forward_hook(lambda module, args, out: fed.append(args[0].size(1)))
+    T, n, bs = 5, 15, model.config.block_size
+    model.generate(torch.randint(0, 50, (2, T)), n, temperature=0)
+    cached = bs - T  # steps until the context holds block_size tokens
+    assert fed == [T] + [1] * cached + [bs] * (n - 1 - cached)
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face parity

@@ -417,8 +417,8 @@ def test_switch_gpt_generates_the_same_with_and_without_the_kv_cache():
     assert torch.equal(ids, model.generate(prompt, 8, top_k=1, use_cache=False))
     with torch.no_grad():
         assert all((r.expert_index < 0).any() for r in model(ids).routings)  # this capacity drops tokens
-        cache = model(ids[:, :-1], use_cache=True, dropless=True).past_key_values
-        step = model(ids[:, -1:], past_key_values=cache, use_cache=True, dropless=True).logits[:, -1]  # (B, V)
+        cache = model(ids[:, :-1], use_cache=True, dropless=True).cache
+        step = model(ids[:, -1:], cache=cache, use_cache=True, dropless=True).logits[:, -1]  # (B, V)
         torch.testing.assert_close(step, model(ids, dropless=True).logits[:, -1], rtol=0, atol=1e-5)
         assert not torch.allclose(step, model(ids).logits[:, -1], atol=1e-3)  # with the drops it would differ
 
@@ -439,7 +439,7 @@ def test_switch_t5_generates_the_same_with_and_without_the_kv_cache():
         assert any((r.expert_index < 0).any() for r in dropped)  # this capacity drops tokens in a forward pass
         memory, _ = model.encode(ids, dropless=True)
         cache = model.decode(out[:, :-1], memory, use_cache=True, dropless=True)[1]
-        step = model.decode(out[:, -1:], memory, past_key_values=cache, use_cache=True, dropless=True)[0][:, -1]
+        step = model.decode(out[:, -1:], memory, cache=cache, use_cache=True, dropless=True)[0][:, -1]
         torch.testing.assert_close(step, model.decode(out, memory, dropless=True)[0][:, -1], rtol=0, atol=1e-5)
         assert not torch.allclose(step, model.decode(out, memory)[0][:, -1], atol=1e-3)  # with the drops it would differ
 

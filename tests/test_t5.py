@@ -3,6 +3,7 @@ cross-attention cache, span corruption, attention directions, and a tiny pretrai
 
 import math
 import os
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub: HF models are built from configs
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from minimodels.config import DataConfig, load_config
 from minimodels.models.t5 import T5, T5Config
-from minimodels.nn import MultiHeadAttention, PreLNBlock, RelativePositionBias, build_ffn, relative_position_bucket
+from minimodels.nn import KV, MultiHeadAttention, PreLNBlock, RelativePositionBias, RMSNorm, build_ffn, relative_position_bucket
 
 V = 64  # vocabulary of the small test models
 
@@ -135,8 +136,8 @@ def test_cached_decoding_equals_uncached(tie):
         memory, _ = model.encode(ids, mask)
         full, _, _ = model.decode(model.shift_right(labels), memory, mask)
         first, cache, _ = model.decode(model.shift_right(labels)[:, :3], memory, mask, use_cache=True)
-        assert len(cache[0]) == 4  # (k, v) of self-attention, then (k, v) of cross-attention
-        rest, _, _ = model.decode(model.shift_right(labels)[:, 3:], memory, mask, past_key_values=cache)
+        assert cache[0].length == 3 and cache[0].cross_kv.k.size(2) == ids.size(1)  # 3 decoder tokens, S encoder ones
+        rest, _, _ = model.decode(model.shift_right(labels)[:, 3:], memory, mask, cache=cache)
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=0, atol=1e-5)
     greedy = [model.generate(ids, mask, max_new_tokens=12, use_cache=c) for c in (True, False)]
     assert greedy[0].shape == (2, 13) and torch.equal(greedy[0], greedy[1])
@@ -260,19 +261,21 @@ def test_cross_attention_cache():
     attn = MultiHeadAttention(16, 2, cross=True, bias=False).eval()
     x, memory = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
-    y, (k, v) = attn(x, memory=memory, padding_mask=mask, use_cache=True)
+    y, (k, v) = attn(x, memory=memory, padding_mask=mask)
     assert k.shape == v.shape == (2, 2, 5, 8)
-    y_cached, kv = attn(x, memory=None, padding_mask=mask, past_kv=(k, v), use_cache=True)
-    assert torch.equal(y_cached, y) and kv[0] is k  # the cache does not grow
+    y_cached, kv = attn(x, memory=None, padding_mask=mask, cache=KV(k, v))
+    assert torch.equal(y_cached, y) and kv.k is k  # the cache does not grow
     memory2 = memory.clone()
     memory2[1, 3:] = 100.0  # padded memory positions are never attended
     torch.testing.assert_close(attn(x, memory=memory2, padding_mask=mask)[0], y)
-    # in a decoder block the cache is (self k, self v, cross k, cross v); self-attention grows by one per step
-    block = PreLNBlock(16, 2, build_ffn("mlp", 16, 32, "relu", 0.0, False), bias=False, cross_attention=True,
-                       norm="rms", scaled=False).eval()
-    _, cache, _ = block(x, memory=memory, memory_mask=mask, use_cache=True)
-    _, cache2, _ = block(torch.randn(2, 1, 16), memory=None, memory_mask=mask, past_kv=cache, use_cache=True)
-    assert [t.size(2) for t in cache] == [3, 3, 5, 5] and [t.size(2) for t in cache2] == [4, 4, 5, 5]
+    # a decoder block's LayerCache: self-attention's keys and values grow by one per step, cross-attention's stay
+    block = PreLNBlock(MultiHeadAttention(16, 2, bias=False, causal=True, scaled=False),
+                       build_ffn("mlp", 16, 32, "relu", 0.0, False), partial(RMSNorm, 16),
+                       cross_attn=MultiHeadAttention(16, 2, bias=False, cross=True, scaled=False)).eval()
+    _, cache, _ = block(x, memory=memory, memory_mask=mask)
+    _, cache2, _ = block(torch.randn(2, 1, 16), memory=None, memory_mask=mask, cache=cache)
+    sizes = lambda c: [t.size(2) for t in (*c.self_kv, *c.cross_kv)]  # noqa: E731
+    assert sizes(cache) == [3, 3, 5, 5] and sizes(cache2) == [4, 4, 5, 5]
 
 
 # ---------------------------------------------------------------------------------------------- span corruption

@@ -17,13 +17,14 @@ Every position sees every other (no causal mask); padding is removed from attent
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import ACTIVATIONS, PostLNBlock, build_ffn, check_block_options, normal_init
+from minimodels.nn import ACTIVATIONS, LayerCache, MultiHeadAttention, PostLNBlock, build_ffn, check_block_options, normal_init
 from minimodels.protocols import TrainedModel
 
 HEADS = ("mlm", "classify", "pooler", "none")
@@ -111,12 +112,12 @@ class BERT(nn.Module, TrainedModel):
         self.seg_emb = nn.Embedding(c.type_vocab_size, c.n_embd)  # E_seg, sentence A / B
         self.emb_norm = nn.LayerNorm(c.n_embd, eps=c.norm_eps)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
-            PostLNBlock(c.n_embd, c.n_head, build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width: build_ffn(
-                            c.ffn, c.n_embd, width, c.activation, c.dropout, True)),
-                        dropout=c.dropout, causal=False, norm_eps=c.norm_eps, attn_impl=c.attn_impl)
-            for i in range(c.n_layer)
-        )
+        self.blocks = nn.ModuleList()
+        for i in range(c.n_layer):
+            ffn = build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width: build_ffn(
+                c.ffn, c.n_embd, width, c.activation, c.dropout, True))  # dense, or with model.moe an MoE layer
+            attn = MultiHeadAttention(c.n_embd, c.n_head, dropout=c.dropout, causal=False, impl=c.attn_impl)
+            self.blocks.append(PostLNBlock(attn, ffn, partial(nn.LayerNorm, c.n_embd, eps=c.norm_eps)))
         if c.head == "mlm":
             self.mlm = MLMHead(c.n_embd, c.vocab_size, c.activation, c.norm_eps)
         # only what is used is built: no pooler for mlm alone or none
@@ -131,7 +132,7 @@ class BERT(nn.Module, TrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 next_sentence_label: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> BERTOutput:
+                cache: list[LayerCache] | None = None) -> BERTOutput:
         """input_ids (B, T); attention_mask (B, T), 1 = real token, 0 = padding (Hugging Face convention);
         token_type_ids (B, T) segment ids, default all 0. labels: head mlm (B, T) with -100 where no token
         is predicted; head classify (B,) class ids. next_sentence_label (B,): 0 = B follows A, 1 = random B.
@@ -144,8 +145,8 @@ class BERT(nn.Module, TrainedModel):
 
         P-tuning (minimodels/models/ptuning.py) drives a frozen BERT through two more inputs: inputs_embeds
         (B, T, C) replaces the token embeddings E_tok[input_ids] (positions and segments are still added), and
-        prefix_kv, one (k, v) per block, each (B, nh, P, hs): P extra keys and values every position attends
-        to in that block's self-attention (P-tuning v2)."""
+        cache, one LayerCache per block whose keys and values, each (B, nh, P, hs), are P extra positions every
+        position attends to in that block's self-attention (P-tuning v2's prefixes)."""
         B, T = input_ids.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than model.block_size={self.config.block_size}")
@@ -156,12 +157,12 @@ class BERT(nn.Module, TrainedModel):
         x = tokens + self.pos_emb(pos) + self.seg_emb(token_type_ids)  # (B, T, C)
         x = self.drop(self.emb_norm(x))
         padding_mask = None if attention_mask is None else attention_mask.bool()  # (B, T), True = attend
-        if prefix_kv is not None:  # the prefix keys are always attended: (B, P + T)
+        if cache is not None:  # the prefix keys are always attended: (B, P + T)
             padding_mask = F.pad(torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask,
-                                 (prefix_kv[0][0].size(2), 0), value=True)
+                                 (cache[0].length, 0), value=True)
         routings = {}  # name -> Routing of each MoE block
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, padding_mask=padding_mask, prefix_kv=prefix_kv[i] if prefix_kv else None)  # (B, T, C)
+            x, routing = block(x, padding_mask=padding_mask, cache=cache[i] if cache else None)  # (B, T, C)
             if routing is not None:
                 routings[f"moe_block{i}"] = routing
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None  # (B, C) from [CLS]

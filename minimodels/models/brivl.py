@@ -44,6 +44,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minimodels.models.bert import BERT, BERTConfig
-from minimodels.nn import MLP, PreLNBlock, all_gather_no_grad, all_gather_with_grad, normal_init, rank_and_size
+from minimodels.nn import MLP, MultiHeadAttention, PreLNBlock, all_gather_no_grad, all_gather_with_grad, normal_init, rank_and_size
 from minimodels.protocols import TrainedModel
 
 KINDS = ("inbatch", "momentum_queue")
@@ -178,7 +179,9 @@ def crop_regions(fmap: torch.Tensor, boxes: torch.Tensor, grid: int) -> torch.Te
 
 
 def vit_block(c: BriVLConfig) -> PreLNBlock:
-    return PreLNBlock(c.n_embd, c.n_head, MLP(c.n_embd, 4 * c.n_embd, "gelu", c.dropout), dropout=c.dropout, causal=False)
+    ffn = MLP(c.n_embd, 4 * c.n_embd, "gelu", c.dropout)
+    attn = MultiHeadAttention(c.n_embd, c.n_head, dropout=c.dropout, causal=False)
+    return PreLNBlock(attn, ffn, partial(nn.LayerNorm, c.n_embd))
 
 
 class ImageTower(nn.Module):

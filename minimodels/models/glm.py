@@ -26,13 +26,14 @@ the data picks spans; the model treats them alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.models.gpt import gpt2_init
-from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, sample_next
+from minimodels.nn import LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, sample_next
 from minimodels.protocols import TrainedModel
 
 
@@ -69,7 +70,7 @@ class GLMConfig:
 class GLMOutput:
     logits: torch.Tensor  # (B, T, vocab_size); logits[:, t] scores labels[:, t] (no shift)
     loss: torch.Tensor | None = None  # cross-entropy (nats) over the Part B targets, when labels are given
-    past_key_values: list[KVCache] | None = None  # one (k, v) per layer when use_cache=True
+    cache: list[LayerCache] | None = None  # when use_cache=True: one per block, keys and values of every position
     metrics: dict[str, torch.Tensor] | None = None  # none: nothing to log beyond the loss
 
 
@@ -98,45 +99,47 @@ class GLM(nn.Module, TrainedModel):
         self.block_pos_emb = nn.Embedding(c.block_size + 2, c.n_embd)  # E_pos2: 0 in Part A, 1..len + 1 in a span
         self.drop = nn.Dropout(c.dropout)
         # causal=False: the mask comes from glm_attention_mask, half bidirectional and half causal
-        self.blocks = nn.ModuleList(
-            PreLNBlock(c.n_embd, c.n_head, build_ffn(c.ffn, c.n_embd, d_ff, c.activation, c.dropout, c.bias),
-                       bias=c.bias, dropout=c.dropout, causal=False, attn_impl=c.attn_impl, norm_eps=c.norm_eps)
-            for _ in range(c.n_layer)
-        )
-        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias)
+        norm = partial(nn.LayerNorm, c.n_embd, eps=c.norm_eps, bias=c.bias)  # a new LayerNorm at each call
+        self.blocks = nn.ModuleList()
+        for _ in range(c.n_layer):
+            ffn = build_ffn(c.ffn, c.n_embd, d_ff, c.activation, c.dropout, c.bias)
+            attn = MultiHeadAttention(c.n_embd, c.n_head, bias=c.bias, dropout=c.dropout, causal=False, impl=c.attn_impl)
+            self.blocks.append(PreLNBlock(attn, ffn, norm))
+        self.ln_f = norm()
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: scores against the token embeddings
         gpt2_init(self, c.n_layer)  # N(0, 0.02^2), residual output projections scaled by 1/sqrt(2 n_layer)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
                 part_a_len: torch.Tensor, labels: torch.Tensor | None = None,
-                past_key_values: list[KVCache] | None = None, use_cache: bool = False) -> GLMOutput:
+                cache: list[LayerCache] | None = None, use_cache: bool = False) -> GLMOutput:
         """input_ids (B, T) = [Part A; Part B] (right-padded); position_ids and block_position_ids (B, T) the two
         position ids; part_a_len (B,) the length of each row's Part A. labels (B, T): the token each position
         must predict (no shift: the data already put span + [eop] under [sop] + span), -100 in Part A and padding.
-        With past_key_values, input_ids are the newest tokens after the cached ones (generation)."""
+        With a cache (one LayerCache per block), input_ids are the newest tokens after the cached ones (generation);
+        use_cache: return the cache with them added."""
         T = input_ids.size(1)
         c = self.config
         p1_max, p2_max = int(position_ids.max()), int(block_position_ids.max())
         if p1_max >= c.block_size or p2_max > c.block_size + 1:
             raise ValueError(f"position ids reach {p1_max} (Part A) and {p2_max} (in a span); model.block_size="
                              f"{c.block_size} allows at most {c.block_size - 1} and {c.block_size + 1}")
-        past = past_key_values[0][0].size(2) if past_key_values else 0  # tokens already in the cache
+        past = cache[0].length if cache else 0  # tokens already in the cache
         # h_0 = E_tok[x] + E_pos1[p1] + E_pos2[p2]
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids) + self.block_pos_emb(block_position_ids)  # (B, T, C)
         x = self.drop(x)
         mask = glm_attention_mask(part_a_len, T, past + T)  # (B, T, past + T)
-        presents = [] if use_cache else None
+        new_cache = [] if use_cache else None
         for i, block in enumerate(self.blocks):
-            x, kv, _ = block(x, attn_mask=mask, past_kv=past_key_values[i] if past_key_values else None, use_cache=use_cache)
+            x, layer_cache, _ = block(x, attn_mask=mask, cache=cache[i] if cache else None)
             if use_cache:
-                presents.append(kv)
+                new_cache.append(layer_cache)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if labels is not None:
             # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return GLMOutput(logits=logits, loss=loss, past_key_values=presents)
+        return GLMOutput(logits=logits, loss=loss, cache=new_cache)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, mask_positions: list[int], sop_id: int, eop_id: int,
@@ -161,8 +164,8 @@ class GLM(nn.Module, TrainedModel):
 
         def step(ids: list[int], p1: list[int], p2: list[int], cache):
             as_tensor = lambda v: torch.tensor([v], device=device)  # noqa: E731  (1, n)
-            out = self(as_tensor(ids), as_tensor(p1), as_tensor(p2), part_a_len, past_key_values=cache, use_cache=True)
-            return out.logits[:, -1, :], out.past_key_values  # (1, V)
+            out = self(as_tensor(ids), as_tensor(p1), as_tensor(p2), part_a_len, cache=cache, use_cache=True)
+            return out.logits[:, -1, :], out.cache  # (1, V)
 
         _, cache = step(input_ids[0].tolist(), list(range(T)), [0] * T, None)  # Part A, bidirectional
         fills = []

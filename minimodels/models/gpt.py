@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import KVCache, PreLNBlock, build_ffn, check_block_options, normal_init, sample_next
+from minimodels.nn import (LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, normal_init,
+                           sample_next)
 from minimodels.protocols import TrainedModel
 
 
@@ -60,7 +62,7 @@ class GPTConfig:
 class GPTOutput:
     logits: torch.Tensor  # (B, T, vocab_size)
     loss: torch.Tensor | None = None  # cross-entropy (nats) over predicted tokens (+ the MoE losses), with labels
-    past_key_values: list[KVCache] | None = None  # one (k, v) per layer when use_cache=True
+    cache: list[LayerCache] | None = None  # when use_cache=True: one per block, keys and values of every position
     routings: list[Routing] | None = None  # with model.moe: the Routing of each MoE block, in block order
     metrics: dict[str, torch.Tensor] | None = None  # with model.moe: per-layer aux/z-loss, drops, load (logged)
 
@@ -76,30 +78,33 @@ class GPT(nn.Module, TrainedModel):
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)  # W_e
         self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # W_p
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
-            PreLNBlock(c.n_embd, c.n_head, build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width: build_ffn(
-                           c.ffn, c.n_embd, width, c.activation, c.dropout, c.bias)),
-                       bias=c.bias, dropout=c.dropout, causal=True, attn_impl=c.attn_impl, norm_eps=c.norm_eps)
-            for i in range(c.n_layer)
-        )
-        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias)
+        norm = partial(nn.LayerNorm, c.n_embd, eps=c.norm_eps, bias=c.bias)  # a new LayerNorm at each call
+        self.blocks = nn.ModuleList()
+        for i in range(c.n_layer):
+            ffn = build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width: build_ffn(
+                c.ffn, c.n_embd, width, c.activation, c.dropout, c.bias))  # dense, or with model.moe an MoE layer
+            attn = MultiHeadAttention(c.n_embd, c.n_head, bias=c.bias, dropout=c.dropout, causal=True, impl=c.attn_impl)
+            self.blocks.append(PreLNBlock(attn, ffn, norm))
+        self.ln_f = norm()
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
         gpt2_init(self, c.n_layer)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                past_key_values: list[KVCache] | None = None, use_cache: bool = False,
+                cache: list[LayerCache] | None = None, use_cache: bool = False,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 dropless: bool = False) -> GPTOutput:
         """input_ids (B, T). labels (B, T) follow the Hugging Face convention: the model shifts them, so
         logits[:, t] are scored against labels[:, t + 1]; -100 marks positions without a target.
         inputs_embeds (B, T, C), if given, replaces the token embeddings W_e[input_ids] (P-tuning's prompts).
+        cache: one LayerCache per block, the keys and values of the positions before input_ids (from an earlier
+        call with use_cache=True, or P-tuning v2's prefixes); use_cache: return them with input_ids' added.
         position_ids (T,) or (B, T): the positions whose embeddings W_p are added; None = the tokens follow the
         cached ones (past .. past + T - 1). P-tuning v2 passes 0 .. T - 1: its cache holds prefixes, not tokens.
         dropless: MoE blocks route every token, whatever their capacity (generate does)."""
         B, T = input_ids.shape
-        past = past_key_values[0][0].size(2) if past_key_values else 0  # keys and values already in the cache
+        past = cache[0].length if cache else 0  # positions already in the cache
         if position_ids is None:
             if past + T > self.config.block_size:
                 raise ValueError(f"sequence of {past + T} tokens is longer than "
@@ -110,13 +115,12 @@ class GPT(nn.Module, TrainedModel):
                              f"learns positions 0..{self.config.block_size - 1}")
         tokens = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         x = self.drop(tokens + self.pos_emb(position_ids))  # (B, T, C)
-        presents = [] if use_cache else None
+        new_cache = [] if use_cache else None
         routings = {}  # name -> Routing of each MoE block
         for i, block in enumerate(self.blocks):
-            x, kv, routing = block(x, past_kv=past_key_values[i] if past_key_values else None, use_cache=use_cache,
-                                   dropless=dropless)
+            x, layer_cache, routing = block(x, cache=cache[i] if cache else None, dropless=dropless)
             if use_cache:
-                presents.append(kv)
+                new_cache.append(layer_cache)
             if routing is not None:
                 routings[f"moe_block{i}"] = routing
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
@@ -127,7 +131,7 @@ class GPT(nn.Module, TrainedModel):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T); the last position has no target
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
-        return GPTOutput(logits=logits, loss=loss, past_key_values=presents, routings=list(routings.values()) or None,
+        return GPTOutput(logits=logits, loss=loss, cache=new_cache, routings=list(routings.values()) or None,
                          metrics=metrics)
 
     @torch.no_grad()
@@ -136,8 +140,10 @@ class GPT(nn.Module, TrainedModel):
                  use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """Extend input_ids (B, T) by up to max_new_tokens tokens; returns (B, T + new).
 
-        With the KV cache each step feeds only the newest token. Once the context reaches block_size the
-        window slides: the oldest token is dropped and the cache rebuilt, exactly as the uncached path.
+        With the KV cache each step feeds only the newest token, while the context fits in block_size. Beyond,
+        the window slides and every step re-encodes the last block_size tokens, as the uncached path does: the
+        positions are learned and absolute, so after a slide every token sits at a new position and no cached
+        key or value stays valid.
         MoE blocks route dropless: capacity = ceil(factor * T * k / E) counts the tokens of one forward pass,
         B in a cached step and B * T without the cache, so with capacity the two would drop different tokens."""
         if input_ids.size(1) > self.config.block_size:
@@ -147,10 +153,10 @@ class GPT(nn.Module, TrainedModel):
         idx, cache = input_ids, None
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= self.config.block_size:
-                out = self(idx[:, -1:], past_key_values=cache, use_cache=True, dropless=True)  # (B, 1, V)
+                out = self(idx[:, -1:], cache=cache, use_cache=True, dropless=True)  # (B, 1, V)
             else:  # first step, or the window slid: encode the last block_size tokens
                 out = self(idx[:, -self.config.block_size:], use_cache=use_cache, dropless=True)
-            cache = out.past_key_values
+            cache = out.cache
             next_id = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
             if eos_token_id is not None and bool((next_id == eos_token_id).all()):

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from minimodels.models.bert import BERT, BERTConfig
 from minimodels.models.gpt import GPT, GPTConfig
+from minimodels.nn import KV, LayerCache
 from minimodels.protocols import TrainedModel
 from minimodels.schema import build
 
@@ -145,7 +146,7 @@ class PTuning(nn.Module, TrainedModel):
         prefix = None
         if self.config.deep:
             per_layer = self.prefix[relation].unbind(1)  # L x (B, 2, nh, n, hs)
-            prefix = [tuple(kv.unbind(1)) for kv in per_layer]  # L x ((B, nh, n, hs) keys, (B, nh, n, hs) values)
+            prefix = [LayerCache(KV(*kv.unbind(1))) for kv in per_layer]  # L x keys and values, each (B, nh, n, hs)
         return self.score(input_ids, labels, attention_mask, emb, prefix)
 
     def score(self, input_ids, labels=None, attention_mask=None, inputs_embeds=None, prefix=None) -> PTuningOutput:
@@ -155,7 +156,7 @@ class PTuning(nn.Module, TrainedModel):
         if self.causal:
             # the prefixes are keys and values, not tokens: the real tokens keep positions 0 .. T - 1
             positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
-            out = self.backbone(input_ids, labels=labels, inputs_embeds=inputs_embeds, past_key_values=prefix,
+            out = self.backbone(input_ids, labels=labels, inputs_embeds=inputs_embeds, cache=prefix,
                                 position_ids=positions)
             logits = out.logits  # (B, T, V)
             if labels is not None:  # the object at position t is predicted by the logits at t - 1 (next-token shift)
@@ -163,7 +164,7 @@ class PTuning(nn.Module, TrainedModel):
                 logits = logits[torch.arange(len(labels)), target - 1]  # (B, V)
         else:
             out = self.backbone(input_ids, attention_mask=attention_mask, labels=labels, inputs_embeds=inputs_embeds,
-                                prefix_kv=prefix)
+                                cache=prefix)
             logits = out.logits if labels is None else out.masked_logits  # (B, T, V), or (B, V): one label per row
         if labels is not None and len(logits) != len(labels):
             raise ValueError(f"labels: expected one object per example, got {len(logits)} for {len(labels)} examples")

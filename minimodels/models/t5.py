@@ -21,13 +21,14 @@ Two versions, chosen by three config fields:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import (GatedMLP, KVCache, MLP, MultiHeadAttention, PreLNBlock, RelativePositionBias, RMSNorm,
+from minimodels.nn import (GatedMLP, LayerCache, MLP, MultiHeadAttention, PreLNBlock, RelativePositionBias, RMSNorm,
                            build_ffn, check_block_options, sample_next)
 from minimodels.protocols import TrainedModel
 
@@ -82,7 +83,7 @@ class T5Output:
     logits: torch.Tensor  # (B, T_dec, vocab_size)
     loss: torch.Tensor | None = None  # mean cross-entropy (nats) over labels != -100, when labels are given
     encoder_hidden_states: torch.Tensor | None = None  # (B, S, d_model), the encoder output h
-    past_key_values: list[KVCache] | None = None  # decoder cache, one (k, v, cross_k, cross_v) per layer
+    cache: list[LayerCache] | None = None  # with use_cache: the decoder's, one per block (self- and cross-attention)
     routings: list[Routing] | None = None  # with model.moe: the Routing of each MoE block, encoder then decoder
     metrics: dict[str, torch.Tensor] | None = None  # with model.moe: per-layer aux/z-loss, drops, load (logged)
 
@@ -98,37 +99,41 @@ class T5Stack(nn.Module):
         self.pos_bias = RelativePositionBias(c.n_head, bidirectional=not decoder, num_buckets=c.num_buckets,
                                              max_distance=c.max_distance)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
-            PreLNBlock(c.d_model, c.n_head, build_block_ffn(c.moe, i, c.d_model, c.d_ff, lambda width: build_ffn(
-                           c.ffn, c.d_model, width, c.activation, c.dropout, bias=False)),
-                       bias=False, dropout=c.dropout, causal=decoder, cross_attention=decoder, norm="rms",
-                       norm_eps=c.norm_eps, d_head=c.d_head, scaled=False, attn_impl=c.attn_impl)
-            for i in range(n_layer)
-        )
+        norm = partial(RMSNorm, c.d_model, eps=c.norm_eps)  # a new RMSNorm at each call
+        # no biases, and no 1/sqrt(d_head) (T5 folds it into the initialisation of W_Q)
+        make_attention = partial(MultiHeadAttention, c.d_model, c.n_head, d_head=c.d_head, bias=False, dropout=c.dropout,
+                            scaled=False, impl=c.attn_impl)
+        self.blocks = nn.ModuleList()
+        for i in range(n_layer):
+            ffn = build_block_ffn(c.moe, i, c.d_model, c.d_ff, lambda width: build_ffn(
+                c.ffn, c.d_model, width, c.activation, c.dropout, bias=False))  # dense, or with model.moe an MoE layer
+            attn = make_attention(causal=decoder)
+            self.blocks.append(PreLNBlock(attn, ffn, norm, cross_attn=make_attention(cross=True) if decoder else None))
         self.name = "dec" if decoder else "enc"
-        self.ln_f = RMSNorm(c.d_model, eps=c.norm_eps)
+        self.ln_f = norm()
 
-    def forward(self, x, padding_mask=None, memory=None, memory_mask=None, past_key_values=None, use_cache=False,
+    def forward(self, x, padding_mask=None, memory=None, memory_mask=None, cache=None, use_cache=False,
                 dropless=False):
         """x (B, T, C) embedded tokens. padding_mask (B, T) for the encoder; memory (B, S, C) and memory_mask
-        (B, S) for the decoder; past_key_values the decoder cache; dropless: MoE blocks route every token,
-        whatever their capacity. Returns ((B, T, C), cache or None, routings: name -> Routing of each MoE block)."""
+        (B, S) for the decoder; cache the decoder's list of LayerCache; dropless: MoE blocks route every token,
+        whatever their capacity. Returns ((B, T, C), the cache (with use_cache) or None, routings: name ->
+        Routing of each MoE block)."""
         T = x.size(1)
-        past = past_key_values[0][0].size(2) if past_key_values else 0  # decoder tokens already in the cache
+        past = cache[0].length if cache else 0  # decoder tokens already in the cache
         # B[h, i, j] = b_h(bucket(j - i)), computed once and added to the scores of every layer
         position_bias = self.pos_bias(T, past + T, x.device)  # (1, nh, T, past + T)
         x = self.drop(x)
-        presents = [] if use_cache else None
+        new_cache = [] if use_cache else None
         routings = {}
         for i, block in enumerate(self.blocks):
-            x, kv, routing = block(x, padding_mask=padding_mask, position_bias=position_bias, memory=memory,
-                                   memory_mask=memory_mask, past_kv=past_key_values[i] if past_key_values else None,
-                                   use_cache=use_cache, dropless=dropless)
+            x, layer_cache, routing = block(x, padding_mask=padding_mask, position_bias=position_bias, memory=memory,
+                                            memory_mask=memory_mask, cache=cache[i] if cache else None,
+                                            dropless=dropless)
             if use_cache:
-                presents.append(kv)
+                new_cache.append(layer_cache)
             if routing is not None:
                 routings[f"moe_{self.name}_block{i}"] = routing
-        return self.drop(self.ln_f(x)), presents, routings
+        return self.drop(self.ln_f(x)), new_cache, routings
 
 
 class T5(nn.Module, TrainedModel):
@@ -181,18 +186,18 @@ class T5(nn.Module, TrainedModel):
         return h, routings
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
-               attention_mask: torch.Tensor | None = None, past_key_values: list[KVCache] | None = None,
-               use_cache: bool = False, dropless: bool = False) -> tuple[torch.Tensor, list[KVCache] | None, dict[str, Routing]]:
-        """decoder_input_ids (B, T) after `past_key_values`; attention_mask (B, S) is the ENCODER's padding
+               attention_mask: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
+               use_cache: bool = False, dropless: bool = False) -> tuple[torch.Tensor, list[LayerCache] | None, dict[str, Routing]]:
+        """decoder_input_ids (B, T) after the `cache`d ones; attention_mask (B, S) is the ENCODER's padding
         mask; dropless: MoE blocks route every token. Returns logits (B, T, V), the updated cache (when
         use_cache) and the MoE blocks' routings."""
         mask = None if attention_mask is None else attention_mask.bool()
-        s, presents, routings = self.decoder(self.tok_emb(decoder_input_ids), memory=encoder_hidden_states, memory_mask=mask,
-                                             past_key_values=past_key_values, use_cache=use_cache, dropless=dropless)  # (B, T, C)
+        s, cache, routings = self.decoder(self.tok_emb(decoder_input_ids), memory=encoder_hidden_states, memory_mask=mask,
+                                          cache=cache, use_cache=use_cache, dropless=dropless)  # (B, T, C)
         if self.config.tie_weights:
             # Mesh TensorFlow: with the output layer tied to the (std 1) embedding, rescale by d_model^-0.5
             s = s * self.config.d_model**-0.5
-        return self.lm_head(s), presents, routings  # (B, T, V)
+        return self.lm_head(s), cache, routings  # (B, T, V)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: the decoder reads the start token (pad) then labels[:-1]: y_t is predicted from y_<t."""
@@ -202,7 +207,7 @@ class T5(nn.Module, TrainedModel):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None, past_key_values: list[KVCache] | None = None,
+                encoder_hidden_states: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
                 use_cache: bool = False) -> T5Output:
         """input_ids (B, S) and attention_mask (B, S) for the encoder (or its output `encoder_hidden_states`).
         labels (B, T) are the target tokens, -100 where there is nothing to predict; unlike GPT, position t
@@ -216,15 +221,15 @@ class T5(nn.Module, TrainedModel):
             if labels is None:
                 raise ValueError("T5.forward: pass decoder_input_ids (B, T) or labels (B, T)")
             decoder_input_ids = self.shift_right(labels)
-        logits, presents, decoder_routings = self.decode(decoder_input_ids, encoder_hidden_states, attention_mask,
-                                                         past_key_values, use_cache)
+        logits, cache, decoder_routings = self.decode(decoder_input_ids, encoder_hidden_states, attention_mask,
+                                                      cache, use_cache)
         routings.update(decoder_routings)
         loss = None
         if labels is not None:
             # L = -1/N sum_t log P(y_t | y_<t, x) over the N labels != -100
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
-        return T5Output(logits=logits, loss=loss, encoder_hidden_states=encoder_hidden_states, past_key_values=presents,
+        return T5Output(logits=logits, loss=loss, encoder_hidden_states=encoder_hidden_states, cache=cache,
                         routings=list(routings.values()) or None, metrics=metrics)
 
     # ------------------------------------------------------------------ generation
@@ -294,7 +299,7 @@ class T5(nn.Module, TrainedModel):
             seqs = torch.cat([seqs[source], token[:, None]], dim=1)  # (B*k, t + 1)
             lengths = lengths[source] + (~done[source]).float()
             done = done[source] | (token == eos_token_id if eos_token_id is not None else torch.zeros_like(done))
-            cache = [tuple(t[source] for t in layer) for layer in cache]  # the cache follows its beam
+            cache = [layer.select(source) for layer in cache]  # the cache follows its beam
             if bool(done.all()):
                 break
         final = scores / lengths.clamp(min=1).reshape(B, k) ** length_penalty  # (B, k)

@@ -14,18 +14,47 @@ slower beyond (0.7x at 512); in fp32 SDPA wins.
 
 One module, three uses: bidirectional self-attention (BERT, the T5 encoder), causal self-attention with a
 KV cache (GPT, the T5 decoder) and cross-attention (the T5 decoder attending to the encoder output).
+
+The cache: every attention call returns the keys and values it attended to as a `KV`; a block bundles its
+self-attention's and cross-attention's into a `LayerCache`, and a model's `cache` is a list of them, one per
+block. Fed back in (`cache=`), they are the positions before the new ones: earlier tokens while decoding,
+or P-tuning v2's trainable prefixes (minimodels/models/ptuning.py).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-KVCache = tuple[torch.Tensor, ...]  # (k, v), each (B, nh, T_past, hs); a decoder layer adds (k, v) of the encoder
+
+
+class KV(NamedTuple):
+    """The keys and values of one attention layer, per head."""
+
+    k: torch.Tensor  # (B, nh, T_k, hs)
+    v: torch.Tensor  # (B, nh, T_k, hs)
+
+
+class LayerCache(NamedTuple):
+    """What one block keeps between decoding steps; a model's cache is a list of them, one per block."""
+
+    self_kv: KV  # self-attention: keys and values of the T_past positions before the new ones, each (B, nh, T_past, hs)
+    cross_kv: KV | None = None  # a decoder block's cross-attention: those of the encoder output, each (B, nh, S, hs)
+
+    @property
+    def length(self) -> int:
+        """T_past, the number of positions in the cache."""
+        return self.self_kv.k.size(2)
+
+    def select(self, rows: torch.Tensor) -> LayerCache:
+        """The cache of batch rows `rows` (B',): beam search keeps, for each beam, the cache of the beam it extends."""
+        cross = None if self.cross_kv is None else KV(self.cross_kv.k[rows], self.cross_kv.v[rows])
+        return LayerCache(KV(self.self_kv.k[rows], self.self_kv.v[rows]), cross)
 
 
 def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
@@ -100,26 +129,25 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(inner, d_model, bias=bias)  # W_O
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, memory=None, padding_mask=None, position_bias=None, past_kv: KVCache | None = None,
-                use_cache: bool = False, attn_mask=None):
-        """x (B, T, C). Self-attention: padding_mask (B, T_past + T) bool, True = real token; past_kv the
-        (k, v) of earlier positions. Cross-attention: memory (B, S, C), padding_mask (B, S); past_kv the
-        (k, v) of memory computed on the first decoding step (memory is not needed again).
+    def forward(self, x, memory=None, padding_mask=None, position_bias=None, cache: KV | None = None, attn_mask=None):
+        """x (B, T, C). Self-attention: padding_mask (B, T_past + T) bool, True = real token; cache the KV of
+        the T_past earlier positions. Cross-attention: memory (B, S, C), padding_mask (B, S); cache the KV of
+        memory returned by an earlier call (memory is not needed again).
         position_bias broadcastable to (B, nh, T, Tk). attn_mask (B, T, Tk) bool, True = query t may attend
         key j: a mask of any pattern (GLM's, half bidirectional and half causal), combined with the others.
-        Returns (y (B, T, C), (k, v) if use_cache else None)."""
+        Returns (y (B, T, C), the KV attended to: the cache and this call's, each (B, nh, Tk, hs))."""
         if self.cross:
             q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.n_head)  # (B, nh, T, hs)
-            if past_kv is not None:
-                k, v = past_kv  # the encoder output does not change while decoding
+            if cache is not None:
+                k, v = cache  # the encoder output does not change while decoding
             else:
                 k, v = rearrange(self.kv(memory), "b s (two h d) -> two b h s d", two=2, h=self.n_head)  # each (B, nh, S, hs)
         else:
             # head_i = Attention(X W_Q^i, X W_K^i, X W_V^i) for all heads at once
             q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)  # each (B, nh, T, hs)
-            if past_kv is not None:
-                k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
-                v = torch.cat([past_kv[1], v], dim=2)
+            if cache is not None:
+                k = torch.cat([cache.k, k], dim=2)  # (B, nh, T_past + T, hs)
+                v = torch.cat([cache.v, v], dim=2)
         mask = None if padding_mask is None else padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
         if attn_mask is not None:
             mask = attn_mask[:, None] if mask is None else mask & attn_mask[:, None]  # (B, 1, T, Tk)
@@ -128,4 +156,4 @@ class MultiHeadAttention(nn.Module):
                       impl=self.impl)  # (B, nh, T, hs)
         # MultiHead(X) = Concat(head_1, ..., head_h) W_O
         y = rearrange(y, "b h t d -> b t (h d)")  # (B, T, nh * hs)
-        return self.resid_dropout(self.proj(y)), ((k, v) if use_cache else None)
+        return self.resid_dropout(self.proj(y)), KV(k, v)

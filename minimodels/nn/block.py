@@ -16,11 +16,12 @@ model can collect every MoE layer's routing decisions as plain values.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch.nn as nn
 
-from minimodels.nn.attention import KVCache, MultiHeadAttention
+from minimodels.nn.attention import LayerCache, MultiHeadAttention
 from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS, FeedForward
-from minimodels.nn.norm import build_norm
 
 ATTN_IMPLS = ("auto", "manual", "sdpa")
 
@@ -49,41 +50,44 @@ def check_block_options(config) -> None:
 
 
 class PreLNBlock(nn.Module):
-    """Pre-LN block (GPT-2, Radford et al. 2019, section 2.3; T5 with norm="rms"):
+    """Pre-LN block (GPT-2, Radford et al. 2019, section 2.3; T5 with RMSNorm):
 
         x = x + Attention(LN(x))
-        x = x + CrossAttention(LN(x), memory)     only when cross_attention=True
+        x = x + CrossAttention(LN(x), memory)     only with cross_attn (a decoder block of T5)
         x = x + FFN(LN(x))
+
+    The caller builds the parts: attn and cross_attn (MultiHeadAttention, which holds every attention option),
+    ffn (a dense FFN or an MoE layer), and norm, which makes one norm layer per call (LayerNorm or RMSNorm).
     """
 
-    def __init__(self, d_model: int, n_head: int, ffn: nn.Module, bias: bool = True, dropout: float = 0.0,
-                 causal: bool = True, cross_attention: bool = False, norm: str = "layer", norm_eps: float = 1e-5,
-                 d_head: int | None = None, scaled: bool = True, attn_impl: str = "auto"):
+    def __init__(self, attn: MultiHeadAttention, ffn: nn.Module, norm: Callable[[], nn.Module],
+                 cross_attn: MultiHeadAttention | None = None):
         super().__init__()
-        attn = dict(d_head=d_head, bias=bias, dropout=dropout, scaled=scaled, impl=attn_impl)
-        self.ln1 = build_norm(norm, d_model, norm_eps, bias)
-        self.attn = MultiHeadAttention(d_model, n_head, causal=causal, **attn)
-        self.ln_cross = build_norm(norm, d_model, norm_eps, bias) if cross_attention else None
-        self.cross_attn = MultiHeadAttention(d_model, n_head, cross=True, **attn) if cross_attention else None
-        self.ln2 = build_norm(norm, d_model, norm_eps, bias)
+        self.ln1 = norm()
+        self.attn = attn
+        self.ln_cross = norm() if cross_attn is not None else None
+        self.cross_attn = cross_attn
+        self.ln2 = norm()
         self.ffn = ffn
 
-    def forward(self, x, padding_mask=None, position_bias=None, memory=None, memory_mask=None,
-                past_kv: KVCache | None = None, use_cache: bool = False, attn_mask=None, dropless: bool = False):
-        """x (B, T, C); memory (B, S, C) and memory_mask (B, S) for cross-attention; attn_mask (B, T, Tk) a full
-        self-attention mask (GLM). The cache of a layer is (k, v) of self-attention, followed by (k, v) of
-        cross-attention in a decoder block. dropless: an MoE feed-forward routes without capacity."""
-        a, present = self.attn(self.ln1(x), padding_mask=padding_mask, position_bias=position_bias,
-                               past_kv=past_kv[:2] if past_kv else None, use_cache=use_cache, attn_mask=attn_mask)
+    def forward(self, x, padding_mask=None, attn_mask=None, position_bias=None, memory=None, memory_mask=None,
+                cache: LayerCache | None = None, dropless: bool = False):
+        """x (B, T, C). Self-attention: padding_mask (B, T_past + T) and attn_mask (B, T, T_past + T) bool, True =
+        attend (see MultiHeadAttention); position_bias (1, nh, T, T_past + T) added to the scores (T5).
+        Cross-attention: memory (B, S, C), the encoder output, and memory_mask (B, S). cache: this block's
+        LayerCache from earlier steps. dropless: an MoE feed-forward routes without capacity.
+        Returns x (B, T, C), the LayerCache with this call's positions added, and the routing (or None)."""
+        a, self_kv = self.attn(self.ln1(x), padding_mask=padding_mask, position_bias=position_bias,
+                               cache=None if cache is None else cache.self_kv, attn_mask=attn_mask)
         x = x + a
+        cross_kv = None
         if self.cross_attn is not None:
-            a, cross = self.cross_attn(self.ln_cross(x), memory=memory, padding_mask=memory_mask,
-                                       past_kv=past_kv[2:] if past_kv else None, use_cache=use_cache)
+            a, cross_kv = self.cross_attn(self.ln_cross(x), memory=memory, padding_mask=memory_mask,
+                                          cache=None if cache is None else cache.cross_kv)
             x = x + a
-            present = present + cross if use_cache else None
         y, routing = feed_forward(self.ffn, self.ln2(x), padding_mask, dropless)
         x = x + y
-        return x, present, routing  # (B, T, C), cache or None, Routing or None
+        return x, LayerCache(self_kv, cross_kv), routing
 
 
 class PostLNBlock(nn.Module):
@@ -91,22 +95,23 @@ class PostLNBlock(nn.Module):
 
         x = LN(x + Attention(x))
         x = LN(x + FFN(x))
+
+    The caller builds the parts, as for PreLNBlock.
     """
 
-    def __init__(self, d_model: int, n_head: int, ffn: nn.Module, bias: bool = True, dropout: float = 0.0,
-                 causal: bool = False, norm_eps: float = 1e-12, attn_impl: str = "auto"):
+    def __init__(self, attn: MultiHeadAttention, ffn: nn.Module, norm: Callable[[], nn.Module]):
         super().__init__()
-        self.attn = MultiHeadAttention(d_model, n_head, bias=bias, dropout=dropout, causal=causal, impl=attn_impl)
-        self.ln1 = nn.LayerNorm(d_model, eps=norm_eps)
+        self.attn = attn
+        self.ln1 = norm()
         self.ffn = ffn
-        self.ln2 = nn.LayerNorm(d_model, eps=norm_eps)
+        self.ln2 = norm()
 
-    def forward(self, x, padding_mask=None, prefix_kv: KVCache | None = None):
-        """x (B, T, C), padding_mask (B, T) bool, True = real token. prefix_kv: (k, v), each (B, nh, P, hs),
-        keys and values attended to before the sequence's own (P-tuning v2); then padding_mask is (B, P + T).
+    def forward(self, x, padding_mask=None, cache: LayerCache | None = None):
+        """x (B, T, C), padding_mask (B, T) bool, True = real token. cache: P keys and values attended to before
+        the sequence's own, each (B, nh, P, hs) (P-tuning v2's prefixes); then padding_mask is (B, P + T).
         Returns (B, T, C) and the routing (or None)."""
-        x = self.ln1(x + self.attn(x, padding_mask=padding_mask, past_kv=prefix_kv)[0])
-        if prefix_kv is not None:
-            padding_mask = padding_mask[:, prefix_kv[0].size(2):]  # (B, T): the FFN routes the sequence's own tokens
+        x = self.ln1(x + self.attn(x, padding_mask=padding_mask, cache=None if cache is None else cache.self_kv)[0])
+        if cache is not None:
+            padding_mask = padding_mask[:, cache.length:]  # (B, T): the FFN routes the sequence's own tokens
         y, routing = feed_forward(self.ffn, x, padding_mask)
         return self.ln2(x + y), routing

@@ -22,11 +22,3 @@ class RMSNorm(nn.Module):
         rms_inv = torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)  # 1 / sqrt(mean(x^2) + eps)
         return (x.float() * rms_inv).to(x.dtype) * self.weight
 
-
-def build_norm(kind: str, d_model: int, eps: float, bias: bool = True) -> nn.Module:
-    """kind "layer" -> nn.LayerNorm (with or without bias), "rms" -> RMSNorm."""
-    if kind == "layer":
-        return nn.LayerNorm(d_model, eps=eps, bias=bias)
-    if kind == "rms":
-        return RMSNorm(d_model, eps=eps)
-    raise ValueError(f"norm must be layer or rms, got {kind!r}")
