@@ -53,3 +53,13 @@ def test_gpt_attention_runs_the_flash_kernel_of_sdpa_forward_and_backward():
             out.loss.backward()
         logits[impl] = out.logits.float()
     torch.testing.assert_close(logits["auto"], logits["manual"], rtol=2e-2, atol=2e-2)
+
+
+def test_batches_reach_the_gpu_from_pinned_memory_without_changing_a_value():
+    from minimodels.train.device import to_device
+
+    batch = {"input_ids": torch.arange(12).view(3, 4), "note": "kept"}
+    out = to_device(batch, torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert out["input_ids"].is_cuda and torch.equal(out["input_ids"].cpu(), batch["input_ids"]) and out["note"] == "kept"
+    assert not batch["input_ids"].is_pinned()  # pinning copies; the caller's tensor stays as it was
