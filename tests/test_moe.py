@@ -636,3 +636,16 @@ def test_init_from_a_dense_run_says_what_it_upcycled(tmp_path, capsys):
     assert "upcycled (the dense FFN copied into every expert): blocks.1.ffn, blocks.3.ffn" in printed
     assert "new: blocks.1.ffn.gate.router.weight, blocks.3.ffn.gate.router.weight" in printed
     assert "not used" not in printed
+
+
+def test_only_a_gate_whose_weight_is_a_probability_gets_a_gradient_from_the_loss():
+    """README (gates compared in training): top-1 of the naive topk gate weighs its expert by exactly 1, so without
+    the aux and z losses its router gets no gradient; the switch gate weighs by p and does."""
+    grads = {}
+    for gate in ("topk", "switch"):
+        model = tiny("gpt", dict(num_experts=4, gate=gate, top_k=1 if gate == "topk" else None, capacity_factor=None,
+                                 aux_loss_coef=0.0, z_loss_coef=0.0, jitter=0.0))
+        model(**batch("gpt")).loss.backward()
+        grads[gate] = model.blocks[1].ffn.gate.router.weight.grad
+    assert grads["topk"] is None or grads["topk"].abs().max() == 0
+    assert grads["switch"].abs().max() > 1e-6
