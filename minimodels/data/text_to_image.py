@@ -8,7 +8,7 @@ A trained VQ-VAE (models/vqvae.py, data.image_tokenizer) turns every shapes pict
     V                     [BOI], "begin of image", added to the tokenizer (saved in the run's tokenizer.json)
     V+1 .. V+K            the image codes: code j is token offset + j, offset = V + 1
 
-and an example is T = text_len + 1 + h*w tokens (configs/cogview.yaml: 31 + 1 + 64 = 96), the codes row by row:
+and an example is T = text_len + 1 + h*w tokens (configs/cogview.yaml: 21 + 1 + 64 = 86), the codes row by row:
 
     input_ids (T,)   [pad .. pad] [caption]  [BOI]  [code_0 + offset] ... [code_{hw-1} + offset]
                      text_len positions       1     h*w positions
