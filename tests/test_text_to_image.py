@@ -81,7 +81,10 @@ def test_the_loss_covers_the_image_tokens_and_boi_predicts_the_first(tokenizer, 
     assert torch.equal(input_ids[:, boi + 1], labels[:, boi + 1])  # the first image token is BOI's target
 
 
-def test_a_seq_len_too_short_for_the_longest_caption_names_data_seq_len(tokenizer, vqvae):
+def test_longest_caption_bounds_the_captions_and_a_short_seq_len_names_data_seq_len(tokenizer, vqvae):
+    rng = random.Random(1)
+    sampled = [shapes.sample_caption(s, rng).text for s in shapes.gallery_split().scenes for _ in range(3)]
+    assert max(len(ids) for ids in tokenizer.encode_batch(sampled)) <= longest_caption(tokenizer)  # a bound
     need = longest_caption(tokenizer) + 1 + 64
     layout_of(tokenizer, vqvae, need)  # fits exactly
     with pytest.raises(DataError, match=f"^data.seq_len: .* at least {need}$"):

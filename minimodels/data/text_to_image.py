@@ -20,9 +20,9 @@ the logits at [BOI] are scored against the first image token, the last image tok
 
 Which tokens carry the loss: CogView computes the cross-entropy on the text tokens and on the image tokens, the
 text's scaled by txt_loss_scale (its pretrain_gpt2.py; 1 = the same weight as an image token). We put the loss on
-the image tokens only (labels -100 on the caption): a caption here is a sentence of a 40-word grammar that the
-user always types in full, so predicting it teaches nothing the drawing needs, and val_loss then measures one
-thing, nats per image token (with the text's loss it would average two vocabularies' nats).
+the image tokens only (labels -100 on the caption): a caption here is a sentence of a grammar of a few dozen
+words that the user always types in full, so predicting it teaches nothing the drawing needs, and val_loss then
+measures one thing, nats per image token (with the text's loss it would average two vocabularies' nats).
 
 Splits as for BriVL (data/shapes.py): train scenes never hold an UNSEEN colour-shape pair and get a new caption
 each time they are drawn into a batch; val is the gallery (all pairs) with its fixed captions. Metrics: val_loss
