@@ -32,6 +32,7 @@ from minimodels.train.run import prepare, run
 CONFIGS = sorted(p.stem for p in Path("configs").glob("*.yaml"))
 DEFAULT = ("gpt", "bert", "t5", "brivl", "switch_gpt", "vqvae")  # in the default run; the others are slow
 PRETRAINING = {"bert_finetune": "bert", "t5_finetune": "t5", "ptuning_bert": "kb_bert", "ptuning_gpt": "kb_gpt"}
+IMAGE_TOKENIZER = {"cogview": "vqvae"}  # data.image_tokenizer: a tiny run of this config (2 steps)
 
 B = 2  # the micro-batch of the accumulation and 2-process rows; the reference runs batch 2B
 HALF = (f"train.batch_size={B}", "train.eval_batches=2")  # evaluation batches are batch_size long: the same 2B
@@ -59,6 +60,7 @@ TINY = {
     "ptuning_bert": ("data.kb_documents=2",),
     "clip": TOWERS,
     "brivl": TOWERS + ("model.contrastive.queue_size=8",),
+    "cogview": SMALL,  # the captions of 64 train scenes and the tiny vqvae run's 8 x 8 codes
     "vqvae": ("model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4",
               "model.restart_below=0.995"),  # the codes no latent picks restart at every step
 }
@@ -107,6 +109,8 @@ class Runs:
         """configs/<name>.yaml made tiny, with the shared tokenizer (a fine-tuning config: its pretraining run's
         tokenizer and weights), then `extra`."""
         start = [f"model.init_from={self.pretrained(name)}"] if name in PRETRAINING else []
+        if name in IMAGE_TOKENIZER:
+            start.append(f"data.image_tokenizer={self.trained(IMAGE_TOKENIZER[name], 'train.max_steps=2')}")
         shared = [f"data.tokenizer={self.tokenizer(name)}"] if tokenizer else []
         return [*COMMON, *(o.format(docs=self.docs) for o in TINY[name]), *start, *shared, *extra]
 

@@ -178,6 +178,8 @@ RULES = [
     ("glm", "model.d_ff=0", "model.d_ff"),
     ("glm", "model.norm_eps=0", "model.norm_eps"),
     ("glm", "model.n_layer=0", "model.n_layer"),
+    ("cogview", "data.image_tokenizer=null", "data.image_tokenizer"),  # text_to_image needs a VQ-VAE run
+    ("gpt", "data.image_tokenizer=runs/vqvae", "data.image_tokenizer"),  # no other task reads image tokens
 ]
 
 
@@ -202,7 +204,7 @@ def test_every_task_trains_the_archs_it_names(tmp_path):
     archs = {arch for task in TASKS.values() for arch in task.archs}
     assert archs == set(MODEL_CONFIGS)  # every model trains on some task
     with pytest.raises(ConfigError, match=r"gpt.yaml: data.task: image_text makes batches for model.arch brivl, "
-                                          r"not gpt \(which trains on causal_lm\)"):
+                                          r"not gpt \(which trains on causal_lm or text_to_image\)"):
         load_config("configs/gpt.yaml", ["data.task=image_text"])
 
 

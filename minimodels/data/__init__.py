@@ -21,6 +21,7 @@ from minimodels.data.records import records_corpus
 from minimodels.data.shapes import ShapesRetrievalTask, shapes_corpus
 from minimodels.data.span_corruption import SpanCorruptionTask
 from minimodels.data.tasks import LMTask
+from minimodels.data.text_to_image import TextToImageTask
 from minimodels.data.tokenizer import Tokenizer, train_tokenizer
 
 TASKS = {"causal_lm": LMTask}  # data.task -> task class
@@ -35,13 +36,15 @@ TASKS["image_text"] = ShapesRetrievalTask  # BriVL / CLIP: image-caption retriev
 GENERATED["shapes"] = shapes_corpus  # captions of procedurally drawn scenes (data/shapes.py)
 TASKS["blank_infilling"] = BlankInfillingTask  # GLM pretraining
 TASKS["image_reconstruction"] = ImageReconstructionTask  # VQ-VAE: the shapes pictures alone (data/reconstruction.py)
+TASKS["text_to_image"] = TextToImageTask  # CogView: a GPT writes a picture's VQ-VAE tokens after its caption
 GENERATED["records"] = records_corpus  # order records whose blanks the text on both sides decides (data/records.py)
 
 __all__ = ["DataConfig", "DataError", "LMTask", "Tokenizer", "build_task", "load_corpus", "train_tokenizer"]
 
 
-def build_task(data_cfg: DataConfig, seq_len: int | None, tokenizer_path: str | Path):
-    """The task for `data_cfg`, with examples of `seq_len` tokens.
+def build_task(data_cfg: DataConfig, seq_len: int | None, tokenizer_path: str | Path, image_tokenizer=None):
+    """The task for `data_cfg`, with examples of `seq_len` tokens. image_tokenizer: the trained VQ-VAE of
+    data.image_tokenizer (the run loads it), handed to the one task that reads image tokens, text_to_image.
 
     If `tokenizer_path` exists (a resumed run, or generating from a saved run) that tokenizer is
     reused; else if `data.tokenizer` names a tokenizer.json (fine-tuning reuses the pretraining run's)
@@ -59,6 +62,9 @@ def build_task(data_cfg: DataConfig, seq_len: int | None, tokenizer_path: str | 
         tokenizer = Tokenizer.load(data_cfg.tokenizer)
     else:
         tokenizer = train_tokenizer(data_cfg.tokenizer, corpus["train"], data_cfg.vocab_size)
-    task = TASKS[data_cfg.task](tokenizer, corpus, seq_len, data_cfg)
+    if data_cfg.image_tokenizer is None:
+        task = TASKS[data_cfg.task](tokenizer, corpus, seq_len, data_cfg)
+    else:  # data.task text_to_image (load_config checks)
+        task = TASKS[data_cfg.task](tokenizer, corpus, seq_len, data_cfg, image_tokenizer)
     tokenizer.save(tokenizer_path)
     return task

@@ -25,6 +25,7 @@ class DataConfig:
     mean_span_length: float = 3.0  # span corruption: mean length of a dropped span (GLM [MASK]: Poisson mean)
     infill_mix: dict | None = None  # GLM blank infilling: share of examples per blank kind {mask, smask, gmask}; null = {mask: 1}
     kb_documents: int = 16  # source kb: documents about each subject in the pretraining corpus (each fact phrased anew)
+    image_tokenizer: str | None = None  # text_to_image: a trained VQ-VAE run folder (runs/vqvae) that turns pictures into tokens
     template: list | None = None  # P-tuning (kb_probe): prompt, e.g. [3, subject, 3, mask, 3]; null = that (GPT: [3, subject, 3])
 
     def validate(self) -> None:
@@ -40,5 +41,8 @@ class DataConfig:
         need(0 < self.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         need(not self.random_offset or self.task == "causal_lm", "data.random_offset",
              f"only data.task causal_lm cuts its windows at random offsets, not {self.task}")
+        need((self.image_tokenizer is not None) == (self.task == "text_to_image"), "data.image_tokenizer",
+             "must name a trained VQ-VAE run folder (runs/vqvae) for data.task text_to_image" if self.image_tokenizer is None
+             else f"only data.task text_to_image reads image tokens, not {self.task}")
         need(self.kb_documents > 0, "data.kb_documents", f"must be positive, got {self.kb_documents}")
         need(self.seq_len is None or self.seq_len > 1, "data.seq_len", f"must be at least 2, got {self.seq_len}")

@@ -137,8 +137,11 @@ class GPT(nn.Module, TrainedModel):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 token_range: tuple[int, int] | None = None) -> torch.Tensor:
         """Extend input_ids (B, T) by up to max_new_tokens tokens; returns (B, T + new).
+        token_range (first, end): only ids first .. end - 1 can be drawn, the others' logits are masked (CogView
+        writes image codes only: data/text_to_image.py).
 
         With the KV cache each step feeds only the newest token, while the context fits in block_size. Beyond,
         the window slides and every step re-encodes the last block_size tokens, as the uncached path does: the
@@ -157,7 +160,12 @@ class GPT(nn.Module, TrainedModel):
             else:  # first step, or the window slid: encode the last block_size tokens
                 out = self(idx[:, -self.config.block_size:], use_cache=use_cache, dropless=True)
             cache = out.cache
-            next_id = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            logits = out.logits[:, -1, :]  # (B, V)
+            if token_range is not None:  # -inf outside [first, end): never drawn, and top-k counts only the range
+                outside = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                outside[token_range[0]:token_range[1]] = False
+                logits = logits.masked_fill(outside, float("-inf"))
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
             if eos_token_id is not None and bool((next_id == eos_token_id).all()):
                 break

@@ -87,8 +87,9 @@ def plot_shares(run_dir: str | Path) -> list[Path]:
     return paths
 
 
-def plot_image_rows(rows, out: str | Path) -> Path:
-    """rows: [(label, images (N, 3, H, W) uint8), ...] -> a PNG with one row of N images per entry, labelled."""
+def plot_image_rows(rows, out: str | Path, title: str | None = None) -> Path:
+    """rows: [(label, images (N, 3, H, W) uint8), ...] -> a PNG with one row of N images per entry, labelled,
+    under `title` if given."""
     plt = pyplot()
     cols = max(len(images) for _, images in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols, 1.4 * len(rows)), squeeze=False)
@@ -99,6 +100,8 @@ def plot_image_rows(rows, out: str | Path) -> Path:
             ax.set(xticks=[], yticks=[])
             ax.axis("on" if i < len(images) else "off")
         row[0].set_ylabel(label)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

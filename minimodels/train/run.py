@@ -44,7 +44,8 @@ def prepare(cfg: ExperimentConfig, run_dir: Path):
     seq_len = cfg.data.seq_len or getattr(cfg.model, "block_size", None)
     if seq_len is None and TASKS[cfg.data.task].needs_seq_len:  # kb_probe builds its own
         raise ConfigError(f"data.seq_len: must be set for model.arch={cfg.model.arch} (it has no block_size)")
-    task = build_task(cfg.data, seq_len, run_dir / "tokenizer.json")
+    image_tokenizer = load_image_tokenizer(cfg.data.image_tokenizer) if cfg.data.image_tokenizer else None
+    task = build_task(cfg.data, seq_len, run_dir / "tokenizer.json", image_tokenizer)
     for key, value in task.model_overrides().items():
         have = getattr(cfg.model, key, None)
         if have is None:
@@ -55,6 +56,19 @@ def prepare(cfg: ExperimentConfig, run_dir: Path):
             what = {"vocab_size": "tokens in the tokenizer", "num_labels": "classes of the task"}.get(key, "relations")
             raise ConfigError(f"model.{key}: {have} is less than the data's {value} {what}; null takes the data's")
     return task
+
+
+def load_image_tokenizer(source: str | Path):
+    """data.image_tokenizer: the VQ-VAE of a trained vqvae run, in eval mode on the CPU (it encodes the pictures
+    once before training, and decodes the drawn ones)."""
+    source = Path(source)
+    if not (source / "config.yaml").is_file() or latest_checkpoint(source) is None:
+        raise ConfigError(f"data.image_tokenizer: {source} is not a trained run folder "
+                          f"(train it first: python scripts/train.py configs/vqvae.yaml)")
+    cfg, model, _ = load_run(source, "cpu")
+    if cfg.model.arch != "vqvae":
+        raise ConfigError(f"data.image_tokenizer: {source} is a {cfg.model.arch} run, not a vqvae one")
+    return model
 
 
 def fill_backbone(cfg: ExperimentConfig) -> None:
