@@ -60,6 +60,10 @@ TINY = {
     "ptuning_bert": ("data.kb_documents=2",),
     "clip": TOWERS,
     "brivl": TOWERS + ("model.contrastive.queue_size=8",),
+    "glm_records": SMALL + ("model.block_size=32",),  # generated order records (data.source records)
+    "bert_records": SMALL + ("model.block_size=32",),
+    "gpt_records": SMALL + ("model.block_size=32",),
+    "t5_records": T5,
     "cogview": SMALL,  # the captions of 64 train scenes and the tiny vqvae run's 8 x 8 codes
     "vqvae": ("model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4",
               "model.restart_below=0.995"),  # the codes no latent picks restart at every step
@@ -68,7 +72,7 @@ TINY = {
 # Evaluation collates the val split in batches of train.batch_size, each with its own generator: random collators
 # (MLM masks, T5 spans, GLM blanks) mask the val split otherwise with batch b than with 2b, so these rows compare
 # the training losses only (training draws per optimizer step, whatever the micro-batches: test_train.py).
-RANDOM_VAL = {"bert", "kb_bert", "switch_bert", "t5", "glm"}
+RANDOM_VAL = {"bert", "kb_bert", "switch_bert", "t5", "glm", "glm_records", "bert_records", "t5_records"}
 DROPOUT = {"bert_finetune": ("model.dropout=0.0",)}  # dropout masks come from each forward's own draws
 CONTRASTIVE = {"clip", "brivl"}  # the negatives are the micro-batch's (and the queue's) other items
 SWITCH = {"switch_gpt", "switch_bert"}  # capacity, the load-balancing loss and the router's jitter per micro-batch
