@@ -6,12 +6,13 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import events
 from minimodels.config import ConfigError, TeacherConfig, load_config
 from minimodels.models.bert import BERTOutput
 from minimodels.models.gpt import GPTOutput
-from minimodels.models.inherit import alpha_at, inheritance_loss, target_logits
+from minimodels.models.inherit import SoftenedKL, alpha_at, inheritance_loss, target_logits
 from minimodels.train.checkpoint import latest_checkpoint, read_weights, stored_once
 from minimodels.train.run import load_run, run
 
@@ -33,7 +34,8 @@ def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
     batch = {"labels": labels}
     # a causal LM: position t is scored against label t + 1 -> rows (0, 0), (1, 0), (1, 1), (1, 2)
     expected_rows = torch.stack([s[0, 0], s[1, 0], s[1, 1], s[1, 2]])
-    torch.testing.assert_close(target_logits(student, batch), expected_rows)
+    rows, has_target = target_logits(student, batch)
+    torch.testing.assert_close(rows[has_target], expected_rows)
     T = 2.0
     p_t = torch.softmax(torch.stack([t[0, 0], t[1, 0], t[1, 1], t[1, 2]]) / T, -1)
     log_p_s = torch.log_softmax(expected_rows / T, -1)
@@ -46,6 +48,23 @@ def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
     # a masked LM's scores at its labelled positions are used as they are
     bert = BERTOutput(logits=None, masked_logits=expected_rows, loss=torch.tensor(1.0))
     torch.testing.assert_close(inheritance_loss(bert, BERTOutput(logits=None, masked_logits=p_t.log() * T), batch, 1.0, T)[1], kl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softened_kl_gradient_is_autograds_through_kl_div(dtype):
+    """SoftenedKL's closed-form backward (p_s - p_t) / T gives the gradient autograd gives through F.kl_div, in the
+    scores' dtype; a row with weight 0 gets none, and the teacher's scores get none."""
+    torch.manual_seed(0)
+    s, t = (3 * torch.randn(6, 11)).to(dtype), (3 * torch.randn(6, 11)).to(dtype)  # (M, V)
+    weight, T = torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0, 0.0]), 1.7
+    s_ref = s.float().clone().requires_grad_(True)
+    rows = F.kl_div(F.log_softmax(s_ref / T, -1), F.log_softmax(t.float() / T, -1), log_target=True, reduction="none")
+    ((rows.sum(-1) * weight).sum() * 3.0).backward()
+    s_got, t_got = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    (SoftenedKL.apply(s_got, t_got, weight, T) * 3.0).backward()
+    assert s_got.grad.dtype == dtype and t_got.grad is None
+    torch.testing.assert_close(s_got.grad, s_ref.grad.to(dtype))
+    assert s_got.grad[weight == 0].abs().max() == 0 and s_got.grad[weight > 0].abs().max() > 0
 
 
 @pytest.fixture(scope="module")

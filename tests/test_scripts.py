@@ -74,6 +74,18 @@ def test_bench_train_script(config):
     assert len(rows) == 3 and any("HF" in row for row in rows)
 
 
+@pytest.mark.parametrize("config", ["gpt", "bert"])
+def test_bench_inherit_script(config):
+    tiny = ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=16", "data.seq_len=16",
+            "train.batch_size=2", "data.vocab_size=64"]
+    r = sh("scripts/bench_inherit.py", f"configs/{config}.yaml", *tiny, "--student", "model.n_embd=32",
+           "--rounds", "1", "--warmup", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert rows == ["| student alone", "| student + teacher", "| teacher forward alone", "| added by the teacher (forward + KL)"]
+    assert "student (model.n_embd=32)" in r.stdout and "FLOPs of the teacher's forward / FLOPs of a student step" in r.stdout
+
+
 @pytest.mark.slow
 def test_generate_with_t5_and_bert_runs(tmp_path):
     """generate serves each architecture: T5 writes an output for the prompt (greedy and beam), BERT fills [MASK]."""
