@@ -7,7 +7,7 @@
 One step = forward + backward of one layer on T tokens (x (T, d_model) in float32 and, as inside a network,
 needing a gradient; bf16 = torch.autocast on float32 weights, as training runs it), gradients set to None
 after each step as the trainer's zero_grad does.
-Every variant routes with the same dropless TopKGate(k) and runs the same expert modules
+Every variant but the floor routes with the same dropless TopKGate(k) and runs the same expert modules
 (MLP d_model -> d_ff -> d_model, GELU), so only the dispatch differs:
 
     ours        MoE: sort the token slots by expert, run each expert once on its contiguous slice
@@ -37,7 +37,8 @@ from minimodels.moe import MoE, TopKGate, moe_reference
 from minimodels.nn import MLP
 from minimodels.train.memory import reuse_freed_memory
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+from bench_train import CLOCKS, pick_clock  # (scripts/ is on sys.path when a script runs)
+
 clock = CLOCKS["wall"]  # main() sets it from --clock
 
 
@@ -135,10 +136,8 @@ def main():
                         "timing thread (needs --threads 1; robust when other jobs share the machine)")
     parser.add_argument("--loop-tokens", type=int, default=128, help="tokens the per-token loop is timed on")
     args = parser.parse_args()
-    if args.clock == "cpu" and args.threads != 1:
-        raise SystemExit("error: --clock cpu counts one thread's CPU time: it needs --threads 1")
     global clock
-    clock = CLOCKS[args.clock]
+    clock = pick_clock(args.clock, args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as the trainer does (MINIMODELS_REUSE_MEMORY=0: glibc's defaults)

@@ -84,8 +84,16 @@ def to_hf(model, attn: str):
 BATCHES = {"gpt": gpt_batch, "bert": bert_batch, "t5": t5_batch}  # model.arch -> random batch shaped like its task
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # --clock of bench_train.py and bench_moe.py
 clock = CLOCKS["wall"]  # main() sets it from --clock
+
+
+def pick_clock(name: str, threads: int):
+    """The timer for --clock `name`: wall time, or the CPU time of the calling thread, which only measures a
+    step when that one thread runs it."""
+    if name == "cpu" and threads != 1:
+        raise SystemExit("error: --clock cpu counts one thread's CPU time: it needs --threads 1")
+    return CLOCKS[name]
 
 
 def matmul_peak(dtype: torch.dtype, sizes=(2048, 3072, 4096), repeats: int = 3) -> float:
@@ -153,10 +161,8 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also print the N operators taking the most time in bf16 steps of ours (manual)")
     args = p.parse_intermixed_args()
-    if args.clock == "cpu" and args.threads != 1:
-        raise SystemExit("error: --clock cpu counts one thread's CPU time: it needs --threads 1")
     global clock
-    clock = CLOCKS[args.clock]
+    clock = pick_clock(args.clock, args.threads)
     torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as the trainer does (MINIMODELS_REUSE_MEMORY=0: glibc's defaults)
 
@@ -230,7 +236,7 @@ def print_profile(model, opt, batch: dict, rows: int, steps: int = 4) -> None:
     as a share of the step (matmuls: aten::mm, addmm, bmm; the rest is what a faster step must remove).
     Use it to find candidates and an A/B of steps to size them: for memory-bound operators the profiler's share
     can be far above what removing them saves (the GPT step's cross-entropy: ~19% of the profile here, while
-    a step with a free stand-in loss was 4.5% faster, 1 thread, CPU time)."""
+    a step with a free stand-in loss was 4.5% faster in a one-off A/B, 1 thread, CPU time)."""
     from torch.profiler import profile
 
     with profile() as prof:

@@ -229,7 +229,7 @@ def ptuning_cell(lm_name: str, pretrained: str, ptuned: str):
                       + part(", P-tuning {}", minutes(n["wall_time_s"].get(ptuned))))
 
 
-def moe_numbers(runs_: dict[str, str]):
+def moe_numbers(labelled: dict[str, str]):
     """Per run: final val_bpc, tokens/s, and (MoE runs) the dropped share and load entropy of the last log line,
     averaged over the MoE blocks."""
 
@@ -237,7 +237,7 @@ def moe_numbers(runs_: dict[str, str]):
         from minimodels.train.plot import read_events
 
         out = {}
-        for label, run in runs_.items():
+        for label, run in labelled.items():
             last = ([{}] + [e for e in read_events(runs / run) if "loss" in e])[-1]  # the last train log line
             blocks = sorted({k[:-len("_dropped")] for k in last if k.endswith("_dropped")})
             out[label] = {"val_bpc": final(runs, run, "val_bpc"), "tokens_per_s": final(runs, run, "tokens_per_s")}

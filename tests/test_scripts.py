@@ -187,3 +187,14 @@ def test_plot_redraws_skips_a_cut_last_line_and_the_script_names_a_broken_one(ti
     metrics.write_text("\n".join([lines[0], "not json"] + lines[1:]) + "\n")
     r = sh("scripts/plot.py", str(run))
     assert r.returncode == 2 and r.stderr.strip() == f"error: {metrics}: line 2 is not JSON"
+
+
+def test_bench_moe_prints_every_variant_with_the_floor_and_cpu_clock_needs_one_thread():
+    args = ("scripts/bench_moe.py", "--experts", "4", "--top-k", "1", "--dtypes", "fp32", "--rounds", "1", "--reps", "1",
+            "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--loop-tokens", "8", "--clock", "cpu")
+    r = sh(*args, "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.strip().splitlines()[-1].split("|")[1:-1]  # dtype, E, k, 5 times, 5 ratios
+    assert row[:3] == [" fp32 ", " 4 ", " 1 "] and len(row) == 13 and all(float(c) > 0 for c in row[3:8])
+    r = sh(*args, "--threads", "2")
+    assert r.returncode != 0 and "--clock cpu counts one thread's CPU time: it needs --threads 1" in r.stderr

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-
 class KV(NamedTuple):
     """The keys and values of one attention layer, per head."""
 
