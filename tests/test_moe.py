@@ -4,6 +4,7 @@ model.moe from YAML, dropless generation, sparse upcycling from a dense run."""
 
 import math
 import os
+import unittest.mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub: HF modules are built from configs
 
@@ -46,7 +47,7 @@ def test_one_expert_equals_the_dense_ffn(gate, options):
     torch.manual_seed(0)
     moe = MoE(D, 1, gate, d_ff=D_FF, **options).train()
     dense = MLP(D, D_FF)
-    dense.load_state_dict(moe.experts[0].state_dict())
+    dense.load_state_dict({name: t[0] for name, t in moe.experts.state_dict().items()})  # stacked: (1, ...)
     x = torch.randn(3, 5, D)
     y, routing, x_grad, moe_grads = forward_backward(moe, x, fast, router_losses=False)
     assert (routing.weight == 1).all() and (routing.expert_index == 0).all()
@@ -56,7 +57,7 @@ def test_one_expert_equals_the_dense_ffn(gate, options):
     torch.testing.assert_close(y, yd, rtol=0, atol=1e-6)
     torch.testing.assert_close(x_grad, xd.grad, rtol=0, atol=1e-6)
     for name, g in grads(dense).items():
-        torch.testing.assert_close(moe_grads[f"experts.0.{name}"], g, rtol=0, atol=1e-6)
+        torch.testing.assert_close(moe_grads[f"experts.{name}"][0], g, rtol=0, atol=1e-6)
 
 
 DISPATCH_CASES = [  # (gate, options, drops expected); every gate, k in {1, 2}, with and without capacity drops
@@ -318,12 +319,12 @@ def test_parity_with_hf_switch_sparse_mlp(capacity):
     hf = st.SwitchTransformersSparseMLP(config).eval()
     factor = capacity * E / (B * S) if capacity else None  # ceil(factor * T / E) = capacity
     moe = MoE(D, E, SwitchGate(D, E, eval_capacity_factor=factor),
-              expert=lambda: MLP(D, D_FF, activation="relu", bias=False)).eval()
+              expert=MLP(D, D_FF, activation="relu", bias=False, num_experts=E)).eval()
     with torch.no_grad():
         moe.gate.router.weight.copy_(hf.router.classifier.weight)
-        for e, expert in enumerate(moe.experts):
-            expert.fc.weight.copy_(hf.experts[f"expert_{e}"].wi.weight)
-            expert.proj.weight.copy_(hf.experts[f"expert_{e}"].wo.weight)
+        for e in range(E):  # the stacked weights: expert e's in row e
+            moe.experts.fc.weight[e].copy_(hf.experts[f"expert_{e}"].wi.weight)
+            moe.experts.proj.weight[e].copy_(hf.experts[f"expert_{e}"].wo.weight)
         x = torch.randn(B, S, D)
         y, routing = moe(x)
         y_hf = hf(x)
@@ -396,7 +397,8 @@ def test_a_one_expert_moe_model_equals_the_dense_model(arch):
     moe = tiny(arch, dict(num_experts=1, every=1, capacity_factor=None, eval_capacity_factor=None,
                           aux_loss_coef=0.0, z_loss_coef=0.0)).eval()
     dense = tiny(arch).eval()
-    weights = {k.replace("ffn.experts.0.", "ffn."): v for k, v in moe.state_dict().items() if "router" not in k}
+    weights = {k.replace("ffn.experts.", "ffn."): v[0] if ".experts." in k else v  # stacked experts: (1, ...)
+               for k, v in moe.state_dict().items() if "router" not in k}
     dense.load_state_dict(weights)
     a, b = moe(**batch(arch)), dense(**batch(arch))
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=1e-6)
@@ -420,7 +422,7 @@ def test_switch_gpt_generates_the_same_with_and_without_the_kv_cache():
         cache = model(ids[:, :-1], use_cache=True, dropless=True).cache
         step = model(ids[:, -1:], cache=cache, use_cache=True, dropless=True).logits[:, -1]  # (B, V)
         torch.testing.assert_close(step, model(ids, dropless=True).logits[:, -1], rtol=0, atol=1e-5)
-        assert not torch.allclose(step, model(ids).logits[:, -1], atol=1e-3)  # with the drops it would differ
+        assert not torch.allclose(model(ids, dropless=True).logits, model(ids).logits, atol=1e-3)  # the drops matter
 
 
 def test_switch_t5_generates_the_same_with_and_without_the_kv_cache():
@@ -472,7 +474,7 @@ def test_yaml_sets_the_experts_width_the_switch_jitter_and_gshards_random_routin
               "model.moe.num_experts=4", "model.moe.capacity_factor=null"]
     switch = build_model(load_config("configs/gpt.yaml", common + ["model.moe.d_ff=24", "model.moe.jitter=0.2"]).model)
     assert switch.blocks[1].ffn.gate.jitter == 0.2
-    assert [expert.fc.out_features for expert in switch.blocks[1].ffn.experts] == [24] * 4
+    assert switch.blocks[1].ffn.experts.fc.weight.shape == (4, 24, 16)  # (E, d_ff, n_embd)
     assert switch.blocks[0].ffn.fc.out_features == 64  # a dense block keeps the model's width, 4 * n_embd
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     for random_routing in (True, False):
@@ -573,7 +575,8 @@ def test_upcycling_copies_the_dense_ffn_into_every_expert_and_keeps_a_fresh_rout
     dense_state = dense.state_dict()
     for name, t in model.state_dict().items():  # experts: their layer's dense FFN; all else: the dense run's
         if ".gate." not in name:
-            assert torch.equal(t, dense_state[re.sub(r"\.experts\.\d+\.", ".", name)]), name
+            expected = dense_state[name.replace(".experts.", ".")]
+            assert torch.equal(t, expected.expand(4, *expected.shape) if ".experts." in name else expected), name
 
 
 def test_an_upcycled_switch_layer_outputs_the_router_probability_times_the_dense_ffn(tmp_path):
@@ -612,14 +615,17 @@ def test_upcycling_gives_each_expert_parallel_process_its_experts(tmp_path):
 
     dense = dense_checkpoint(tmp_path)
     model = tiny("gpt", dict(num_experts=4))
-    for i in (1, 3):
-        model.blocks[i].ffn.first_expert, model.blocks[i].ffn.experts = 2, model.blocks[i].ffn.experts[2:]
+    with unittest.mock.patch("torch.distributed.is_initialized", return_value=True), \
+            unittest.mock.patch("torch.distributed.get_world_size", return_value=2), \
+            unittest.mock.patch("torch.distributed.get_rank", return_value=1):
+        for i in (1, 3):
+            model.blocks[i].ffn.shard()
     new, dropped, upcycled = load_pretrained(model, tmp_path, expert_shards(model))
     assert new == ["blocks.1.ffn.gate.router.weight", "blocks.3.ffn.gate.router.weight"] and not dropped
     for i in (1, 3):
-        assert len(model.blocks[i].ffn.experts) == 2
-        for expert in model.blocks[i].ffn.experts:
-            assert all(torch.equal(t, dense.blocks[i].ffn.state_dict()[n]) for n, t in expert.state_dict().items())
+        assert model.blocks[i].ffn.first_expert == model.blocks[i].ffn.local_experts == 2
+        for n, t in model.blocks[i].ffn.experts.state_dict().items():  # (2, ...): experts 2 and 3
+            assert len(t) == 2 and all(torch.equal(row, dense.blocks[i].ffn.state_dict()[n]) for row in t), n
 
 
 def test_init_from_a_dense_run_says_what_it_upcycled(tmp_path, capsys):

@@ -114,8 +114,8 @@ class BERT(nn.Module, TrainedModel):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList()
         for i in range(c.n_layer):
-            ffn = build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width: build_ffn(
-                c.ffn, c.n_embd, width, c.activation, c.dropout, True))  # dense, or with model.moe an MoE layer
+            ffn = build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width, experts=None: build_ffn(
+                c.ffn, c.n_embd, width, c.activation, c.dropout, True, experts))  # dense, or with model.moe an MoE layer
             attn = MultiHeadAttention(c.n_embd, c.n_head, dropout=c.dropout, causal=False, impl=c.attn_impl)
             self.blocks.append(PostLNBlock(attn, ffn, partial(nn.LayerNorm, c.n_embd, eps=c.norm_eps)))
         if c.head == "mlm":

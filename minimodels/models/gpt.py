@@ -81,8 +81,8 @@ class GPT(nn.Module, TrainedModel):
         norm = partial(nn.LayerNorm, c.n_embd, eps=c.norm_eps, bias=c.bias)  # a new LayerNorm at each call
         self.blocks = nn.ModuleList()
         for i in range(c.n_layer):
-            ffn = build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width: build_ffn(
-                c.ffn, c.n_embd, width, c.activation, c.dropout, c.bias))  # dense, or with model.moe an MoE layer
+            ffn = build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width, experts=None: build_ffn(
+                c.ffn, c.n_embd, width, c.activation, c.dropout, c.bias, experts))  # dense, or with model.moe an MoE layer
             attn = MultiHeadAttention(c.n_embd, c.n_head, bias=c.bias, dropout=c.dropout, causal=True, impl=c.attn_impl)
             self.blocks.append(PreLNBlock(attn, ffn, norm))
         self.ln_f = norm()

@@ -105,8 +105,8 @@ class T5Stack(nn.Module):
                             scaled=False, impl=c.attn_impl)
         self.blocks = nn.ModuleList()
         for i in range(n_layer):
-            ffn = build_block_ffn(c.moe, i, c.d_model, c.d_ff, lambda width: build_ffn(
-                c.ffn, c.d_model, width, c.activation, c.dropout, bias=False))  # dense, or with model.moe an MoE layer
+            ffn = build_block_ffn(c.moe, i, c.d_model, c.d_ff, lambda width, experts=None: build_ffn(
+                c.ffn, c.d_model, width, c.activation, c.dropout, False, experts))  # dense, or with model.moe an MoE layer
             attn = make_attention(causal=decoder)
             self.blocks.append(PreLNBlock(attn, ffn, norm, cross_attn=make_attention(cross=True) if decoder else None))
         self.name = "dec" if decoder else "enc"

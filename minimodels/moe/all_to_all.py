@@ -40,9 +40,9 @@ class AllToAll(torch.autograd.Function):
         return exchange(grad, in_splits, out_splits), None, None
 
 
-def run_experts_parallel(experts, x_slots: torch.Tensor, counts: list[int], run_local) -> torch.Tensor:
-    """x_slots (N, d) sorted by global expert id with counts[e] slots for expert e (E ints); `experts` are
-    this process's E / W experts. run_local(x, local_counts) runs them on slots grouped by local expert.
+def run_experts_parallel(local_experts: int, x_slots: torch.Tensor, counts: list[int], run_local) -> torch.Tensor:
+    """x_slots (N, d) sorted by global expert id with counts[e] slots for expert e (E ints); this process holds
+    local_experts = E / W experts. run_local(x, local_counts) runs them on slots grouped by local expert.
     Returns the outputs (N, d) in x_slots' order and dtype."""
     world = dist.get_world_size()
     send = torch.tensor(counts).view(world, -1)  # (W, E/W): slots I send to each process's experts
@@ -51,7 +51,7 @@ def run_experts_parallel(experts, x_slots: torch.Tensor, counts: list[int], run_
     send_rows, recv_rows = send.sum(1).tolist(), recv.sum(1).tolist()
     x_recv = AllToAll.apply(x_slots, recv_rows, send_rows)  # (M, d), grouped by sender, then by my expert
     # regroup by my expert: row i belongs to local expert expert_of[i]
-    expert_of = torch.arange(len(experts)).repeat(world).repeat_interleave(recv.view(-1))  # (M,)
+    expert_of = torch.arange(local_experts).repeat(world).repeat_interleave(recv.view(-1))  # (M,)
     order = expert_of.argsort(stable=True).to(x_slots.device)  # (M,)
     y_sorted = run_local(x_recv[order], recv.sum(0).tolist()).to(x_slots.dtype)  # (M, d)
     y_recv = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to the received order

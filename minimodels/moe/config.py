@@ -86,13 +86,14 @@ def is_moe_block(config: MoEConfig | None, i: int) -> bool:
 
 
 def build_block_ffn(config: MoEConfig | None, i: int, d_model: int, d_ff: int,
-                    make_ffn: Callable[[int], nn.Module]) -> nn.Module:
+                    make_ffn: Callable[..., nn.Module]) -> nn.Module:
     """The feed-forward of block i: make_ffn(d_ff), the model's dense FFN of hidden width d_ff, or, in an
-    MoE block, an MoE whose experts are num_experts fresh FFNs of that kind, of width config.d_ff or d_ff."""
+    MoE block, an MoE whose experts are make_ffn(width, num_experts): num_experts fresh FFNs of that kind
+    stacked in one module (minimodels/nn/feedforward.py), of width config.d_ff or d_ff."""
     if not is_moe_block(config, i):
         return make_ffn(d_ff)
-    return MoE(d_model, config.num_experts, config.gate, expert=lambda: make_ffn(config.d_ff or d_ff), k=config.top_k,
-               **config.gate_options())
+    return MoE(d_model, config.num_experts, config.gate, expert=make_ffn(config.d_ff or d_ff, config.num_experts),
+               k=config.top_k, **config.gate_options())
 
 
 def add_moe_loss(config: MoEConfig | None, routings: dict[str, Routing], loss: torch.Tensor | None
@@ -129,8 +130,9 @@ def upcycle(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str,
     """Sparse upcycling (Komatsuzaki et al. 2022, section 3.1): an MoE layer of `model` whose place a dense
     checkpoint fills with a dense FFN starts with that FFN copied into every one of its experts; its router
     keeps its fresh initialisation. state: the checkpoint's tensors by name. Returns the tensors with each
-    such `<layer>.<name>` replaced by `<layer>.experts.<e>.<name>` for e = 0 .. num_experts - 1 (whole-model
-    names, from which an expert-parallel process takes its own), and the names of the upcycled layers.
+    such `<layer>.<name>` (shape s) replaced by `<layer>.experts.<name>` (num_experts, *s), the stacked experts'
+    name and shape in the whole model (an expert-parallel process takes its rows from it), and the names of
+    the upcycled layers.
     Layers the checkpoint holds as MoE layers already, or not at all, are left as they are."""
     state, upcycled = dict(state), []
     for prefix, module in model.named_modules():
@@ -141,6 +143,6 @@ def upcycle(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str,
             continue
         for name in dense:
             tensor = state.pop(f"{prefix}.{name}")
-            state.update({f"{prefix}.experts.{e}.{name}": tensor for e in range(module.num_experts)})
+            state[f"{prefix}.experts.{name}"] = tensor.expand(module.num_experts, *tensor.shape)
         upcycled.append(prefix)
     return state, upcycled

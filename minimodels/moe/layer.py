@@ -2,24 +2,28 @@
 
     y_t = sum_j weight[t, j] * expert_{expert_index[t, j]}(x_t)         (Switch eq. 2, Shazeer eq. 1)
 
-A gate (minimodels/moe/gates.py) fills expert_index and weight; any nn.Module mapping (n, d_model) to
-(n, d_model) can be an expert. The fast dispatch runs in four stages:
+A gate (minimodels/moe/gates.py) fills expert_index and weight. The built-in experts are E FFNs stacked in one
+module (minimodels/nn/feedforward.py, an MLP or GatedMLP built with num_experts=E), which runs all of them in
+one grouped matmul per weight; any other nn.Module mapping (n, d_model) to (n, d_model) can be an expert too,
+and then each runs on its own (the same stages, step 3 a loop). The fast dispatch runs in four stages:
 
     1. route       gate(x) -> Routing
     2. permute     gather the kept token slots, sorted by expert, into one (N, d_model) tensor
-    3. experts     each expert runs once, on its contiguous slice
+    3. experts     each expert runs once, on its contiguous slice (stacked: all in one grouped matmul)
     4. combine     scale each slot by its weight and add it back to its token's row
 
 Expert parallelism (expert_parallel=True, minimodels/moe/all_to_all.py) slots in between 2 and 3 (an
 all-to-all sends each slice to the process holding its expert) and between 3 and 4 (the way back).
 `moe_reference` below is the per-token loop the tests hold the fast path to.
 
-Why a list of per-expert FFNs and not stacked (E, d_model, d_ff) weights with a batched matmul: measured on
-this 2-core CPU (T=4096, d_model=256, d_ff=1024, E=64, forward+backward, fp32 and bf16) the sort-and-split
-loop over per-expert weights was the fastest. Stacked weights lost to it with padded bmm, with a split loop
-over the stack and with torch's grouped_mm alike, because the gradient of a stacked weight is one fresh
-64 MB buffer per step: malloc maps it anew and the first write page-faults it in (~2.4 GB/s here, against
-~26 GB/s into mapped memory). The 1 MB gradients of per-expert weights come from malloc's heap, often reused.
+Why stacked (E, d_out, d_in) expert weights and torch's grouped_mm: measured on this CPU with 1 thread (CPU
+clock, T=4096, d_model=256, d_ff=1024, E=64, top-1, forward+backward, freed memory reused as the trainer
+does, minimodels/train/memory.py) it beat a list of E per-expert FFNs with the same sort-and-split dispatch
+by MEASURED. The matmuls are the same on both ways (grouped_mm on CPU loops over the groups in C++, one
+matmul each, so a 64-row expert matmul is no faster there); what goes is the Python and autograd work
+around them: per expert, two linear layers, an activation, autocast's casts of four small weights and their
+backward nodes, some 20 operations, against about 10 for all experts together. Before memory was reused,
+stacked weights lost: each step's 64 MB stacked gradient was mapped fresh and page-faulted in.
 """
 
 from __future__ import annotations
@@ -32,19 +36,24 @@ import torch.nn as nn
 from minimodels.moe.gates import build_gate
 from minimodels.moe.all_to_all import run_experts_parallel
 from minimodels.moe.routing import Routing
-from minimodels.nn.feedforward import MLP, FeedForward
+from minimodels.nn.feedforward import MLP, FeedForward, GatedMLP, Groups, StackedLinear
 
 
-def build_experts(expert, num_experts: int, d_model: int, d_ff: int | None) -> nn.ModuleList:
-    """expert: None (d_ff required: MLP(d_model, d_ff) with GELU and biases, as GPT's FFN), an nn.Module
-    (deep-copied, so all experts start equal), a callable returning a fresh module, or a list of
-    num_experts modules (heterogeneous experts)."""
+def build_experts(expert, num_experts: int, d_model: int, d_ff: int | None) -> nn.Module:
+    """expert: None (d_ff required: MLP(d_model, d_ff) with GELU and biases, as GPT's FFN, num_experts of them
+    stacked), an MLP or GatedMLP built with num_experts (stacked, used as it is), or, each expert then its
+    own module in an nn.ModuleList: an nn.Module (deep-copied, so all experts start equal), a callable
+    returning a fresh module, or a list of num_experts modules (heterogeneous experts)."""
     if d_ff is not None and expert is not None:
         raise ValueError("MoE: d_ff sizes the built-in FFN experts; leave it None when passing expert")
     if expert is None:
         if d_ff is None:
             raise ValueError("MoE: d_ff is required for the built-in FFN experts (expert=None)")
-        return nn.ModuleList(MLP(d_model, d_ff) for _ in range(num_experts))
+        return MLP(d_model, d_ff, num_experts=num_experts)
+    if isinstance(expert, (MLP, GatedMLP)) and isinstance(expert.fc, StackedLinear):
+        if len(expert.fc.weight) != num_experts:
+            raise ValueError(f"MoE: stacked experts hold {len(expert.fc.weight)} experts, num_experts={num_experts}")
+        return expert
     if isinstance(expert, nn.Module):
         return nn.ModuleList(copy.deepcopy(expert) for _ in range(num_experts))
     if isinstance(expert, (list, tuple)):
@@ -80,7 +89,9 @@ class MoE(nn.Module, FeedForward):
             raise ValueError(f"MoE: the gate routes to {gate.num_experts} experts, num_experts={num_experts}")
         self.gate = gate
         self.experts = build_experts(expert, num_experts, d_model, d_ff)
-        self.num_experts, self.first_expert = num_experts, 0  # self.experts[i] is expert first_expert + i
+        self.stacked = not isinstance(self.experts, nn.ModuleList)  # one module for all, or one module each
+        # this process holds experts first_expert .. first_expert + local_experts - 1 (all without shard())
+        self.num_experts, self.first_expert, self.local_experts = num_experts, 0, num_experts
         if expert_parallel:
             self.shard()
 
@@ -93,9 +104,14 @@ class MoE(nn.Module, FeedForward):
         if self.num_experts % world:
             raise ValueError(f"model.moe.num_experts: {self.num_experts} experts cannot be split evenly over "
                              f"{world} processes for expert parallelism")
-        local = self.num_experts // world
-        self.first_expert = torch.distributed.get_rank() * local if world > 1 else 0
-        self.experts = self.experts[self.first_expert:self.first_expert + local]
+        self.local_experts = self.num_experts // world
+        self.first_expert = torch.distributed.get_rank() * self.local_experts if world > 1 else 0
+        if self.stacked:
+            for layer in self.experts.modules():
+                if isinstance(layer, StackedLinear):
+                    layer.keep(self.first_expert, self.local_experts)
+        else:
+            self.experts = self.experts[self.first_expert:self.first_expert + self.local_experts]
 
     routes_tokens = True  # blocks pass it the padding mask (minimodels/nn/block.py feed_forward)
 
@@ -118,8 +134,8 @@ class MoE(nn.Module, FeedForward):
         routing = self.gate(tokens, dropless)  # 1. route
         slot_token, slot_weight, counts = sort_slots(routing)  # 2. permute: (N,), (N,), E split sizes
         x_slots = tokens[slot_token]  # (N, d_model), grouped by expert
-        if len(self.experts) < self.num_experts:  # 3. experts: (N, d_model), sharded over processes
-            y_slots = run_experts_parallel(self.experts, x_slots, counts, self.run_experts)
+        if self.local_experts < self.num_experts:  # 3. experts: (N, d_model), sharded over processes
+            y_slots = run_experts_parallel(self.local_experts, x_slots, counts, self.run_experts)
         else:
             y_slots = self.run_experts(x_slots, counts)
         # 4. combine: y_t = sum over t's slots of weight * expert output
@@ -128,10 +144,18 @@ class MoE(nn.Module, FeedForward):
         return y, routing
 
     def run_experts(self, x_slots: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_slots (N, d_model) sorted by expert, counts[i] rows for expert i -> outputs (N, d_model).
+        """x_slots (N, d_model) sorted by expert, counts[i] rows for this process's expert i -> outputs (N, d_model).
         An expert without tokens runs on its empty slice, so every parameter takes part in every step (its
         gradient is zero then): data-parallel training (DDP) expects each parameter to get a gradient."""
+        if self.stacked:  # all experts in one grouped matmul per weight
+            return self.experts(x_slots, Groups.of(counts, x_slots.device))
         return torch.cat([expert(x) for expert, x in zip(self.experts, x_slots.split(counts))])  # (N, d_model)
+
+    def expert(self, i: int):
+        """This process's expert i (expert first_expert + i) as a function (n, d_model) -> (n, d_model)."""
+        if not self.stacked:
+            return self.experts[i]
+        return lambda x: self.experts(x, Groups.of([len(x) if j == i else 0 for j in range(self.local_experts)], x.device))
 
 
 def sort_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -147,7 +171,7 @@ def sort_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]
 def moe_reference(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
     """The slow, obvious MoE: route with moe.gate, then loop over tokens and their slots. Same contract
     as moe(x); the tests hold the fast dispatch to it. Needs every expert in this process (not sharded)."""
-    if len(moe.experts) < moe.num_experts:
+    if moe.local_experts < moe.num_experts:
         raise ValueError("moe_reference: this MoE holds only its process's experts (expert parallelism)")
     tokens = x.reshape(-1, x.shape[-1])  # (T, d_model)
     routing = moe.gate(tokens)
@@ -156,6 +180,6 @@ def moe_reference(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         y_t = torch.zeros_like(tokens[t])  # (d_model,)
         for e, w in zip(routing.expert_index[t].tolist(), routing.weight[t]):
             if e >= 0:  # -1: dropped slot, adds nothing
-                y_t = y_t + w * moe.experts[e](tokens[t:t + 1])[0]
+                y_t = y_t + w * moe.expert(e)(tokens[t:t + 1])[0]
         rows.append(y_t)
     return torch.stack(rows).view(x.shape), routing

@@ -10,7 +10,7 @@ GPT, BERT, T5 and GLM are four arrangements of these parts:
 
 from minimodels.nn.attention import KV, LayerCache, MultiHeadAttention, attention, causal_mask, manual_attention
 from minimodels.nn.block import PostLNBlock, PreLNBlock, check_block_options
-from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS, MLP, GatedMLP, build_ffn
+from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS, MLP, GatedMLP, Groups, StackedLinear, build_ffn
 from minimodels.nn.init import normal_init
 from minimodels.nn.gather import all_gather_no_grad, all_gather_with_grad, rank_and_size
 from minimodels.nn.norm import RMSNorm
@@ -18,6 +18,6 @@ from minimodels.nn.position import RelativePositionBias, relative_position_bucke
 from minimodels.nn.sampling import sample_next
 
 __all__ = ["KV", "LayerCache", "MultiHeadAttention", "attention", "causal_mask", "manual_attention", "PostLNBlock",
-           "PreLNBlock", "check_block_options", "ACTIVATIONS", "FFN_KINDS", "MLP", "GatedMLP", "build_ffn", "RMSNorm",
+           "PreLNBlock", "check_block_options", "ACTIVATIONS", "FFN_KINDS", "MLP", "GatedMLP", "Groups", "StackedLinear", "build_ffn", "RMSNorm",
            "RelativePositionBias", "relative_position_bucket", "sample_next",
            "all_gather_no_grad", "all_gather_with_grad", "rank_and_size", "normal_init"]

@@ -110,7 +110,7 @@ def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
         raise unreadable(path, e) from None
 
 
-def load_weights(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, str] | None = None) -> None:
+def load_weights(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, slice] | None = None) -> None:
     """Load model.safetensors into `model`, which must fit it exactly. shards (expert parallelism,
     moe/parallel.py expert_shards): the file holds the whole model; this process takes its own experts from it."""
     missing, unexpected, _ = load_pretrained(model, ckpt, shards)  # upcycling leaves the routers missing
@@ -126,7 +126,7 @@ def load_trainer_state(ckpt: str | Path) -> dict:
         raise unreadable(path, e) from None
 
 
-def load_pretrained(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, str] | None = None
+def load_pretrained(model: torch.nn.Module, ckpt: str | Path, shards: dict[str, slice] | None = None
                     ) -> tuple[list[str], list[str], list[str]]:
     """Copy the weights of checkpoint `ckpt` into `model` wherever the names match (fine-tuning from a
     pretrained run); an MoE layer of `model` that is a dense FFN in the checkpoint gets that FFN in every

@@ -117,7 +117,7 @@ class Parallel:
 
     def __init__(self, model: torch.nn.Module, world: World, fsdp: bool):
         self.model, self.world = model, world
-        # parameters this process alone holds (expert shards): {own name: name in the whole model}
+        # parameters this process alone holds (expert shards): {name: its rows of the whole model's tensor}
         self.shards = expert_shards(model)
         self.fsdp, self.ddp = world.size > 1 and fsdp, None
         if self.fsdp:
@@ -184,8 +184,8 @@ class Parallel:
 
     def gather(self, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict, dict]:
         """(weights, optimizer state, extra trainer state) for a checkpoint; every process must call this. weights:
-        the whole model's tensors (FSDP's gathered to rank 0, every process's experts under their names in the whole
-        model), or None when the model's own state_dict is the whole model."""
+        the whole model's tensors (FSDP's gathered to rank 0; with expert shards every process's rows of the experts'
+        stacked tensors concatenated), or None when the model's own state_dict is the whole model."""
         weights, optimizer_state, extra = None, optimizer.state_dict(), {}
         if self.fsdp:  # whole tensors to rank 0; the optimizer state keyed by parameter name
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -193,10 +193,10 @@ class Parallel:
             optimizer_state = get_optimizer_state_dict(self.model, optimizer, options=full)
             extra["optimizer_by_name"] = True
         if self.shards:
-            mine = {self.shards[n]: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.shards}
+            mine = {n: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.shards}
             weights = {n: t for n, t in self.model.state_dict().items() if n not in self.shards}
-            for part in self.world.gather(mine):
-                weights.update(part)
+            parts = self.world.gather(mine)  # in rank order: the rows of the whole tensors, in order
+            weights.update({n: torch.cat([part[n] for part in parts]) for n in mine})
             extra["optimizer_per_rank"] = self.world.gather(optimizer_state)  # experts' moments differ
         return weights, optimizer_state, extra
 
