@@ -43,7 +43,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from minimodels.config import load_config
 from minimodels.models import build_model
@@ -134,6 +134,13 @@ def adamw_step_ms(model, rounds: int = 20) -> dict[str, float]:
             opt.step()
             times[name].append(clock() - t0)
     return {name: 1e3 * statistics.median(t[2:]) for name, t in times.items()}
+
+
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """The stacked MoE experts' matmuls (FlopCounterMode has no formula for them): (M, K) @ (E, K, N) groups
+    the M rows, (M, K) @ (K, N) the K columns; either way 2 M K N."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
 def step_flops(model, batch: dict) -> int:

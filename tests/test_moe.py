@@ -11,11 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub: 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from minimodels.moe import (GATES, ExpertChoiceGate, GShardGate, MoE, MoEConfig, SwitchGate, TopKGate, build_gate,
                             check_gate, load_balancing_loss, moe_reference, router_z_loss)
 from minimodels.moe.routing import drop_overflow
-from minimodels.nn import MLP, GatedMLP
+from minimodels.nn import MLP, GatedMLP, Groups, StackedLinear
 
 D, D_FF, E = 8, 16, 4
 
@@ -269,6 +270,70 @@ def test_validating_a_moe_config_draws_nothing_from_the_global_rng():
 
 
 # ---------------------------------------------------------------------------------------------- experts
+@pytest.mark.parametrize("kind", [MLP, GatedMLP])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_stacked_experts_equal_each_expert_on_its_rows_with_gradients(kind, dtype):
+    """An FFN built with num_experts (one grouped matmul per weight) == a loop of F.linear over each expert's
+    weight slices on its rows, output and gradients, with an expert that gets no rows (zero gradient)."""
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 1]
+    stacked = kind(D, D_FF, bias=True, num_experts=E)
+    x = torch.randn(sum(counts), D, requires_grad=True)
+    w = {name: p.detach().clone().requires_grad_() for name, p in stacked.named_parameters()}  # (E, ...) each
+    grad = torch.randn(sum(counts), D)
+
+    def loop(x):  # expert e: its own slices of every weight, its own rows
+        layer = lambda h, name, e: F.linear(h, w[f"{name}.weight"][e], w[f"{name}.bias"][e])  # noqa: E731
+        outs = []
+        for e, rows in enumerate(x.split(counts)):
+            if kind is MLP:
+                outs.append(layer(stacked.act(layer(rows, "fc", e)), "proj", e))
+            else:
+                outs.append(layer(stacked.act(layer(rows, "gate", e)) * layer(rows, "fc", e), "proj", e))
+        return torch.cat(outs)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        y = stacked(x, Groups.of(counts))
+        y_loop = loop(x)
+    assert y.dtype == y_loop.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+    y.backward(grad.to(y.dtype))
+    x_grad, x.grad = x.grad, None
+    y_loop.backward(grad.to(y.dtype))
+    tol = dict(rtol=0, atol=1e-6) if dtype == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, y_loop, **tol)
+    torch.testing.assert_close(x_grad, x.grad, **tol)
+    for name, p in stacked.named_parameters():
+        torch.testing.assert_close(p.grad, w[name].grad, **tol, msg=name)
+        assert not p.grad[1].any(), name  # expert 1 had no rows
+
+
+def test_stacked_experts_run_on_no_rows_at_all():
+    stacked = MLP(D, D_FF, num_experts=E)
+    x = torch.zeros(0, D, requires_grad=True)
+    y = stacked(x, Groups.of([0] * E))
+    y.sum().backward()
+    assert y.shape == (0, D) and all(not p.grad.any() for p in stacked.parameters())
+
+
+def test_a_stacked_linear_starts_like_nn_linear():
+    """Each expert's weight and bias ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), as nn.Linear's."""
+    torch.manual_seed(0)
+    d_in, d_out = 64, 48
+    layer = StackedLinear(32, d_in, d_out)
+    bound = d_in ** -0.5
+    for p in (layer.weight, layer.bias):
+        assert p.abs().max() <= bound and p.min() < -0.99 * bound and p.max() > 0.99 * bound
+        assert p.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # the uniform's std
+    assert layer.weight.shape == (32, d_out, d_in) and layer.bias.shape == (32, d_out)
+
+
+def test_custom_experts_run_one_by_one_and_the_built_in_ones_stacked():
+    assert isinstance(MoE(D, E, "topk", d_ff=D_FF).experts.fc, StackedLinear)
+    assert isinstance(MoE(D, E, "topk", expert=lambda: MLP(D, D_FF)).experts, nn.ModuleList)
+    with pytest.raises(ValueError, match="MoE: stacked experts hold 3 experts, num_experts=4"):
+        MoE(D, E, "topk", expert=MLP(D, D_FF, num_experts=3))
+
+
 def test_heterogeneous_experts_train_and_each_gets_gradients():
     torch.manual_seed(0)
     experts = [MLP(D, 4), MLP(D, 32, activation="relu"), GatedMLP(D, 16), nn.Sequential(nn.Linear(D, D), nn.Tanh())]

@@ -71,6 +71,8 @@ class GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # (N, d_out)
         x, weight, offs, expert = ctx.saved_tensors
+        # grouped_mm refuses the zero strides of an expanded gradient (that of a sum), empty ones too
+        grad = grad.contiguous() if grad.numel() else grad.new_zeros(grad.shape)
         grad_x = F.grouped_mm(grad, weight, offs=offs)  # (N, d_in)
         grad_weight = F.grouped_mm(grad.t(), x, offs=offs)  # (E, d_out, d_in): group e's rows only
         grad_bias = grad.new_zeros(weight.shape[:2]).index_add_(0, expert, grad) if ctx.has_bias else None  # (E, d_out)
