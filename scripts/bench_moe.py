@@ -7,12 +7,15 @@
 One step = forward + backward of one layer on T tokens (x (T, d_model) in float32 and, as inside a network,
 needing a gradient; bf16 = torch.autocast on float32 weights, as training runs it), gradients set to None
 after each step as the trainer's zero_grad does.
-Every variant but the floor routes with the same dropless TopKGate(k) and runs the same expert modules
-(MLP d_model -> d_ff -> d_model, GELU), so only the dispatch differs:
+Every variant but the floor routes with the same dropless TopKGate(k) and runs the same experts
+(MLP d_model -> d_ff -> d_model, GELU, equal weights), so only the dispatch differs:
 
-    ours        MoE: sort the token slots by expert, run each expert once on its contiguous slice
-    masked      the per-expert loop of Hugging Face's Switch sparse MLP: for every expert a boolean mask
-                over all tokens, a gather, the expert, and an index_add back
+    ours        MoE: sort the token slots by expert, run all experts on their contiguous slices with stacked
+                (E, ...) weights, one grouped matmul per weight (torch's grouped_mm)
+    list        the same sort-and-split dispatch over a list of E separate MLP modules, one at a time (what
+                MoE does with custom experts)
+    masked      the per-expert loop of Hugging Face's Switch sparse MLP over that list: for every expert a
+                boolean mask over all tokens, a gather, the expert, and an index_add back
     per-token   moe_reference, the loop over tokens the tests use; timed on the first --loop-tokens
                 tokens only (one step per round) and scaled by T / loop_tokens
     dense       one MLP d_model -> k * d_ff -> d_model: the same active FLOPs per token, no router
@@ -71,17 +74,19 @@ class BalancedExperts(torch.nn.Module):
         return torch.baddbmm(self.b2, h, self.w2).view(k, -1, x.shape[-1]).sum(0)  # (T, d_model)
 
 
-def step_fn(variant: str, moe: MoE, dense: MLP, floor: BalancedExperts, x: torch.Tensor, grad: torch.Tensor,
-            dtype: str, loop_tokens: int):
-    params = list(moe.parameters()) + list(dense.parameters()) + list(floor.parameters()) + [x]
+def step_fn(variant: str, moe: MoE, listed: MoE, dense: MLP, floor: BalancedExperts, x: torch.Tensor,
+            grad: torch.Tensor, dtype: str, loop_tokens: int):
+    params = [*moe.parameters(), *listed.parameters(), *dense.parameters(), *floor.parameters(), x]
     k = moe.gate.k
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             if variant == "ours":
                 y, g = moe(x)[0], grad
+            elif variant == "list":
+                y, g = listed(x)[0], grad
             elif variant == "masked":
-                y, g = masked_loop(moe, x), grad
+                y, g = masked_loop(listed, x), grad
             elif variant == "dense":
                 y, g = dense(x), grad
             elif variant == "floor":
@@ -98,14 +103,16 @@ def bench(E: int, k: int, dtype: str, args) -> dict[str, float]:
     """Median milliseconds per step of each variant (per-token: scaled to all T tokens)."""
     torch.manual_seed(0)
     moe = MoE(args.d_model, E, TopKGate(args.d_model, E, k=k), d_ff=args.d_ff)
+    listed = MoE(args.d_model, E, moe.gate, expert=lambda: MLP(args.d_model, args.d_ff))  # the same gate
+    listed.experts.load_state_dict({f"{e}.{name}": t[e] for name, t in moe.experts.state_dict().items() for e in range(E)})
     dense = MLP(args.d_model, k * args.d_ff)
     if (k * args.tokens) % E:
         raise SystemExit(f"error: --tokens {args.tokens} x k={k} slots do not split evenly over E={E} experts")
     floor = BalancedExperts(E, args.d_model, args.d_ff)
     x = torch.randn(args.tokens, args.d_model, requires_grad=True)  # as inside a network: x needs a gradient
     grad = torch.randn(args.tokens, args.d_model)
-    variants = ["ours", "masked", "dense", "floor", "per-token"]
-    steps = {v: step_fn(v, moe, dense, floor, x, grad, dtype, args.loop_tokens) for v in variants}
+    variants = ["ours", "list", "masked", "dense", "floor", "per-token"]
+    steps = {v: step_fn(v, moe, listed, dense, floor, x, grad, dtype, args.loop_tokens) for v in variants}
     for step in steps.values():  # warm-up
         step()
     times = {v: [] for v in variants}
@@ -144,15 +151,16 @@ def main():
     print(f"T={args.tokens} d_model={args.d_model} d_ff={args.d_ff}, forward+backward, "
           f"threads={torch.get_num_threads()}, {args.clock} clock, median of {args.rounds} rounds; "
           f"per-token loop timed on {args.loop_tokens} tokens and scaled\n")
-    print("| dtype | E | k | ours ms | masked ms | dense ms | floor ms | per-token ms "
-          "| masked / ours | ours / dense | floor / dense | ours / floor | per-token / ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | E | k | ours ms | list ms | masked ms | dense ms | floor ms | per-token ms "
+          "| list / ours | masked / ours | ours / dense | floor / dense | ours / floor | per-token / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         for E in args.experts:
             for k in args.top_k:
                 ms = bench(E, k, dtype, args)
-                print(f"| {dtype} | {E} | {k} | {ms['ours']:.1f} | {ms['masked']:.1f} | {ms['dense']:.1f} | "
-                      f"{ms['floor']:.1f} | {ms['per-token']:.0f} | {ms['masked'] / ms['ours']:.2f}x | "
+                print(f"| {dtype} | {E} | {k} | {ms['ours']:.1f} | {ms['list']:.1f} | {ms['masked']:.1f} | "
+                      f"{ms['dense']:.1f} | {ms['floor']:.1f} | {ms['per-token']:.0f} | {ms['list'] / ms['ours']:.2f}x | "
+                      f"{ms['masked'] / ms['ours']:.2f}x | "
                       f"{ms['ours'] / ms['dense']:.2f}x | {ms['floor'] / ms['dense']:.2f}x | {ms['ours'] / ms['floor']:.2f}x | "
                       f"{ms['per-token'] / ms['ours']:.0f}x |", flush=True)
 

@@ -194,7 +194,7 @@ def test_bench_moe_prints_every_variant_with_the_floor_and_cpu_clock_needs_one_t
             "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--loop-tokens", "8", "--clock", "cpu")
     r = sh(*args, "--threads", "1")
     assert r.returncode == 0, r.stderr
-    row = r.stdout.strip().splitlines()[-1].split("|")[1:-1]  # dtype, E, k, 5 times, 5 ratios
-    assert row[:3] == [" fp32 ", " 4 ", " 1 "] and len(row) == 13 and all(float(c) > 0 for c in row[3:8])
+    row = r.stdout.strip().splitlines()[-1].split("|")[1:-1]  # dtype, E, k, 6 times, 6 ratios
+    assert row[:3] == [" fp32 ", " 4 ", " 1 "] and len(row) == 15 and all(float(c) > 0 for c in row[3:9])
     r = sh(*args, "--threads", "2")
     assert r.returncode != 0 and "--clock cpu counts one thread's CPU time: it needs --threads 1" in r.stderr
