@@ -51,8 +51,9 @@ class Groups(NamedTuple):
 
     @staticmethod
     def of(counts: list[int], device: torch.device | str = "cpu") -> Groups:
-        counts = torch.tensor(counts, device=device)
-        return Groups(counts.cumsum(0).to(torch.int32), torch.repeat_interleave(torch.arange(len(counts), device=device), counts))
+        counts = torch.tensor(counts, device=device)  # (E,)
+        expert = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)  # (N,)
+        return Groups(counts.cumsum(0).to(torch.int32), expert)
 
 
 class GroupedLinear(torch.autograd.Function):
