@@ -50,8 +50,8 @@ def judged(true: Tensor, sim: Tensor, unseen: Tensor) -> dict[str, dict[str, flo
 
 def table(n: dict) -> str:
     """The judged numbers as the README's markdown table, a line per group."""
-    lines = [f"| captions | pictures true (1 of {n['samples']}) | best of {n['samples']} by CLIP | any of "
-             f"{n['samples']} | CLIP R-precision (of {n['captions']}) | gallery pictures: true / R-precision |",
+    lines = [f"| captions | true of a picture | of the best of {n['samples']} by CLIP | of any of {n['samples']} | "
+             f"CLIP R-precision (among {n['captions']}) | gallery pictures: true / R-precision |",
              "|---|---:|---:|---:|---:|---:|"]
     for group in ("seen", "unseen", "all"):
         d, g = n["drawn"][group], n["gallery"][group]
