@@ -82,6 +82,7 @@ RUNS = {
     "ptuning_gpt": Run("configs/ptuning_gpt.yaml", started_from("kb_gpt"), ("kb_gpt",)),
     "glm": Run("configs/glm.yaml"),
     "vqvae": Run("configs/vqvae.yaml"),
+    "cogview": Run("configs/cogview.yaml", ("data.image_tokenizer={runs}/vqvae",), ("vqvae",)),
     **{f"gate_{name}": Run("configs/switch_gpt.yaml", GATE_BUDGET + gate) for name, gate in GATES.items()},
     "gate_dense": Run("configs/gpt.yaml", GATE_BUDGET),  # also the dense run the upcycling row starts from
     "upcycle_dense": Run("configs/gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
@@ -310,6 +311,14 @@ ROWS = {
                  lambda n: f"held-out gallery as {n['grid']}x{n['grid']} tokens: PSNR **{n['val_psnr']:.1f} dB** (MSE {n['val_mse']:.4f}), "
                  f"codebook perplexity {n['val_perplexity']:.1f} of {n['codebook_size']} codes, {n['val_dead_codes']:.1%} dead"
                  + part(", {:.1%} of the reconstructions parsed as their scene", n["val_parsed"]) + took(n, "vqvae")),
+    "cogview": Row("CogView (text to image)", "our GPT draws the VQ-VAE tokens of held-out captions' pictures, reranked "
+                   "by runs/clip: share the caption is true of (scene parser), seen vs UNSEEN pairs; CLIP R-precision",
+                   ("cogview", "clip"), lambda runs: script_json("judge_cogview.py", str(runs / "cogview"), "--clip", str(runs / "clip")),
+                   lambda n: f"{n['captions']} held-out captions x {n['samples']} pictures: the caption is true of the parsed "
+                   f"picture for {n['drawn']['all']['true']:.1%} of the pictures, **{n['drawn']['all']['reranked']:.1%}** of "
+                   f"the captions' best by CLIP (UNSEEN pairs {n['drawn']['unseen']['reranked']:.1%}); CLIP R-precision "
+                   f"{n['drawn']['all']['r_precision']:.3f} (gallery pictures {n['gallery']['all']['r_precision']:.3f}, chance "
+                   f"{n['r_precision_chance']:.3f}){took(n, 'cogview')}"),
     "moe_gates": Row("Switch-GPT gates", "Switch-GPT with each gate (switch, topk k=1/2, noisy_topk, gshard) and the "
                      "dense GPT, 300 steps each: val_bpc, dropped slots, load entropy, tokens/s",
                      tuple(f"gate_{g}" for g in GATES) + ("gate_dense",),

@@ -31,11 +31,9 @@ def main(argv=None) -> int:
         from minimodels.config import ConfigError
         from minimodels.data.shapes import gallery_split, image_batch, is_true_of, parse_caption, text_batch
         from minimodels.train.checkpoint import latest_checkpoint
-        from minimodels.train.run import load_run
+        from minimodels.train.run import load_clip_run
 
-        cfg, model, tok = load_run(a.run_dir, a.device)
-        if cfg.model.arch != "brivl" or cfg.data.source != "shapes":
-            raise ConfigError(f"{a.run_dir}: search needs a brivl run on data.source shapes, got {cfg.model.arch} on {cfg.data.source}")
+        cfg, model, tok = load_clip_run(a.run_dir, a.device)
         if not a.query.strip() or a.top < 1:
             raise ConfigError("search needs a non-empty query and --top >= 1")
         device = next(model.parameters()).device

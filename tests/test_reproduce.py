@@ -87,9 +87,10 @@ SMALL = {"gpt": GPT_SIZE + ["data.vocab_size=300"],  # GPT's and BERT's keys
          "kb": GPT_SIZE,  # the knowledge base needs its vocabulary: every object one token
          "t5": ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.vocab_size=300"],
          "brivl": GPT_SIZE + ["model.embed_dim=32", "model.text.n_layer=1", "model.text.n_embd=32", "model.text.n_head=2"],
-         "ptuning": []}
+         "ptuning": [],
+         "vqvae": ["model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4"]}
 ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "t5_records": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",
-        "kb_gpt": "kb", "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning"}  # the others: "gpt"
+        "kb_gpt": "kb", "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning", "vqvae": "vqvae"}  # the others: "gpt"
 
 
 @pytest.mark.slow

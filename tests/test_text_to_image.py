@@ -1,10 +1,14 @@
 """CogView in miniature (minimodels/data/text_to_image.py): the token layout and its loss mask, the image codes'
 offset, sampling restricted to the image codes, the errors naming data.image_tokenizer / data.seq_len, and a tiny
-VQ-VAE run, then a tiny cogview run through run(), then scripts/draw.py and `minimodels generate`."""
+VQ-VAE run, then a tiny cogview run through run(), then scripts/draw.py and `minimodels generate`; with a tiny CLIP
+run, draw.py's reranking and scripts/judge_cogview.py (its shares in closed form, and on the tiny runs)."""
 
+import importlib.util
+import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +17,22 @@ import torch.nn.functional as F
 from conftest import losses
 from minimodels.config import ConfigError, load_config
 from minimodels.data import DataError, shapes, train_tokenizer
-from minimodels.data.text_to_image import BOI, ImageTokens, longest_caption
+from minimodels.data.scene_parser import parse_scene
+from minimodels.data.text_to_image import BOI, ImageTokens, clip_similarity, longest_caption
 from minimodels.models import GPT, GPTConfig
 from minimodels.models.vqvae import VQVAE, VQVAEConfig
-from minimodels.train.run import load_image_tokenizer, load_run, run
+from minimodels.train.run import load_clip_run, load_drawing_run, load_image_tokenizer, load_run, run
+
+
+def script(name: str):
+    """scripts/<name>.py as a module, to call its main(argv) in this process."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+draw, judge_cogview = script("draw"), script("judge_cogview")
 
 VQ = ("model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4", "train.batch_size=8",
       "train.max_steps=2", "train.eval_batches=1", "train.device=cpu", "output.plot=false")
@@ -133,3 +149,82 @@ def test_a_tiny_run_trains_on_image_tokens_and_draws(runs, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: generate: a text_to_image run draws pictures; "
                                                      f"write them with python scripts/draw.py {out}")
+
+
+CLIP_TINY = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.embed_dim=32", "model.text.n_layer=1",
+             "model.text.n_embd=32", "model.text.n_head=2", "train.batch_size=8", "train.max_steps=2",
+             "train.eval_batches=1", "train.device=cpu", "output.plot=false")
+
+
+@pytest.fixture(scope="module")
+def clip_run(runs):
+    """A tiny CLIP run (configs/clip.yaml, 64 train scenes) next to the tiny cogview run: the reranker."""
+    root, _ = runs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shapes, "N_TRAIN", 64)
+        run(load_config("configs/clip.yaml", [*CLIP_TINY, f"output.dir={root / 'clip'}"]), quiet=True)
+    return root / "clip"
+
+
+def test_rerank_prints_the_kept_pictures_best_first_with_their_clip_scores(runs, clip_run, tmp_path, capsys):
+    root, _ = runs
+    prompt = "a small red circle above a big blue box"
+    assert draw.main([str(root / "cogview"), "--prompt", prompt, "--num-samples", "4", "--rerank", str(clip_run),
+                      "--keep", "2", "--out", str(tmp_path / "best.png"), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ranked = [(float(score), int(i) - 1) for _, score, _, i, _ in (line.split() for line in lines[:-1])]
+    assert len(ranked) == 2 and lines[-1] == f"2 pictures -> {tmp_path / 'best.png'}"
+    # the same 4 pictures (same seed), scored here: draw.py kept the two best, best first
+    _, model, tok, image_tokenizer, layout = load_drawing_run(root / "cogview", "cpu")
+    images = layout.generate(model, image_tokenizer, [tok.encode(prompt)] * 4, generator=torch.Generator().manual_seed(0))
+    clip_cfg, clip, clip_tok = load_clip_run(clip_run, "cpu")
+    scores = clip_similarity(clip, clip_tok, clip_cfg.data.seq_len, images, [parse_scene(im) for im in images], [prompt])[:, 0]
+    for score, i in ranked:
+        assert abs(score - scores[i].item()) < 1e-3
+    assert ranked[0][0] >= ranked[1][0] >= scores.sort(descending=True).values[2].item() - 1e-3
+    assert draw.main([str(root / "cogview"), "--prompt", prompt, "--keep", "2"]) == 2
+    assert capsys.readouterr().err == "error: --keep: needs --rerank and 1 .. --num-samples (8), got 2\n"
+
+
+def test_judged_shares_in_closed_form():
+    true = torch.tensor([[0, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)  # (C=3 captions, N=3 pictures)
+    own = torch.tensor([[0.1, 0.9, 0.2], [0.6, 0.7, 0.4], [0.3, 0.8, 0.9]])  # each picture's score for its caption
+    sim = torch.zeros(3, 3, 3)
+    for c in range(3):
+        sim[c, :, c] = own[c]
+        sim[c, :, (c + 1) % 3] = 0.5  # a rival caption: the own one ranks first where it scores above 0.5
+    n = judge_cogview.judged(true, sim, torch.tensor([False, True, True]))
+    expected = {"seen": {"captions": 1, "true": 1 / 3, "reranked": 1, "any": 1, "r_precision": 1 / 3},
+                "unseen": {"captions": 2, "true": 1 / 2, "reranked": 1 / 2, "any": 1 / 2, "r_precision": 2 / 3},
+                "all": {"captions": 3, "true": 4 / 9, "reranked": 2 / 3, "any": 2 / 3, "r_precision": 5 / 9}}
+    assert n.keys() == expected.keys()
+    for group, values in expected.items():
+        assert n[group] == pytest.approx(values), group
+
+
+def test_the_judge_on_a_tiny_run(runs, clip_run, capsys):
+    root, _ = runs
+    args = [str(root / "cogview"), "--clip", str(clip_run), "--samples", "3", "--device", "cpu"]
+    assert judge_cogview.main(args + ["--per-group", "2", "--json"]) == 0
+    n = json.loads(capsys.readouterr().out)
+    assert (n["captions"], n["samples"], n["r_precision_chance"]) == (4, 3, 1 / 4)
+    for numbers in (n["drawn"], n["gallery"]):
+        assert [numbers[g]["captions"] for g in ("seen", "unseen", "all")] == [2, 2, 4]
+        for d in numbers.values():
+            assert 0 <= d["true"] <= d["any"] and d["reranked"] <= d["any"] <= 1 and 0 <= d["r_precision"] <= 1
+    # the captions: the gallery's first two naming no UNSEEN pair, then its first two naming one
+    gallery = shapes.gallery_split()
+    names = [any((p.colour, p.shape) in shapes.UNSEEN for p in c.phrases) for c in gallery.captions]
+    picked = [i for i, u in enumerate(names) if not u][:2] + [i for i, u in enumerate(names) if u][:2]
+    true = [shapes.is_true_of(gallery.captions[i], parse_scene(gallery.images[i])) for i in picked]
+    assert n["gallery"]["all"]["true"] == sum(true) / 4 and n["gallery"]["unseen"]["true"] == sum(true[2:]) / 2
+    assert judge_cogview.main(args + ["--per-group", "1000"]) == 2
+    assert capsys.readouterr().err.startswith("error: --per-group: the gallery has ")
+
+
+def test_the_drawing_and_the_clip_run_must_be_of_their_kinds(runs, clip_run):
+    root, _ = runs
+    with pytest.raises(ConfigError, match=r"clip: needs a text_to_image run \(configs/cogview.yaml\), got data.task image_text$"):
+        load_drawing_run(clip_run, "cpu")
+    with pytest.raises(ConfigError, match=r"cogview: needs a brivl run on data.source shapes \(configs/clip.yaml\), got gpt on shapes$"):
+        load_clip_run(root / "cogview", "cpu")

@@ -132,6 +132,21 @@ def encode_pictures(image_tokenizer, images: Tensor) -> Tensor:
     return torch.cat(codes)
 
 
+def clip_similarity(clip, tokenizer: Tokenizer, seq_len: int, images: Tensor, scenes: list[tuple[shapes.Object, ...]],
+                    captions: list[str]) -> Tensor:
+    """How well each picture fits each caption under a trained BriVL / CLIP model (CogView reranks its samples with
+    such a model): images (N, 3, H, W) uint8, the objects of each picture, C caption texts (tokens of `tokenizer`,
+    cut to seq_len) -> (N, C) cosine similarities. The image tower's region boxes are those of `scenes` (for a drawn
+    picture the scene parser's objects, the first MAX_OBJECTS of them: BriVL reads its boxes off an object detector)."""
+    device = next(clip.parameters()).device
+    batch = shapes.image_batch(images, [s[:shapes.MAX_OBJECTS] for s in scenes])
+    text = shapes.text_batch(tokenizer, captions, seq_len)
+    with torch.no_grad():
+        image = clip.embed_images(**{k: v.to(device) for k, v in batch.items()})  # (N, D) unit norm
+        text = clip.embed_texts(**{k: v.to(device) for k, v in text.items()})  # (C, D) unit norm
+    return (image @ text.T).float().cpu()  # (N, C)
+
+
 class TextToImageTask(TextTask):
     """Batches: input_ids (B, T) and labels (B, T), laid out as in the module docstring."""
 

@@ -23,6 +23,7 @@ import torch
 
 from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
 from minimodels.data import TASKS, Tokenizer, build_task
+from minimodels.data.text_to_image import ImageTokens
 from minimodels.models import build_model
 from minimodels.models.inherit import Inheritance
 from minimodels.moe.parallel import expert_shards
@@ -69,6 +70,26 @@ def load_image_tokenizer(source: str | Path):
     if cfg.model.arch != "vqvae":
         raise ConfigError(f"data.image_tokenizer: {source} is a {cfg.model.arch} run, not a vqvae one")
     return model
+
+
+def load_drawing_run(run_dir: str | Path, device: str = "auto"):
+    """A text_to_image (CogView) run, to draw with: (config, GPT in eval mode, tokenizer, its VQ-VAE, the layout of
+    its examples, data/text_to_image.py's ImageTokens)."""
+    cfg, model, tok = load_run(run_dir, device)
+    if cfg.data.task != "text_to_image":
+        raise ConfigError(f"{run_dir}: needs a text_to_image run (configs/cogview.yaml), got data.task {cfg.data.task}")
+    image_tokenizer = load_image_tokenizer(cfg.data.image_tokenizer)
+    return cfg, model, tok, image_tokenizer, ImageTokens.build(tok, image_tokenizer, cfg.data.seq_len or cfg.model.block_size)
+
+
+def load_clip_run(run_dir: str | Path, device: str = "auto"):
+    """A BriVL / CLIP run on the shapes (configs/clip.yaml), to search or rerank with: (config, model in eval mode,
+    tokenizer)."""
+    cfg, model, tok = load_run(run_dir, device)
+    if cfg.model.arch != "brivl" or cfg.data.source != "shapes":
+        raise ConfigError(f"{run_dir}: needs a brivl run on data.source shapes (configs/clip.yaml), got "
+                          f"{cfg.model.arch} on {cfg.data.source}")
+    return cfg, model, tok
 
 
 def fill_backbone(cfg: ExperimentConfig) -> None:
