@@ -26,7 +26,8 @@ import yaml
 
 from minimodels.data import TASKS, DataConfig
 from minimodels.models import MODEL_CONFIGS
-from minimodels.schema import ConfigError, apply_override, build, check_keys, need, read_yaml, suggest
+from minimodels.models.inherit import TeacherConfig
+from minimodels.schema import ConfigError, apply_override, build, check_keys, need, read_yaml, suggest, to_dict
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what train.device and --device accept
 
@@ -35,20 +36,6 @@ DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what train.device and --devi
 class DistributedConfig:
     backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl; used only under torchrun
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP
-
-
-@dataclass
-class TeacherConfig:
-    run: str  # a trained (smaller) model's run folder with this run's tokenizer, e.g. runs/gpt
-    alpha: float = 1.0  # the teacher's share of the loss at step 0 (minimodels/models/inherit.py)
-    decay_steps: int | None = None  # alpha decays linearly to 0 over this many steps; null = constant alpha
-    temperature: float = 2.0  # T: both distributions are softened by T before the KL
-
-    def validate(self) -> None:
-        need(0 <= self.alpha <= 1, "train.teacher.alpha", f"must be in [0, 1], got {self.alpha}")
-        need(0 < self.temperature < math.inf, "train.teacher.temperature", f"must be positive, got {self.temperature}")
-        need(self.decay_steps is None or self.decay_steps > 0, "train.teacher.decay_steps",
-             f"must be positive or null (constant alpha), got {self.decay_steps}")
 
 
 @dataclass
@@ -92,8 +79,6 @@ class TrainConfig:
         need(self.dtype in ("auto", "bf16", "fp32", "fp16"), "train.dtype",
              f"must be auto, bf16, fp32 or fp16, got {self.dtype!r}")
         need(self.eval_batches is None or self.eval_batches > 0, "train.eval_batches", "must be positive or null")
-        if self.teacher is not None:
-            self.teacher.validate()
         need(self.distributed.backend in ("auto", "gloo", "nccl"), "train.distributed.backend",
              f"must be auto, gloo or nccl, got {self.distributed.backend!r}")
 
@@ -164,16 +149,16 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
     def check(ok: bool, key: str, problem: str) -> None:
         need(ok, key, problem, where)
 
-    def check_section(section) -> None:
+    def check_section(section, *context) -> None:
         try:
-            section.validate()
+            section.validate(*context)
         except ValueError as e:  # the section names its own key, e.g. "model.n_embd: ..."
             raise ConfigError(f"{where}: {e}") from None
 
     check_section(m)
     check_section(t)
-    check(t.teacher is None or m.arch in ("gpt", "bert"), "train.teacher",
-          f"knowledge inheritance compares a GPT's or BERT's token scores; model.arch is {m.arch!r}")
+    if t.teacher is not None:  # its options and the student it can teach
+        check_section(t.teacher, m.arch)
     check(d.task in TASKS, "data.task", f"unknown task {d.task!r}{suggest(d.task, TASKS)}")
     archs = TASKS[d.task].archs
     fitting = [name for name, task in TASKS.items() if m.arch in task.archs]
@@ -190,16 +175,6 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def to_dict(cfg: Any) -> Any:
-    """A config as plain YAML data: dataclasses become dicts in field order (so model.arch comes first), tuples
-    lists; ready for yaml.safe_dump."""
-    if isinstance(cfg, (tuple, list)):
-        return [to_dict(v) for v in cfg]
-    if dataclasses.is_dataclass(cfg):  # the experiment, a section, or a nested one such as model.moe
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    return cfg
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

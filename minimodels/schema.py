@@ -2,7 +2,8 @@
 
 The machinery under `minimodels.config.load_config`, and under any section a model reads on its own (P-tuning's
 backbone): `read_yaml` refuses duplicate keys, `apply_override` applies one `key.sub=value`, `build` checks every
-key and value of a mapping against a dataclass's type hints. Imports nothing of minimodels.
+key and value of a mapping against a dataclass's type hints; `to_dict` turns a config back into YAML data. Imports
+nothing of minimodels.
 """
 
 from __future__ import annotations
@@ -143,3 +144,13 @@ def convert(value: Any, tp: Any, key: str, where: str) -> Any:
         return value
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{where}: {key}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def to_dict(cfg: Any) -> Any:
+    """A config as plain YAML data: dataclasses become dicts in field order (so model.arch comes first), tuples
+    lists; ready for yaml.safe_dump."""
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    if dataclasses.is_dataclass(cfg):  # the experiment, a section, or a nested one such as model.moe
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    return cfg

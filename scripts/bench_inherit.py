@@ -29,9 +29,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_train import BATCHES, step_flops
-from minimodels.config import TeacherConfig, load_config
+from minimodels.config import load_config
 from minimodels.models import build_model
-from minimodels.models.inherit import Inheritance
+from minimodels.models.inherit import Inheritance, TeacherConfig
 from minimodels.train.memory import reuse_freed_memory
 
 

@@ -62,7 +62,7 @@ def bert_batch(cfg, g):
     B, T = cfg.train.batch_size, cfg.data.seq_len or cfg.model.block_size
     ids = torch.randint(0, cfg.model.vocab_size, (B, T), generator=g)
     selected = torch.rand(B, T, generator=g) < cfg.data.mask_prob
-    return {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "labels": ids.masked_fill(~selected, -100)}
+    return {"input_ids": ids, "padding_mask": torch.ones(B, T, dtype=torch.long), "labels": ids.masked_fill(~selected, -100)}
 
 
 def t5_batch(cfg, g):
@@ -70,7 +70,7 @@ def t5_batch(cfg, g):
     spans = max(1, round(T * cfg.data.noise_density / cfg.data.mean_span_length))
     t_out = round(T * cfg.data.noise_density) + spans + 1  # dropped tokens + one sentinel per span + eos
     ids = torch.randint(0, cfg.model.vocab_size, (B, T), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long),
+    return {"input_ids": ids, "padding_mask": torch.ones(B, T, dtype=torch.long),
             "labels": torch.randint(0, cfg.model.vocab_size, (B, t_out), generator=g)}
 
 

@@ -59,7 +59,7 @@ def main() -> None:
     dtype = resolve_dtype("auto", device)
     task = KBProbeTask(tokenizer, cfg=cfg.data)
     causal = task.causal
-    manual_score = lambda b: model.score(b["input_ids"], b["labels"], b["attention_mask"]).logits  # noqa: E731
+    manual_score = lambda b: model.score(b["input_ids"], b["labels"], b["padding_mask"]).logits  # noqa: E731
     ptuned_score = lambda b: model(**b).logits  # noqa: E731
 
     columns = ["majority", "best manual", "mean manual", "corpus phrasing", "P-tuning"]

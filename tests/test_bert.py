@@ -27,7 +27,7 @@ def tiny_bert(impl="auto", **kw) -> BERT:
 
 
 def padded_batch(vocab=60, T=12, seed=1):
-    """ids (3, T), attention_mask with rows of length T, 8 and 3, token types 0/1 (segments A then B)."""
+    """ids (3, T), padding_mask with rows of length T, 8 and 3, token types 0/1 (segments A then B)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (3, T), generator=g)
     mask = torch.ones(3, T, dtype=torch.long)
@@ -62,8 +62,8 @@ def test_parity_with_hf_masked_lm(impl):
     labels[~real] = -100
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
-        ours = model(ids, attention_mask=mask, token_type_ids=types)
-        ours_loss = model(ids, attention_mask=mask, token_type_ids=types, labels=labels)
+        ours = model(ids, padding_mask=mask, token_type_ids=types)
+        ours_loss = model(ids, padding_mask=mask, token_type_ids=types, labels=labels)
     assert ours.logits.shape == theirs.logits.shape == (3, 12, 60)
     assert (ours.logits - theirs.logits)[real].abs().max() <= 1e-5  # padded positions' outputs are meaningless
     assert abs(ours_loss.loss.item() - theirs.loss.item()) <= 1e-5
@@ -81,7 +81,7 @@ def test_parity_with_hf_bert_model_pooled_output():
     ids, mask, types = padded_batch()
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
-        ours = model(ids, attention_mask=mask, token_type_ids=types)
+        ours = model(ids, padding_mask=mask, token_type_ids=types)
     assert (ours.hidden_states - theirs.last_hidden_state)[mask.bool()].abs().max() <= 1e-5
     assert (ours.pooled - theirs.pooler_output).abs().max() <= 1e-5
     assert ours.logits is None
@@ -215,8 +215,8 @@ def test_mlm_masking_statistics(wordpiece):
     collate = MLMCollator(tok, mask_prob=0.15)
     batch = collate(examples, torch.Generator().manual_seed(0))
     orig = torch.nn.utils.rnn.pad_sequence(examples, batch_first=True, padding_value=tok.pad_id)
-    real = batch["attention_mask"].bool()
-    assert torch.equal(real, orig != tok.pad_id) and torch.equal(batch["attention_mask"].sum(1), torch.tensor(list(map(len, examples))))
+    real = batch["padding_mask"].bool()
+    assert torch.equal(real, orig != tok.pad_id) and torch.equal(batch["padding_mask"].sum(1), torch.tensor(list(map(len, examples))))
     selected = batch["labels"] != -100
     special = torch.isin(orig, torch.tensor(sorted(tok.special_ids)))
     assert not (selected & special).any() and not (selected & ~real).any()  # never special tokens or padding
@@ -287,7 +287,7 @@ def test_package_task_splits_by_file(wordpiece):
         assert all(0 <= y < len(task.classes) for y in labels) and set(labels) == set(range(len(task.classes)))
         assert all(x[0] == wordpiece.cls_id and x[-1] == wordpiece.sep_id and 3 <= len(x) <= 64 for x in ids)
     batch = task.collate(task.val[:5])
-    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["labels"].shape == (5,)
+    assert batch["input_ids"].shape == batch["padding_mask"].shape and batch["labels"].shape == (5,)
     assert task.model_overrides() == {"vocab_size": wordpiece.vocab_size, "num_labels": len(task.classes)}
     assert 0 < task.unigram_baseline()["val_acc"] < 0.5  # the majority class is far from everything
 

@@ -38,7 +38,7 @@ def batch(B=4, T=6, seed=0):
     box_mask = torch.arange(3) < torch.tensor([1, 2, 3, 2][:B] + [3] * max(0, B - 4))[:, None]
     return {"images": torch.randn(B, 3, 32, 32, generator=g), "boxes": torch.cat([x0y0, x0y0 + 0.3], -1),
             "box_mask": box_mask, "input_ids": torch.randint(0, 20, (B, T), generator=g),
-            "attention_mask": (torch.arange(T) < torch.tensor([6, 4, 5, 3][:B] + [6] * max(0, B - 4))[:, None]).long()}
+            "padding_mask": (torch.arange(T) < torch.tensor([6, 4, 5, 3][:B] + [6] * max(0, B - 4))[:, None]).long()}
 
 
 # --------------------------------------------------------------------------- queue and momentum
@@ -74,7 +74,7 @@ def test_model_queues_fill_then_stay_full_and_eval_leaves_them_alone():
     # the keys are the momentum towers' embeddings: unit norm, the last batch at slots 4, 5, 0, 1
     assert torch.allclose(model.text_queue.norm(dim=-1), torch.ones(6), atol=1e-5)
     with torch.no_grad():
-        k = model.text_m(b["input_ids"], b["attention_mask"])
+        k = model.text_m(b["input_ids"], b["padding_mask"])
     assert torch.allclose(model.text_queue[[4, 5, 0, 1]], k, atol=1e-6)
 
 
@@ -380,19 +380,19 @@ def test_grad_accum_is_the_mean_of_micro_batch_losses_not_one_big_batch(name, tm
     assert grads.keys() == expected.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], expected[n], rtol=1e-4, atol=1e-7, msg=n)
-    both = {k: torch.cat([first[k], second[k]]) for k in first if k not in ("input_ids", "attention_mask")}
+    both = {k: torch.cat([first[k], second[k]]) for k in first if k not in ("input_ids", "padding_mask")}
     both |= text_batch_of(t.task, [first, second])
     big_loss, big = gradient([both])
     assert abs(big_loss - loss) > 1e-3 and (big["text.proj.2.weight"] - grads["text.proj.2.weight"]).abs().max() > 1e-4
 
 
 def text_batch_of(task, batches):
-    """input_ids and attention_mask of several batches as one, padded to the longest caption."""
+    """input_ids and padding_mask of several batches as one, padded to the longest caption."""
     from minimodels.data.collate import pad_right
 
-    rows = [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    rows = [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b["input_ids"], b["padding_mask"])]
     ids, real = pad_right(rows, task.tokenizer.pad_id)
-    return {"input_ids": ids, "attention_mask": real.long()}
+    return {"input_ids": ids, "padding_mask": real.long()}
 
 
 def test_a_killed_brivl_run_resumes_with_the_same_losses_and_queues(tmp_path, monkeypatch):

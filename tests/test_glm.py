@@ -15,7 +15,7 @@ from minimodels.data.blank_infilling import (BlankInfillingCollator, BlankInfill
                                              gmask_span, mask_spans, place_spans, sentence_ends, sentence_spans,
                                              show_fills, special_ids)
 from minimodels.data.corpus import DataError
-from minimodels.models.glm import GLM, GLMConfig, glm_attention_mask
+from minimodels.models.glm import GLM, GLMConfig, glm_attn_mask
 
 V, M, S, E = 40, 37, 38, 39  # vocabulary of the small test models; ids of [MASK], [sop], [eop] in it
 
@@ -49,7 +49,7 @@ def test_paper_example_tokens_positions_and_targets():
     assert r["part_a_len"].tolist() == [5]
 
 
-def test_paper_example_attention_mask():
+def test_paper_example_attn_mask():
     """Figure 2(d): rows are queries, columns keys; Part A sees Part A only, Part B sees Part A and itself causally."""
     expected = torch.tensor([
         # x1 x2 M  x4 M  S  x5 x6 S  x3
@@ -64,9 +64,9 @@ def test_paper_example_attention_mask():
         [1, 1, 1, 1, 1, 1, 1, 1, 1, 0],  # [S]
         [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],  # x3
     ], dtype=torch.bool)
-    assert torch.equal(glm_attention_mask(paper_example()["part_a_len"], 10, 10)[0], expected)
+    assert torch.equal(glm_attn_mask(paper_example()["part_a_len"], 10, 10)[0], expected)
     # with a cache: the last 3 queries of the same mask
-    assert torch.equal(glm_attention_mask(torch.tensor([5]), 3, 10)[0], expected[7:])
+    assert torch.equal(glm_attn_mask(torch.tensor([5]), 3, 10)[0], expected[7:])
 
 
 # ---------------------------------------------------------------------------------------------- what the model sees

@@ -599,14 +599,14 @@ def test_padding_takes_no_expert_capacity(arch):
     longer_mask = torch.cat([mask, torch.zeros(2, 4, dtype=mask.dtype)], dim=1)
     other = longer.masked_fill(~longer_mask.bool(), 7)  # other ids at the padding
     if arch == "bert":
-        a = model(ids, attention_mask=mask).hidden_states
-        b = model(other, attention_mask=longer_mask).hidden_states
+        a = model(ids, padding_mask=mask).hidden_states
+        b = model(other, padding_mask=longer_mask).hidden_states
     else:
         a = model.encode(ids, mask)[0]
         b = model.encode(other, longer_mask)[0]
     real = mask.bool()
     torch.testing.assert_close(a[real], b[:, :12][real], rtol=0, atol=1e-5)
-    assert model(ids, attention_mask=mask, **({"labels": ids} if arch == "t5" else {})).routings[0].expert_index.shape[0] == int(mask.sum())
+    assert model(ids, padding_mask=mask, **({"labels": ids} if arch == "t5" else {})).routings[0].expert_index.shape[0] == int(mask.sum())
 
 
 # ---------------------------------------------------------------------------------------------- upcycling

@@ -1,8 +1,11 @@
 """The README's commands, end to end on a tiny model: train from configs/gpt.yaml with overrides, then generate."""
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +201,22 @@ def test_bench_moe_prints_every_variant_with_the_floor_and_cpu_clock_needs_one_t
     assert row[:3] == [" fp32 ", " 4 ", " 1 "] and len(row) == 15 and all(float(c) > 0 for c in row[3:9])
     r = sh(*args, "--threads", "2")
     assert r.returncode != 0 and "--clock cpu counts one thread's CPU time: it needs --threads 1" in r.stderr
+
+
+def test_same_metrics_compares_logs_bit_for_bit_without_timings(tmp_path):
+    """scripts/same_metrics.py: keys ending in _s are left out; a float one ulp apart is a difference, named by
+    its line and key; a log cut short is one too."""
+    spec = importlib.util.spec_from_file_location("same_metrics", Path(__file__).parents[1] / "scripts" / "same_metrics.py")
+    same_metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(same_metrics)
+    loss = 2.0 / 3.0
+    logs = {"a": [{"step": 1, "loss": loss, "tokens_per_s": 10.0}, {"step": 2, "val_loss": loss, "time_s": 1.0}],
+            "timed": [{"step": 1, "loss": loss, "tokens_per_s": 20.0}, {"step": 2, "val_loss": loss, "time_s": 3.0}],
+            "ulp": [{"step": 1, "loss": loss}, {"step": 2, "val_loss": math.nextafter(loss, 1.0)}]}
+    for name, events in logs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    a, timed, ulp = (same_metrics.untimed(tmp_path / name) for name in logs)
+    assert same_metrics.first_difference(a, timed) == ""
+    assert same_metrics.first_difference(a, ulp).startswith("line 2: val_loss (")
+    assert same_metrics.first_difference(a, a[:1]) == "2 vs 1 lines"

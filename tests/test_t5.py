@@ -71,7 +71,7 @@ def test_logits_and_loss_match_hf(version, hf_kw, impl):
     ids, mask, labels = batch()
     decoder_ids = model.shift_right(labels)
     with torch.no_grad():
-        ours = model(ids, attention_mask=mask, labels=labels)
+        ours = model(ids, padding_mask=mask, labels=labels)
         theirs = hf(input_ids=ids, attention_mask=mask, labels=labels)
         real = labels != -100  # compare where the decoder reads real tokens
         assert (ours.logits - theirs.logits)[real].abs().max() <= 1e-5
@@ -80,7 +80,7 @@ def test_logits_and_loss_match_hf(version, hf_kw, impl):
         enc = hf.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         assert (ours.encoder_hidden_states - enc)[mask.bool()].abs().max() <= 1e-5
         # explicit decoder inputs give the same logits as labels shifted inside
-        assert torch.equal(model(ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits, ours.logits)
+        assert torch.equal(model(ids, padding_mask=mask, decoder_input_ids=decoder_ids).logits, ours.logits)
         # round trip back to transformers: the very same weights, so the very same logits
         back = t5_to_hf(model)
         assert torch.equal(back(input_ids=ids, attention_mask=mask, labels=labels).logits, theirs.logits)
@@ -97,13 +97,13 @@ def test_greedy_and_beam_generation_match_hf(version):
     free = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)
     eos = int(free[0, 3])
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos)
-    ours = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos)
+    ours = model.generate(ids, padding_mask=mask, max_new_tokens=10, eos_token_id=eos)
     assert torch.equal(ours, expected)
     assert (ours[0, 5:] == 0).all()  # padded after eos
     # beam search without eos: the num_beams best by summed log-probability, as in HF
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False,
                            eos_token_id=None, length_penalty=0.0)
-    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=3, length_penalty=0.0), expected)
+    assert torch.equal(model.generate(ids, padding_mask=mask, max_new_tokens=8, num_beams=3, length_penalty=0.0), expected)
 
 
 def test_from_hf_rejects_what_we_do_not_implement():
@@ -149,7 +149,7 @@ def test_cached_decoding_equals_uncached(tie):
 def sequence_log_prob(model, ids, mask, out):
     """sum_t log P(y_t | y_<t, x) of the generated tokens out[:, 1:], teacher forced."""
     with torch.no_grad():
-        logp = F.log_softmax(model(ids, attention_mask=mask, decoder_input_ids=out[:, :-1]).logits.float(), -1)
+        logp = F.log_softmax(model(ids, padding_mask=mask, decoder_input_ids=out[:, :-1]).logits.float(), -1)
     return logp.gather(-1, out[:, 1:, None]).squeeze(-1).sum(-1)  # (B,)
 
 
@@ -197,7 +197,7 @@ def test_encoder_padding_is_invisible():
     padded = torch.cat([ids, torch.full((1, 5), 7)], 1)  # padding with a non-pad id: only the mask may hide it
     mask = torch.cat([torch.ones(1, 8), torch.zeros(1, 5)], 1).long()
     with torch.no_grad():
-        a, b = model(ids, labels=labels[:1]), model(padded, attention_mask=mask, labels=labels[:1])
+        a, b = model(ids, labels=labels[:1]), model(padded, padding_mask=mask, labels=labels[:1])
     torch.testing.assert_close(b.encoder_hidden_states[:, :8], a.encoder_hidden_states, rtol=0, atol=1e-5)
     torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-5)
 
@@ -272,8 +272,8 @@ def test_cross_attention_cache():
     block = PreLNBlock(MultiHeadAttention(16, 2, bias=False, causal=True, scaled=False),
                        build_ffn("mlp", 16, 32, "relu", 0.0, False), partial(RMSNorm, 16),
                        cross_attn=MultiHeadAttention(16, 2, bias=False, cross=True, scaled=False)).eval()
-    _, cache, _ = block(x, memory=memory, memory_mask=mask)
-    _, cache2, _ = block(torch.randn(2, 1, 16), memory=None, memory_mask=mask, cache=cache)
+    _, cache, _ = block(x, memory=memory, memory_padding_mask=mask)
+    _, cache2, _ = block(torch.randn(2, 1, 16), memory=None, memory_padding_mask=mask, cache=cache)
     sizes = lambda c: [t.size(2) for t in (*c.self_kv, *c.cross_kv)]  # noqa: E731
     assert sizes(cache) == [3, 3, 5, 5] and sizes(cache2) == [4, 4, 5, 5]
 
@@ -345,7 +345,7 @@ def test_span_corruption_statistics():
     a, b = (collator(tokens, torch.Generator().manual_seed(s)) for s in (1, 1))
     c = collator(tokens, torch.Generator().manual_seed(2))
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["input_ids"], c["input_ids"])
-    assert a["input_ids"].shape == a["attention_mask"].shape and a["attention_mask"][1].sum() < a["attention_mask"][0].sum()
+    assert a["input_ids"].shape == a["padding_mask"].shape and a["padding_mask"][1].sum() < a["padding_mask"][0].sum()
     assert (a["labels"][1] == -100).any() and not (a["labels"][0] == -100).any()
 
 

@@ -98,7 +98,7 @@ class DocstringToTextTask(TextTask):
             nats += F.cross_entropy(logits[real], labels[real], reduction="sum").double().item()
             correct += int((logits.argmax(dim=-1)[real] == labels[real]).sum())
             tokens += int(real.sum())
-            out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=self.max_target_len,
+            out = model.generate(batch["input_ids"], batch["padding_mask"], max_new_tokens=self.max_target_len,
                                  eos_token_id=self.tokenizer.eos_id)  # (B, 1 + n), starts with the decoder start token
             for b in range(len(labels)):
                 exact += self._until_eos(out[b, 1:].tolist()) == self._until_eos(labels[b].tolist())

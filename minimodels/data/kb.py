@@ -263,7 +263,7 @@ class ProbeExample:
 
 class KBProbeTask(TextTask):
     """P-tuning's task, data.task: kb_probe. Examples are the facts of the probe's train half, each filled into
-    data.template; val is the held-out half. Batches: input_ids, prompt_index, labels, attention_mask (B, T)
+    data.template; val is the held-out half. Batches: input_ids, prompt_index, labels, padding_mask (B, T)
     and relation (B,) (each relation has prompts of its own). Metrics: val_p_at_1 over all held-out facts and
     p_at_1/<relation> per relation, from the model's `logits` (B, V) at the object's position."""
 
@@ -306,7 +306,7 @@ class KBProbeTask(TextTask):
         input_ids, real = pad_right([e.input_ids for e in examples], self.tokenizer.pad_id)  # (B, T)
         prompt_index, _ = pad_right([e.prompt_index for e in examples], -1)  # (B, T)
         labels, _ = pad_right([e.labels for e in examples], IGNORE_INDEX)  # (B, T), one label per row
-        return {"input_ids": input_ids, "attention_mask": real.long(), "prompt_index": prompt_index,
+        return {"input_ids": input_ids, "padding_mask": real.long(), "prompt_index": prompt_index,
                 "labels": labels, "relation": torch.tensor([e.relation for e in examples])}
 
     @torch.no_grad()

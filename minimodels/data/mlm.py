@@ -32,7 +32,7 @@ from minimodels.schema import ConfigError
 
 
 class MLMCollator:
-    """Batches for masked LM: `input_ids` (B, T) with the selected tokens corrupted, `attention_mask` (B, T)
+    """Batches for masked LM: `input_ids` (B, T) with the selected tokens corrupted, `padding_mask` (B, T)
     (1 = real token, 0 = padding) and `labels` (B, T): the original token where selected, -100 elsewhere.
 
     Per sequence exactly max(1, round(mask_prob * n)) of its n non-special tokens are selected (as in BERT's
@@ -60,7 +60,7 @@ class MLMCollator:
         inputs = torch.where(selected & (u < 0.8), self.mask_id, ids)
         inputs = torch.where(selected & (u >= 0.8) & (u < 0.9), random_tokens, inputs)
         labels = ids.masked_fill(~selected, IGNORE_INDEX)
-        return {"input_ids": inputs, "attention_mask": real.long(), "labels": labels}
+        return {"input_ids": inputs, "padding_mask": real.long(), "labels": labels}
 
     def select(self, ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, T) bool: the positions to predict. Special tokens (incl. [PAD], [CLS], [SEP]) are never selected.

@@ -49,7 +49,7 @@ def choose_packages(split: dict[str, list[dict]]) -> list[str]:
 
 class PackageClassificationTask(TextTask):
     """Sequence classification of stdlib docstrings by package. Examples are (token ids (T,), label);
-    batches carry input_ids (B, T), attention_mask (B, T) and labels (B,). Metrics: val_loss, val_acc."""
+    batches carry input_ids (B, T), padding_mask (B, T) and labels (B,). Metrics: val_loss, val_acc."""
 
     archs = ("bert",)  # the model.arch values whose forward takes these batches (checked by load_config)
 
@@ -87,7 +87,7 @@ class PackageClassificationTask(TextTask):
     def collate(self, examples: list, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         ids, real = pad_right([ids for ids, _ in examples], self.tokenizer.pad_id)  # (B, T), (B, T)
         labels = torch.tensor([label for _, label in examples])  # (B,)
-        return {"input_ids": ids, "attention_mask": real.long(), "labels": labels}
+        return {"input_ids": ids, "padding_mask": real.long(), "labels": labels}
 
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:

@@ -299,11 +299,11 @@ def chance_of_hit(positives: Tensor, k: int) -> float:
 
 
 def text_batch(tokenizer: Tokenizer, texts: list[str], seq_len: int) -> dict[str, Tensor]:
-    """input_ids (B, T) of "[CLS] text [SEP]" (cut to seq_len tokens), attention_mask (B, T)."""
+    """input_ids (B, T) of "[CLS] text [SEP]" (cut to seq_len tokens), padding_mask (B, T)."""
     t = tokenizer
     ids = [[t.cls_id] + x[: seq_len - 2] + [t.sep_id] for x in t.encode_batch(texts)]
     ids, real = pad_right(ids, t.pad_id)
-    return {"input_ids": ids, "attention_mask": real.long()}
+    return {"input_ids": ids, "padding_mask": real.long()}
 
 
 def to_unit_range(images: Tensor) -> Tensor:
@@ -330,7 +330,7 @@ class ShapesRetrievalTask(TextTask):
     """Image–text retrieval on the shapes scenes (data.source: shapes, data.task: image_text).
 
     Batches: images (B, 3, H, W) in [-1, 1], boxes (B, 3, 4) of the objects as fractions (x0, y0, x1, y1),
-    box_mask (B, 3) True where a box is an object, input_ids (B, T) "[CLS] caption [SEP]", attention_mask (B, T).
+    box_mask (B, 3) True where a box is an object, input_ids (B, T) "[CLS] caption [SEP]", padding_mask (B, T).
     `evaluate` embeds the gallery and reports, for text->image (t2i) and image->text (i2t): strict recall
     (r1/r5/r10, mean and median rank: only the paired item counts), semantic recall (sem_r*: any item the
     caption is true of counts), the same strict recall on the scenes with an UNSEEN colour–shape pair

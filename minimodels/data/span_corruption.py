@@ -56,11 +56,11 @@ def random_spans(length: int, noise_density: float, mean_span_length: float,
 
 
 def collate_pairs(inputs: list[Tensor], targets: list[Tensor], pad_id: int) -> dict[str, Tensor]:
-    """(input, target) sequences -> input_ids (B, S) padded with pad_id, attention_mask (B, S) True on real
+    """(input, target) sequences -> input_ids (B, S) padded with pad_id, padding_mask (B, S) True on real
     tokens, labels (B, T) padded with -100. The model builds its decoder input from the labels."""
-    input_ids, attention_mask = pad_right(inputs, pad_id)  # (B, S), (B, S)
+    input_ids, padding_mask = pad_right(inputs, pad_id)  # (B, S), (B, S)
     labels, _ = pad_right(targets, IGNORE_INDEX)  # (B, T)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "padding_mask": padding_mask, "labels": labels}
 
 
 class SpanCorruptionCollator:

@@ -11,7 +11,7 @@ the config asks for) and BERT initialisation.
     NSP:      P(IsNext | A, B) = softmax(p W_nsp)       optional, model.nsp
     classify: P(y | x) = softmax(dropout(p) W_c)        fine-tuning on one label per sequence (section 4.1)
 
-Every position sees every other (no causal mask); padding is removed from attention by `attention_mask`.
+Every position sees every other (no causal mask); padding is removed from attention by `padding_mask`.
 """
 
 from __future__ import annotations
@@ -129,11 +129,11 @@ class BERT(nn.Module, TrainedModel):
             self.classifier = nn.Linear(c.n_embd, c.num_labels)  # W_c, new at fine-tuning time
         self.apply(normal_init)  # BERT: every matrix ~ N(0, 0.02^2) (truncated in the original TF code), biases 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 next_sentence_label: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 cache: list[LayerCache] | None = None) -> BERTOutput:
-        """input_ids (B, T); attention_mask (B, T), 1 = real token, 0 = padding (Hugging Face convention);
+        """input_ids (B, T); padding_mask (B, T), 1 = real token, 0 = padding (Hugging Face convention);
         token_type_ids (B, T) segment ids, default all 0. labels: head mlm (B, T) with -100 where no token
         is predicted; head classify (B,) class ids. next_sentence_label (B,): 0 = B follows A, 1 = random B.
 
@@ -156,7 +156,7 @@ class BERT(nn.Module, TrainedModel):
         tokens = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         x = tokens + self.pos_emb(pos) + self.seg_emb(token_type_ids)  # (B, T, C)
         x = self.drop(self.emb_norm(x))
-        padding_mask = None if attention_mask is None else attention_mask.bool()  # (B, T), True = attend
+        padding_mask = None if padding_mask is None else padding_mask.bool()  # (B, T), True = attend
         if cache is not None:  # the prefix keys are always attended: (B, P + T)
             padding_mask = F.pad(torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask,
                                  (cache[0].length, 0), value=True)

@@ -236,10 +236,10 @@ class TextTower(nn.Module):
         width = c.text.n_embd
         self.proj = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, c.embed_dim))
 
-    def forward(self, input_ids, attention_mask) -> torch.Tensor:
-        """input_ids (B, T), attention_mask (B, T) 1 = real token -> (B, D) unit norm."""
-        h = self.bert(input_ids, attention_mask=attention_mask).hidden_states  # (B, T, C)
-        return F.normalize(self.proj(masked_mean(h, attention_mask)).float(), dim=-1)
+    def forward(self, input_ids, padding_mask) -> torch.Tensor:
+        """input_ids (B, T), padding_mask (B, T) 1 = real token -> (B, D) unit norm."""
+        h = self.bert(input_ids, padding_mask=padding_mask).hidden_states  # (B, T, C)
+        return F.normalize(self.proj(masked_mean(h, padding_mask)).float(), dim=-1)
 
 
 # --------------------------------------------------------------------------- the model
@@ -279,17 +279,17 @@ class BriVL(nn.Module, TrainedModel):
     def embed_images(self, images, boxes=None, box_mask=None) -> torch.Tensor:
         return self.image(images, boxes, box_mask)  # (B, D)
 
-    def embed_texts(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.text(input_ids, attention_mask)  # (B, D)
+    def embed_texts(self, input_ids, padding_mask) -> torch.Tensor:
+        return self.text(input_ids, padding_mask)  # (B, D)
 
-    def forward(self, images, input_ids, attention_mask, boxes=None, box_mask=None) -> BriVLOutput:
+    def forward(self, images, input_ids, padding_mask, boxes=None, box_mask=None) -> BriVLOutput:
         """A batch of B paired images and captions (see embed_images / embed_texts for the shapes). In
         training mode under torchrun, this process's slice of the global batch (see the module docstring);
         with momentum_queue this also enqueues the global batch's keys."""
         if len(images) != len(input_ids):
             raise ValueError(f"images and input_ids: {len(images)} images but {len(input_ids)} captions")
         v = self.embed_images(images, boxes, box_mask)  # (B, D)
-        t = self.embed_texts(input_ids, attention_mask)  # (B, D)
+        t = self.embed_texts(input_ids, padding_mask)  # (B, D)
         scale = self.log_scale.exp().clamp(max=100).squeeze(0)  # 1/tau, at most 100 (CLIP); 0-d
         if not self.training:  # evaluation: every process sees the whole batch, no gathering, no queue
             loss_i2t, loss_t2i = contrastive_loss(v, t, v, t, scale)
@@ -298,7 +298,7 @@ class BriVL(nn.Module, TrainedModel):
                 self.momentum_update()
             with torch.no_grad():
                 v_k = all_gather_no_grad(self.image_m(images, boxes, box_mask))  # (W*B, D) keys of the global batch
-                t_k = all_gather_no_grad(self.text_m(input_ids, attention_mask))  # (W*B, D)
+                t_k = all_gather_no_grad(self.text_m(input_ids, padding_mask))  # (W*B, D)
             n = int(self.queue_filled)
             image_keys = torch.cat([v_k, self.image_queue[:n]])  # (W*B + n, D): the batch's keys, then the queue
             text_keys = torch.cat([t_k, self.text_queue[:n]])  # (W*B + n, D)

@@ -74,7 +74,7 @@ class GLMOutput:
     metrics: dict[str, torch.Tensor] | None = None  # none: nothing to log beyond the loss
 
 
-def glm_attention_mask(part_a_len: torch.Tensor, t_q: int, t_k: int) -> torch.Tensor:
+def glm_attn_mask(part_a_len: torch.Tensor, t_q: int, t_k: int) -> torch.Tensor:
     """(B, t_q, t_k) bool, True where a query may attend a key. Every query sees all of Part A (keys before
     part_a_len) and every key up to itself: Part A is bidirectional, Part B causal over itself, and Part A
     never sees Part B (a Part A query's "up to itself" stays inside Part A). As in `causal_mask`, the queries
@@ -98,7 +98,7 @@ class GLM(nn.Module, TrainedModel):
         self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # E_pos1: position in Part A
         self.block_pos_emb = nn.Embedding(c.block_size + 2, c.n_embd)  # E_pos2: 0 in Part A, 1..len + 1 in a span
         self.drop = nn.Dropout(c.dropout)
-        # causal=False: the mask comes from glm_attention_mask, half bidirectional and half causal
+        # causal=False: the mask comes from glm_attn_mask, half bidirectional and half causal
         norm = partial(nn.LayerNorm, c.n_embd, eps=c.norm_eps, bias=c.bias)  # a new LayerNorm at each call
         self.blocks = nn.ModuleList()
         for _ in range(c.n_layer):
@@ -128,7 +128,7 @@ class GLM(nn.Module, TrainedModel):
         # h_0 = E_tok[x] + E_pos1[p1] + E_pos2[p2]
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids) + self.block_pos_emb(block_position_ids)  # (B, T, C)
         x = self.drop(x)
-        mask = glm_attention_mask(part_a_len, T, past + T)  # (B, T, past + T)
+        mask = glm_attn_mask(part_a_len, T, past + T)  # (B, T, past + T)
         new_cache = [] if use_cache else None
         for i, block in enumerate(self.blocks):
             x, layer_cache, _ = block(x, attn_mask=mask, cache=cache[i] if cache else None)

@@ -20,6 +20,8 @@ checkpoints of a run without one.
 from __future__ import annotations
 
 import dataclasses
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -27,10 +29,30 @@ import torch.nn.functional as F
 
 from minimodels.models.bert import BERTOutput
 from minimodels.protocols import TrainedModel
+from minimodels.schema import need
+
+ARCHS = ("gpt", "bert")  # the students: a language model's token scores (target_logits)
+
+
+@dataclass
+class TeacherConfig:
+    run: str  # a trained (smaller) model's run folder with this run's tokenizer, e.g. runs/gpt
+    alpha: float = 1.0  # the teacher's share of the loss at step 0
+    decay_steps: int | None = None  # alpha decays linearly to 0 over this many steps; null = constant alpha
+    temperature: float = 2.0  # T: both distributions are softened by T before the KL
+
+    def validate(self, arch: str) -> None:
+        """Check train.teacher for a student of model.arch `arch`."""
+        need(arch in ARCHS, "train.teacher",
+             f"knowledge inheritance compares a GPT's or BERT's token scores; model.arch is {arch!r}")
+        need(0 <= self.alpha <= 1, "train.teacher.alpha", f"must be in [0, 1], got {self.alpha}")
+        need(0 < self.temperature < math.inf, "train.teacher.temperature", f"must be positive, got {self.temperature}")
+        need(self.decay_steps is None or self.decay_steps > 0, "train.teacher.decay_steps",
+             f"must be positive or null (constant alpha), got {self.decay_steps}")
 
 
 def alpha_at(step: int, cfg) -> float:
-    """alpha_t for optimizer step `step` (0-based); cfg: train.teacher (minimodels/config.py TeacherConfig)."""
+    """alpha_t for optimizer step `step` (0-based); cfg: train.teacher (TeacherConfig)."""
     if cfg.decay_steps is None:
         return cfg.alpha
     return cfg.alpha * max(0.0, 1.0 - step / cfg.decay_steps)
@@ -92,7 +114,7 @@ class Inheritance(nn.Module, TrainedModel):
     """The student with a frozen teacher beside it: forward(**batch) returns the student's output with loss
     (1 - alpha_t) L_self + alpha_t T^2 KL and metrics inherit_alpha (and inherit_kl while alpha_t > 0; once
     alpha_t has decayed to 0 the teacher no longer runs). Its parameters are the student's, under "student.";
-    the trainer tells it the step (begin_step), which sets alpha_t. cfg: train.teacher (config.py TeacherConfig)."""
+    the trainer tells it the step (begin_step), which sets alpha_t. cfg: train.teacher (TeacherConfig)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
         super().__init__()

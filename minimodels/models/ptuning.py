@@ -133,8 +133,8 @@ class PTuning(nn.Module, TrainedModel):
         return self
 
     def forward(self, input_ids: torch.Tensor, prompt_index: torch.Tensor, relation: torch.Tensor,
-                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> PTuningOutput:
-        """input_ids, prompt_index, labels, attention_mask (B, T) and relation (B,), from the kb_probe task:
+                labels: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> PTuningOutput:
+        """input_ids, prompt_index, labels, padding_mask (B, T) and relation (B,), from the kb_probe task:
         prompt_index[b, t] = i where position t holds pseudo token [P_i], else -1; labels hold the object's id
         at its one position per row (BERT: the [MASK]; GPT: the object token itself, scored from t - 1).
         Without labels there is no loss, and the logits are the LM's at every position (GPT: of the next token)."""
@@ -147,9 +147,9 @@ class PTuning(nn.Module, TrainedModel):
         if self.config.deep:
             per_layer = self.prefix[relation].unbind(1)  # L x (B, 2, nh, n, hs)
             prefix = [LayerCache(KV(*kv.unbind(1))) for kv in per_layer]  # L x keys and values, each (B, nh, n, hs)
-        return self.score(input_ids, labels, attention_mask, emb, prefix)
+        return self.score(input_ids, labels, padding_mask, emb, prefix)
 
-    def score(self, input_ids, labels=None, attention_mask=None, inputs_embeds=None, prefix=None) -> PTuningOutput:
+    def score(self, input_ids, labels=None, padding_mask=None, inputs_embeds=None, prefix=None) -> PTuningOutput:
         """Run the LM and return its scores for the object slot (B, V) and the loss; without labels, its scores
         at every position (B, T, V). Also scores manual prompts (scripts/probe.py): then there are no
         inputs_embeds and no prefix."""
@@ -163,7 +163,7 @@ class PTuning(nn.Module, TrainedModel):
                 target = (labels != -100).int().argmax(dim=1)  # (B,)
                 logits = logits[torch.arange(len(labels)), target - 1]  # (B, V)
         else:
-            out = self.backbone(input_ids, attention_mask=attention_mask, labels=labels, inputs_embeds=inputs_embeds,
+            out = self.backbone(input_ids, padding_mask=padding_mask, labels=labels, inputs_embeds=inputs_embeds,
                                 cache=prefix)
             logits = out.logits if labels is None else out.masked_logits  # (B, T, V), or (B, V): one label per row
         if labels is not None and len(logits) != len(labels):

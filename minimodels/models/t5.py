@@ -112,11 +112,11 @@ class T5Stack(nn.Module):
         self.name = "dec" if decoder else "enc"
         self.ln_f = norm()
 
-    def forward(self, x, padding_mask=None, memory=None, memory_mask=None, cache=None, use_cache=False,
+    def forward(self, x, padding_mask=None, memory=None, memory_padding_mask=None, cache=None, use_cache=False,
                 dropless=False):
-        """x (B, T, C) embedded tokens. padding_mask (B, T) for the encoder; memory (B, S, C) and memory_mask
-        (B, S) for the decoder; cache the decoder's list of LayerCache; dropless: MoE blocks route every token,
-        whatever their capacity. Returns ((B, T, C), the cache (with use_cache) or None, routings: name ->
+        """x (B, T, C) embedded tokens. padding_mask (B, T) for the encoder; memory (B, S, C) and
+        memory_padding_mask (B, S), the encoder's padding mask, for the decoder; cache the decoder's list of
+        LayerCache; dropless: MoE blocks route every token, whatever their capacity. Returns ((B, T, C), the cache (with use_cache) or None, routings: name ->
         Routing of each MoE block)."""
         T = x.size(1)
         past = cache[0].length if cache else 0  # decoder tokens already in the cache
@@ -127,7 +127,7 @@ class T5Stack(nn.Module):
         routings = {}
         for i, block in enumerate(self.blocks):
             x, layer_cache, routing = block(x, padding_mask=padding_mask, position_bias=position_bias, memory=memory,
-                                            memory_mask=memory_mask, cache=cache[i] if cache else None,
+                                            memory_padding_mask=memory_padding_mask, cache=cache[i] if cache else None,
                                             dropless=dropless)
             if use_cache:
                 new_cache.append(layer_cache)
@@ -177,23 +177,23 @@ class T5(nn.Module, TrainedModel):
                 nn.init.normal_(m.proj.weight, std=c.d_ff**-0.5)
 
     # ------------------------------------------------------------------ forward
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def encode(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
                dropless: bool = False) -> tuple[torch.Tensor, dict[str, Routing]]:
-        """input_ids (B, S), attention_mask (B, S) 1/True on real tokens -> encoder output h (B, S, C), and the
+        """input_ids (B, S), padding_mask (B, S) 1/True on real tokens -> encoder output h (B, S, C), and the
         routings of its MoE blocks (empty without model.moe; dropless: they route every token)."""
-        mask = None if attention_mask is None else attention_mask.bool()
+        mask = None if padding_mask is None else padding_mask.bool()
         h, _, routings = self.encoder(self.tok_emb(input_ids), padding_mask=mask, dropless=dropless)
         return h, routings
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
-               attention_mask: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
+               memory_padding_mask: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
                use_cache: bool = False, dropless: bool = False) -> tuple[torch.Tensor, list[LayerCache] | None, dict[str, Routing]]:
-        """decoder_input_ids (B, T) after the `cache`d ones; attention_mask (B, S) is the ENCODER's padding
-        mask; dropless: MoE blocks route every token. Returns logits (B, T, V), the updated cache (when
+        """decoder_input_ids (B, T) after the `cache`d ones; memory_padding_mask (B, S) 1/True on the encoder's real
+        tokens; dropless: MoE blocks route every token. Returns logits (B, T, V), the updated cache (when
         use_cache) and the MoE blocks' routings."""
-        mask = None if attention_mask is None else attention_mask.bool()
-        s, cache, routings = self.decoder(self.tok_emb(decoder_input_ids), memory=encoder_hidden_states, memory_mask=mask,
-                                          cache=cache, use_cache=use_cache, dropless=dropless)  # (B, T, C)
+        mask = None if memory_padding_mask is None else memory_padding_mask.bool()  # (B, S)
+        s, cache, routings = self.decoder(self.tok_emb(decoder_input_ids), memory=encoder_hidden_states,
+                                          memory_padding_mask=mask, cache=cache, use_cache=use_cache, dropless=dropless)  # (B, T, C)
         if self.config.tie_weights:
             # Mesh TensorFlow: with the output layer tied to the (std 1) embedding, rescale by d_model^-0.5
             s = s * self.config.d_model**-0.5
@@ -205,23 +205,23 @@ class T5(nn.Module, TrainedModel):
         shifted = torch.cat([start, labels[:, :-1]], dim=1)  # (B, T)
         return shifted.masked_fill(shifted == -100, self.config.pad_token_id)  # ignored labels are read as pad
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
                 use_cache: bool = False) -> T5Output:
-        """input_ids (B, S) and attention_mask (B, S) for the encoder (or its output `encoder_hidden_states`).
+        """input_ids (B, S) and padding_mask (B, S) for the encoder (or its output `encoder_hidden_states`).
         labels (B, T) are the target tokens, -100 where there is nothing to predict; unlike GPT, position t
         of the logits is scored against labels[:, t], since the decoder input is already shifted right."""
         routings = {}  # name -> Routing of each MoE block
         if encoder_hidden_states is None:
             if input_ids is None:
                 raise ValueError("T5.forward: pass input_ids (B, S) or encoder_hidden_states (B, S, d_model)")
-            encoder_hidden_states, routings = self.encode(input_ids, attention_mask)
+            encoder_hidden_states, routings = self.encode(input_ids, padding_mask)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5.forward: pass decoder_input_ids (B, T) or labels (B, T)")
             decoder_input_ids = self.shift_right(labels)
-        logits, cache, decoder_routings = self.decode(decoder_input_ids, encoder_hidden_states, attention_mask,
+        logits, cache, decoder_routings = self.decode(decoder_input_ids, encoder_hidden_states, padding_mask,
                                                       cache, use_cache)
         routings.update(decoder_routings)
         loss = None
@@ -234,7 +234,7 @@ class T5(nn.Module, TrainedModel):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+    def generate(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  num_beams: int = 1, eos_token_id: int | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, length_penalty: float = 1.0,
                  use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -247,16 +247,16 @@ class T5(nn.Module, TrainedModel):
         in GPT's generate: capacity counts the tokens of one forward pass (B in a cached step), so any capacity
         would make the cached and the uncached decoding differ."""
         if num_beams > 1:
-            return self.beam_search(input_ids, attention_mask, max_new_tokens, num_beams, eos_token_id, length_penalty)
+            return self.beam_search(input_ids, padding_mask, max_new_tokens, num_beams, eos_token_id, length_penalty)
         was_training = self.training
         self.eval()
-        memory, _ = self.encode(input_ids, attention_mask, dropless=True)  # (B, S, C)
+        memory, _ = self.encode(input_ids, padding_mask, dropless=True)  # (B, S, C)
         out = torch.full((input_ids.size(0), 1), self.config.pad_token_id, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)  # (B,) produced eos
         cache = None
         for _ in range(max_new_tokens):
             step_ids = out if cache is None else out[:, -1:]  # the whole prefix once, then only the newest token
-            logits, cache, _ = self.decode(step_ids, memory, attention_mask, cache, use_cache, dropless=True)
+            logits, cache, _ = self.decode(step_ids, memory, padding_mask, cache, use_cache, dropless=True)
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if eos_token_id is not None:
                 next_id = next_id.masked_fill(done[:, None], self.config.pad_token_id)
@@ -268,7 +268,7 @@ class T5(nn.Module, TrainedModel):
         return out
 
     @torch.no_grad()
-    def beam_search(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+    def beam_search(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                     num_beams: int = 4, eos_token_id: int | None = None, length_penalty: float = 1.0) -> torch.Tensor:
         """Beam search: keep the num_beams highest-scoring outputs per input, score = sum of log P(y_t | y_<t, x).
         A beam that has produced eos is finished: it keeps its score and continues with pad at no cost.
@@ -277,8 +277,8 @@ class T5(nn.Module, TrainedModel):
         was_training = self.training
         self.eval()
         B, k, pad = input_ids.size(0), num_beams, self.config.pad_token_id
-        memory = self.encode(input_ids, attention_mask, dropless=True)[0].repeat_interleave(k, dim=0)  # (B*k, S, C), once
-        mask = None if attention_mask is None else attention_mask.repeat_interleave(k, dim=0)  # (B*k, S)
+        memory = self.encode(input_ids, padding_mask, dropless=True)[0].repeat_interleave(k, dim=0)  # (B*k, S, C), once
+        mask = None if padding_mask is None else padding_mask.repeat_interleave(k, dim=0)  # (B*k, S)
         seqs = torch.full((B * k, 1), pad, dtype=torch.long, device=input_ids.device)  # (B*k, 1)
         scores = torch.zeros(B, k, device=input_ids.device)
         scores[:, 1:] = float("-inf")  # all beams start as the same empty output: expand only the first

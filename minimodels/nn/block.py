@@ -70,11 +70,12 @@ class PreLNBlock(nn.Module):
         self.ln2 = norm()
         self.ffn = ffn
 
-    def forward(self, x, padding_mask=None, attn_mask=None, position_bias=None, memory=None, memory_mask=None,
+    def forward(self, x, padding_mask=None, attn_mask=None, position_bias=None, memory=None, memory_padding_mask=None,
                 cache: LayerCache | None = None, dropless: bool = False):
-        """x (B, T, C). Self-attention: padding_mask (B, T_past + T) and attn_mask (B, T, T_past + T) bool, True =
-        attend (see MultiHeadAttention); position_bias (1, nh, T, T_past + T) added to the scores (T5).
-        Cross-attention: memory (B, S, C), the encoder output, and memory_mask (B, S). cache: this block's
+        """x (B, T, C). Self-attention: padding_mask (B, T_past + T) bool, True = real token; attn_mask
+        (B, T, T_past + T) bool, True = query t may see key j (see MultiHeadAttention); position_bias
+        (1, nh, T, T_past + T) added to the scores (T5). Cross-attention: memory (B, S, C), the encoder output, and
+        memory_padding_mask (B, S) bool, True = the encoder's real token. cache: this block's
         LayerCache from earlier steps. dropless: an MoE feed-forward routes without capacity.
         Returns x (B, T, C), the LayerCache with this call's positions added, and the routing (or None)."""
         a, self_kv = self.attn(self.ln1(x), padding_mask=padding_mask, position_bias=position_bias,
@@ -82,7 +83,7 @@ class PreLNBlock(nn.Module):
         x = x + a
         cross_kv = None
         if self.cross_attn is not None:
-            a, cross_kv = self.cross_attn(self.ln_cross(x), memory=memory, padding_mask=memory_mask,
+            a, cross_kv = self.cross_attn(self.ln_cross(x), memory=memory, padding_mask=memory_padding_mask,
                                           cache=None if cache is None else cache.cross_kv)
             x = x + a
         y, routing = feed_forward(self.ffn, self.ln2(x), padding_mask, dropless)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
+from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config
 from minimodels.data import TASKS, Tokenizer, build_task
 from minimodels.data.text_to_image import ImageTokens
 from minimodels.models import build_model
 from minimodels.models.inherit import Inheritance
 from minimodels.moe.parallel import expert_shards
 from minimodels.protocols import TrainedModel
+from minimodels.schema import to_dict
 from minimodels.train.checkpoint import (RunFolderError, checkpoint_dirs, latest_checkpoint, load_pretrained, load_weights,
                                          set_aside)
 from minimodels.train.device import resolve_device
