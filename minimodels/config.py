@@ -152,7 +152,7 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
     def check_section(section, *context) -> None:
         try:
             section.validate(*context)
-        except ValueError as e:  # the section names its own key, e.g. "model.n_embd: ..."
+        except ValueError as e:  # the section names its own key, e.g. "model.d_model: ..."
             raise ConfigError(f"{where}: {e}") from None
 
     check_section(m)

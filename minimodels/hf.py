@@ -90,7 +90,7 @@ def gpt_from_hf(hf_model, attn_impl: str = "auto") -> GPT:
                          f"(valid: {', '.join(ACTIVATIONS)})")
     config = GPTConfig(
         vocab_size=hc.vocab_size, block_size=hc.n_positions, n_layer=hc.n_layer, n_head=hc.n_head,
-        n_embd=hc.n_embd, d_ff=hc.n_inner, activation=ACTIVATIONS[hc.activation_function], dropout=0.0,
+        d_model=hc.n_embd, d_ff=hc.n_inner, activation=ACTIVATIONS[hc.activation_function], dropout=0.0,
         bias=True, tie_weights=hc.tie_word_embeddings, attn_impl=attn_impl, norm_eps=hc.layer_norm_epsilon,
     )
     model = GPT(config).to(hf_model.device)
@@ -120,7 +120,7 @@ def gpt_to_hf(model: GPT, attn_implementation: str | None = None):
     if c.activation not in to_hf_activation:
         raise ValueError(f"model.activation={c.activation!r} has no GPT-2 equivalent")
     hc = GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.d_model,
         n_inner=c.d_ff, activation_function=to_hf_activation[c.activation], layer_norm_epsilon=c.norm_eps,
         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_weights,
         bos_token_id=None, eos_token_id=None,  # our GPT knows no special tokens; GPT-2's 50256 may not exist here
@@ -249,7 +249,7 @@ def bert_from_hf(hf_model, attn_impl: str = "auto") -> BERT:
         raise ValueError(f"BertConfig.problem_type={hc.problem_type!r} is not supported (single-label classification only)")
     config = BERTConfig(
         vocab_size=hc.vocab_size, block_size=hc.max_position_embeddings, type_vocab_size=hc.type_vocab_size,
-        n_layer=hc.num_hidden_layers, n_head=hc.num_attention_heads, n_embd=hc.hidden_size, d_ff=hc.intermediate_size,
+        n_layer=hc.num_hidden_layers, n_head=hc.num_attention_heads, d_model=hc.hidden_size, d_ff=hc.intermediate_size,
         activation=BERT_ACTIVATIONS[hc.hidden_act], dropout=0.0, attn_impl=attn_impl, norm_eps=hc.layer_norm_eps,
         head=head, nsp=nsp, num_labels=hc.num_labels if head == "classify" else None,
     )
@@ -270,8 +270,8 @@ def bert_to_hf(model: BERT, attn_implementation: str | None = None):
         raise ValueError(f"model.ffn={c.ffn!r} cannot be exported: BERT only has the dense MLP")
     to_hf_activation = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
     hc = transformers.BertConfig(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-        intermediate_size=c.d_ff or 4 * c.n_embd, hidden_act=to_hf_activation[c.activation],
+        vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+        intermediate_size=c.d_ff or 4 * c.d_model, hidden_act=to_hf_activation[c.activation],
         hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.dropout, max_position_embeddings=c.block_size,
         type_vocab_size=c.type_vocab_size, layer_norm_eps=c.norm_eps, num_labels=c.num_labels or 2,
         pad_token_id=None,  # our embeddings have no frozen padding row

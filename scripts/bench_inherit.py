@@ -4,7 +4,7 @@ the teacher's forward pass alone.
 
     python scripts/bench_inherit.py                      # README: configs/gpt.yaml as teacher, width 384 as student
     python scripts/bench_inherit.py configs/bert.yaml    # the same for BERT
-    python scripts/bench_inherit.py configs/gpt.yaml train.batch_size=8 --student model.n_embd=512 model.n_head=8
+    python scripts/bench_inherit.py configs/gpt.yaml train.batch_size=8 --student model.d_model=512 model.n_head=8
 
 The teacher is the config with its overrides, the student the same with --student's overrides on top; both are
 randomly initialised (a step costs the same whatever the weights) and trained on one batch of random tokens
@@ -55,7 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", type=Path, default=root / "configs" / "gpt.yaml", help="the teacher")
     p.add_argument("overrides", nargs="*", help="dotted overrides for teacher and student, e.g. train.batch_size=8")
-    p.add_argument("--student", nargs="+", default=["model.n_embd=384", "model.n_head=6"],
+    p.add_argument("--student", nargs="+", default=["model.d_model=384", "model.n_head=6"],
                    help="dotted overrides that make the student out of the teacher's config")
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds of one step each")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")

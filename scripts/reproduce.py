@@ -51,7 +51,7 @@ def student(teacher: str, eval_interval: int, decay_steps: int | None) -> Run:
     """Knowledge inheritance (README): `teacher`'s config at width 384, with `teacher` as teacher unless decay_steps
     is None (the scratch baseline)."""
     inherit = (f"train.teacher={{run: {{runs}}/{teacher}, alpha: 1.0, decay_steps: {decay_steps}}}",) if decay_steps else ()
-    return Run(f"configs/{teacher}.yaml", ("model.n_embd=384", "model.n_head=6", f"data.tokenizer={{runs}}/{teacher}/tokenizer.json",
+    return Run(f"configs/{teacher}.yaml", ("model.d_model=384", "model.n_head=6", f"data.tokenizer={{runs}}/{teacher}/tokenizer.json",
                                            f"train.eval_interval={eval_interval}") + inherit, (teacher,))
 
 
@@ -193,7 +193,7 @@ def inherited(teacher: str, scratch: str, inherit: str):
         reached = {k: reaching(runs, r, target) for k, r in (("scratch", scratch), ("inherit", inherit))}
         return {"val_loss": {"teacher": target, "scratch": final(runs, scratch, "val_loss"),
                              "inherit": final(runs, inherit, "val_loss")},
-                "width": yaml.safe_load((runs / inherit / "config.yaml").read_text())["model"]["n_embd"],
+                "width": yaml.safe_load((runs / inherit / "config.yaml").read_text())["model"]["d_model"],
                 "steps_to_teacher": {k: e["step"] for k, e in reached.items() if e},
                 "wall_time_to_teacher_s": {k: e["time_s"] for k, e in reached.items() if e and "time_s" in e}}
     return measure

@@ -22,7 +22,7 @@ from minimodels.train.trainer import val_batches
 
 def tiny_bert(impl="auto", **kw) -> BERT:
     torch.manual_seed(0)
-    config = dict(vocab_size=60, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0, attn_impl=impl)
+    config = dict(vocab_size=60, block_size=16, n_layer=2, n_head=4, d_model=32, dropout=0.0, attn_impl=impl)
     return BERT(BERTConfig(**{**config, **kw})).eval()
 
 
@@ -186,7 +186,7 @@ def test_heads_are_built_only_when_used_and_bad_configs_name_the_key():
     assert "pooler" in names(tiny_bert(head="pooler")) and names(tiny_bert(head="none")) == names(tiny_bert()) - {"mlm"}
     assert tiny_bert().mlm.bias.shape == (60,)
     for kw, key in [(dict(head="seq2seq"), "model.head"), (dict(head="classify", nsp=True), "model.nsp"),
-                    (dict(n_embd=30), "model.n_embd"), (dict(head="classify"), "model.num_labels")]:
+                    (dict(d_model=30), "model.d_model"), (dict(head="classify"), "model.num_labels")]:
         with pytest.raises(ValueError, match=key):
             tiny_bert(**kw)
     with pytest.raises(ValueError, match=r"labels: model.head=classify expects"):
@@ -267,7 +267,7 @@ def test_masked_lm_task_examples_and_deterministic_eval(tmp_path):
     tok = task.tokenizer
     assert all(len(task.train[i]) == 16 and task.train[i][0] == tok.cls_id for i in range(len(task.train)))
     assert (task.train_stream == tok.sep_id).sum() > 0  # documents are separated by [SEP]
-    model = BERT(BERTConfig(**task.model_overrides(), block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    model = BERT(BERTConfig(**task.model_overrides(), block_size=16, n_layer=1, n_head=2, d_model=16)).eval()
     runs = [task.evaluate(model, val_batches(task, 4)) for _ in range(2)]
     assert runs[0] == runs[1] and 0 <= runs[0]["val_mlm_acc"] <= 1 and runs[0]["val_loss"] > 0
     assert math.isfinite(task.unigram_baseline()["val_loss"])
@@ -295,7 +295,7 @@ def test_package_task_splits_by_file(wordpiece):
 # ---------------------------------------------------------------------------------------------- runs, init_from
 def tiny_cfg(out, *overrides):
     base = {
-        "model": {"arch": "bert", "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0},
+        "model": {"arch": "bert", "block_size": 32, "n_layer": 1, "n_head": 2, "d_model": 32, "dropout": 0.0},
         "data": {"task": "masked_lm", "tokenizer": "wordpiece", "vocab_size": 1000},
         "train": {"max_steps": 3, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 0, "device": "cpu", "dtype": "fp32",
                   "eval_interval": 3, "eval_batches": 2, "save_interval": 3, "log_interval": 1},
@@ -340,4 +340,4 @@ def test_init_from_errors(pretrained, tmp_path):
         run(tiny_cfg(tmp_path / "b", *FINETUNE, f"model.init_from={pretrained}", "data.vocab_size=700"), quiet=True)
     with pytest.raises(ConfigError, match=r"model.init_from: .*shape"):
         run(tiny_cfg(tmp_path / "c", *FINETUNE, f"model.init_from={pretrained}", f"data.tokenizer={pretrained}/tokenizer.json",
-                     "model.n_embd=64"), quiet=True)
+                     "model.d_model=64"), quiet=True)

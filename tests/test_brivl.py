@@ -23,8 +23,8 @@ from minimodels.models.brivl import (BriVL, BriVLConfig, ContrastiveConfig, cont
 
 
 def tiny(kind="momentum_queue", queue_size=8, momentum=0.9, regions=True, vocab_size=20, text_init_from=None):
-    cfg = BriVLConfig(vocab_size=vocab_size, n_layer=1, n_embd=32, n_head=2, embed_dim=16, regions=regions,
-                      text=BERTConfig(head="none", n_layer=1, n_embd=32, n_head=2, block_size=16, dropout=0.0,
+    cfg = BriVLConfig(vocab_size=vocab_size, n_layer=1, d_model=32, n_head=2, embed_dim=16, regions=regions,
+                      text=BERTConfig(head="none", n_layer=1, d_model=32, n_head=2, block_size=16, dropout=0.0,
                                       init_from=text_init_from),
                       contrastive=ContrastiveConfig(kind=kind, queue_size=queue_size, momentum=momentum,
                                                   learn_temperature=kind == "inbatch"))  # as the configs
@@ -200,7 +200,7 @@ def test_bad_configs_name_the_key(tmp_path):
     for override, fragment in [("model.contrastive.kind=moco", "model.contrastive.kind: must be one of inbatch, momentum_queue"),
                                ("model.contrastive.momentum=1.0", "model.contrastive.momentum: must be in [0, 1)"),
                                ("model.text.head=mlm", "model.text.head: the text tower is BERT's encoder"),
-                               ("model.text.n_head=5", "model.text.n_embd: 128 is not divisible by model.text.n_head=5"),
+                               ("model.text.n_head=5", "model.text.d_model: 128 is not divisible by model.text.n_head=5"),
                                ("model.patch_size=5", "model.image_size: 32 is not divisible by model.patch_size=5"),
                                ("model.contrastive.queue_sise=3", "did you mean model.contrastive.queue_size?")]:
         with pytest.raises(ConfigError) as e:
@@ -300,7 +300,7 @@ def test_text_tower_starts_from_a_bert_run(tmp_path):
     for run_dir in ("bert_run", "brivl_run"):
         tok.save(tmp_path / run_dir / "tokenizer.json")
     torch.manual_seed(1)
-    bert = BERT(BERTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=tok.vocab_size))  # head mlm
+    bert = BERT(BERTConfig(n_layer=1, d_model=32, n_head=2, block_size=16, vocab_size=tok.vocab_size))  # head mlm
     save_checkpoint(tmp_path / "bert_run", 1, bert, {}, keep_last=1)
     model = tiny(vocab_size=tok.vocab_size, text_init_from=str(tmp_path / "bert_run"))
     assert init_sources(model) == [("text.bert", str(tmp_path / "bert_run"))]
@@ -317,8 +317,8 @@ def test_text_tower_starts_from_a_bert_run(tmp_path):
 
 # --------------------------------------------------------------------------- the trainer: accumulation, resume
 
-TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.embed_dim=16", "model.text.n_layer=1",
-        "model.text.n_embd=32", "model.text.n_head=2", "train.dtype=fp32", "train.device=cpu", "output.plot=false",
+TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.embed_dim=16", "model.text.n_layer=1",
+        "model.text.d_model=32", "model.text.n_head=2", "train.dtype=fp32", "train.device=cpu", "output.plot=false",
         "train.batch_size=4", "train.log_interval=1", "train.eval_interval=100", "train.eval_batches=1"]
 
 

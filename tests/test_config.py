@@ -17,7 +17,7 @@ def write(tmp_path, text, name="exp.yaml"):
 
 
 GOOD = """
-model: {arch: gpt, n_layer: 2, n_embd: 64, n_head: 4, block_size: 64}
+model: {arch: gpt, n_layer: 2, d_model: 64, n_head: 4, block_size: 64}
 data: {tokenizer: char}
 train: {max_steps: 10, lr: 1e-3, betas: [0.9, 0.99]}
 output: {dir: runs/x}
@@ -58,7 +58,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.max_steps=0"], "train.max_steps: must be positive"),
     (["train.max_steps=true"], "train.max_steps: expected int"),
     (["data.seq_len=128"], "data.seq_len: 128 is longer than model.block_size=64 supports"),
-    (["model.n_head=5"], "model.n_embd: 64 is not divisible by model.n_head=5"),
+    (["model.n_head=5"], "model.d_model: 64 is not divisible by model.n_head=5"),
     (["model.arch=gtp"], "model.arch: unknown model 'gtp' — did you mean gpt?"),
     (["train.dtype=fp8"], "train.dtype: must be auto, bf16, fp32 or fp16"),
     (["model.ffn=moo"], "model.ffn: unknown feed-forward"),
@@ -119,12 +119,12 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
 # (config, override, the key the one-line error names); "{tmp}" is a fresh folder holding a file "afile"
 RULES = [
     ("gpt", "model.d_ff=-5", "model.d_ff"),
-    ("gpt", "model.d_ff=0", "model.d_ff"),  # 0 must not silently mean 4 * n_embd
+    ("gpt", "model.d_ff=0", "model.d_ff"),  # 0 must not silently mean 4 * d_model
     ("gpt", "model.block_size=1", "model.block_size"),  # a one-token window has nothing to predict
     ("gpt", "model.norm_eps=-1", "model.norm_eps"),
     ("gpt", "model.norm_eps=0", "model.norm_eps"),
-    ("gpt", "model.n_embd=0", "model.n_embd"),
-    ("gpt", "model.n_head=3", "model.n_embd"),
+    ("gpt", "model.d_model=0", "model.d_model"),
+    ("gpt", "model.n_head=3", "model.d_model"),
     ("gpt", "model.dropout=1", "model.dropout"),
     ("gpt", "model.vocab_size=0", "model.vocab_size"),
     ("gpt", "model.attn_impl=fast", "model.attn_impl"),

@@ -16,7 +16,7 @@ from conftest import assert_same, train, train_script, weights
 # AdamW divides it by its own tiny RMS, so summing in another order moves it by ~lr. lr is small for the same
 # reason: AdamW turns relative round-off in a gradient into a parameter difference of order lr * 1e-4.
 CONFIG = """
-model: {arch: gpt, block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.0, bias: false}
+model: {arch: gpt, block_size: 32, n_layer: 2, n_head: 2, d_model: 32, dropout: 0.0, bias: false}
 data: {source: %s, tokenizer: char}
 train: {max_steps: 4, batch_size: 4, lr: 1.0e-3, warmup_steps: 1, device: cpu, dtype: fp32,
         eval_interval: 2, save_interval: 2, keep_last: 5, log_interval: 1}
@@ -94,7 +94,7 @@ def test_parallel_is_the_plain_one_process_case_for_a_dense_model_alone():
     from minimodels.train.distributed import Parallel, World
 
     torch.manual_seed(0)
-    model, twin = (GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)) for _ in range(2))
+    model, twin = (GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, d_model=16)) for _ in range(2))
     twin.load_state_dict(model.state_dict())
     parallel = Parallel(model, World(), fsdp=True)  # FSDP needs several processes: ignored alone
     assert parallel.wrap(model) is model and not parallel.collective_forward
@@ -111,8 +111,8 @@ def test_parallel_is_the_plain_one_process_case_for_a_dense_model_alone():
 
 
 # ---------------------------------------------------------------------------------------------- contrastive towers
-TINY_BRIVL = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.embed_dim=16", "model.text.n_layer=1",
-              "model.text.n_embd=32", "model.text.n_head=2", "train.dtype=fp32", "train.device=cpu", "train.max_steps=3",
+TINY_BRIVL = ("model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.embed_dim=16", "model.text.n_layer=1",
+              "model.text.d_model=32", "model.text.n_head=2", "train.dtype=fp32", "train.device=cpu", "train.max_steps=3",
               "train.log_interval=1", "train.eval_interval=100", "train.eval_batches=1", "train.save_interval=100",
               "output.plot=false")
 

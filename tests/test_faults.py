@@ -20,7 +20,7 @@ from minimodels.train.checkpoint import RunFolderError, checkpoint_dirs
 from minimodels.train.metrics import MetricsLog
 
 CONFIG = """
-model: {arch: gpt, block_size: 32, n_layer: 1, n_head: 2, n_embd: 32}
+model: {arch: gpt, block_size: 32, n_layer: 1, n_head: 2, d_model: 32}
 data: {source: %s, tokenizer: bpe, vocab_size: 300}
 train: {max_steps: 4, batch_size: 4, lr: 1.0e-2, warmup_steps: 0, device: cpu, dtype: fp32,
         eval_interval: 2, save_interval: 1, keep_last: 10, log_interval: 1, eval_batches: 2}

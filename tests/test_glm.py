@@ -22,7 +22,7 @@ V, M, S, E = 40, 37, 38, 39  # vocabulary of the small test models; ids of [MASK
 
 def tiny_glm(**kw) -> GLM:
     torch.manual_seed(0)
-    return GLM(GLMConfig(**{**dict(vocab_size=V, block_size=24, n_layer=2, n_head=2, n_embd=32), **kw})).eval()
+    return GLM(GLMConfig(**{**dict(vocab_size=V, block_size=24, n_layer=2, n_head=2, d_model=32), **kw})).eval()
 
 
 def paper_example() -> dict:
@@ -275,7 +275,7 @@ def test_tiny_run_samples_and_generate_fills_blanks(tmp_path):
     from minimodels.train.run import run
 
     out = tmp_path / "glm"
-    overrides = ["train.max_steps=3", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=64",
+    overrides = ["train.max_steps=3", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=64",
                  "train.batch_size=4", "train.eval_batches=2", "data.vocab_size=300", "output.sample_tokens=5",
                  f"output.dir={out}"]
     metrics = run(load_config("configs/glm.yaml", overrides), quiet=True)
@@ -304,7 +304,7 @@ def first_span_accuracy_after_training(zero_part_b_p1: bool) -> float:
     share of 128 fresh rows whose first Part B span starts right. zero_part_b_p1 hides where each blank is."""
     V_, M_, S_, E_ = 120, 100, 101, 102
     torch.manual_seed(0)
-    model = GLM(GLMConfig(vocab_size=V_, block_size=64, n_layer=2, n_head=4, n_embd=64, attn_impl="manual"))
+    model = GLM(GLMConfig(vocab_size=V_, block_size=64, n_layer=2, n_head=4, d_model=64, attn_impl="manual"))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     no_sentences = (torch.zeros(V_, dtype=torch.bool), torch.zeros(V_, dtype=torch.bool))
     collate = BlankInfillingCollator({"mask": M_, "smask": M_, "gmask": M_, "sop": S_, "eop": E_}, 0, 1, no_sentences,

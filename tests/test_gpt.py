@@ -14,7 +14,7 @@ from minimodels.nn import attention, sample_next
 
 def tiny_gpt(attn_impl="auto", **kw) -> GPT:
     torch.manual_seed(0)
-    config = dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, attn_impl=attn_impl)
+    config = dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, d_model=32, attn_impl=attn_impl)
     return GPT(GPTConfig(**{**config, **kw})).eval()
 
 
@@ -207,7 +207,7 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
 
 # ---------------------------------------------------------------------------------------------- training
 def test_tiny_gpt_overfits_one_batch():
-    model = tiny_gpt(vocab_size=64, block_size=32, n_embd=64).train()
+    model = tiny_gpt(vocab_size=64, block_size=32, d_model=64).train()
     batch = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(5))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     for step in range(200):

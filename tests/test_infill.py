@@ -23,7 +23,7 @@ infill = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(infill)
 
 BLANKS = held_out_blanks(8)
-SIZE = dict(n_layer=1, n_head=2, n_embd=32)
+SIZE = dict(n_layer=1, n_head=2, d_model=32)
 
 
 @pytest.fixture(scope="module")

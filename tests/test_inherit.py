@@ -70,7 +70,7 @@ def test_softened_kl_gradient_is_autograds_through_kl_div(dtype):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "gpt_small"
-    run(load_config("configs/gpt.yaml", TINY + ["model.n_embd=16", "train.max_steps=3", f"output.dir={out}"]), quiet=True)
+    run(load_config("configs/gpt.yaml", TINY + ["model.d_model=16", "train.max_steps=3", f"output.dir={out}"]), quiet=True)
     return out
 
 
@@ -78,7 +78,7 @@ def test_student_trains_with_a_teacher_that_stays_frozen(teacher, tmp_path):
     before = read_weights(latest_checkpoint(teacher))
     out = tmp_path / "student"
     cfg = load_config("configs/gpt.yaml", TINY + [
-        "model.n_embd=32", "train.max_steps=4", "train.log_interval=1", f"output.dir={out}",
+        "model.d_model=32", "train.max_steps=4", "train.log_interval=1", f"output.dir={out}",
         f"data.tokenizer={teacher}/tokenizer.json", f"train.teacher={{run: {teacher}, alpha: 0.5, decay_steps: 2}}"])
     metrics = run(cfg, quiet=True)
     assert math.isfinite(metrics["val_loss"])
@@ -112,7 +112,7 @@ def test_a_run_with_a_teacher_checkpoints_the_student_alone_and_resumes_on_its_a
     """The teacher is in no checkpoint: model.safetensors holds exactly the student's state_dict keys (a run with a
     teacher resumes, loads and fine-tunes as one without), and a resumed run picks alpha_t up at its step."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    overrides = TINY + ["model.n_embd=32", "train.max_steps=4", "train.save_interval=2", "train.log_interval=1",
+    overrides = TINY + ["model.d_model=32", "train.max_steps=4", "train.save_interval=2", "train.log_interval=1",
                         f"data.tokenizer={teacher}/tokenizer.json", f"train.teacher={{run: {teacher}, alpha: 0.6, decay_steps: 3}}"]
     run(load_config("configs/gpt.yaml", overrides + [f"output.dir={full}"]), quiet=True)
     _, student, _ = load_run(full, "cpu")  # builds a plain GPT and loads the checkpoint into it strictly

@@ -407,9 +407,9 @@ def tiny(arch: str, moe: dict | None = None, **kw):
     moe = MoEConfig(**moe) if moe is not None else None
     torch.manual_seed(0)
     if arch == "gpt":
-        return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=4, n_head=2, n_embd=16, moe=moe, **kw))
+        return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=4, n_head=2, d_model=16, moe=moe, **kw))
     if arch == "bert":
-        return BERT(BERTConfig(vocab_size=50, block_size=16, n_layer=4, n_head=2, n_embd=16, dropout=0.0, moe=moe, **kw))
+        return BERT(BERTConfig(vocab_size=50, block_size=16, n_layer=4, n_head=2, d_model=16, dropout=0.0, moe=moe, **kw))
     return T5(T5Config(vocab_size=50, d_model=16, n_layer=4, n_head=2, d_ff=32, moe=moe, **kw))
 
 
@@ -535,12 +535,12 @@ def test_yaml_sets_the_experts_width_the_switch_jitter_and_gshards_random_routin
     from minimodels.config import load_config
     from minimodels.models import build_model
 
-    common = ["model.vocab_size=50", "model.block_size=16", "model.n_layer=2", "model.n_embd=16", "model.n_head=2",
+    common = ["model.vocab_size=50", "model.block_size=16", "model.n_layer=2", "model.d_model=16", "model.n_head=2",
               "model.moe.num_experts=4", "model.moe.capacity_factor=null"]
     switch = build_model(load_config("configs/gpt.yaml", common + ["model.moe.d_ff=24", "model.moe.jitter=0.2"]).model)
     assert switch.blocks[1].ffn.gate.jitter == 0.2
-    assert switch.blocks[1].ffn.experts.fc.weight.shape == (4, 24, 16)  # (E, d_ff, n_embd)
-    assert switch.blocks[0].ffn.fc.out_features == 64  # a dense block keeps the model's width, 4 * n_embd
+    assert switch.blocks[1].ffn.experts.fc.weight.shape == (4, 24, 16)  # (E, d_ff, d_model)
+    assert switch.blocks[0].ffn.fc.out_features == 64  # a dense block keeps the model's width, 4 * d_model
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     for random_routing in (True, False):
         model = build_model(load_config("configs/gpt.yaml", common + [
@@ -572,7 +572,7 @@ def test_training_logs_routing_metrics_and_draws_the_expert_load(tmp_path):
         (folder / f"doc{i}.txt").write_text(f"The quick brown fox {i} jumps over the lazy dog. " * 20)
     out = tmp_path / "run"
     cfg = load_config("configs/gpt.yaml", [
-        f"data.source={folder}", "data.tokenizer=char", "model.block_size=32", "model.n_layer=2", "model.n_embd=16",
+        f"data.source={folder}", "data.tokenizer=char", "model.block_size=32", "model.n_layer=2", "model.d_model=16",
         "model.n_head=2", "model.moe.num_experts=4", "train.max_steps=4", "train.batch_size=4", "train.log_interval=2",
         "train.eval_interval=4", "train.device=cpu", "output.sample_tokens=0", f"output.dir={out}"])
     run(cfg, quiet=True)

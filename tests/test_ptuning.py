@@ -14,7 +14,7 @@ from minimodels.models import PTuning
 from minimodels.train.checkpoint import latest_checkpoint, read_weights
 from minimodels.train.run import fill_backbone, load_run, run
 
-TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "train.max_steps=2", "train.batch_size=8",
+TINY = ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "train.max_steps=2", "train.batch_size=8",
         "train.eval_batches=1", "output.sample_tokens=0"]
 
 
@@ -231,7 +231,7 @@ def test_lstm_encoder_takes_an_odd_hidden_width(backbones):
     model, task = tiny_ptuning(backbones, "bert", "model.hidden=33")
     encoder = model.prompts[0]
     h = encoder()
-    assert h.shape == (model.config.num_prompt_tokens, model.backbone.config.n_embd)
+    assert h.shape == (model.config.num_prompt_tokens, model.backbone.config.d_model)
     grad = torch.autograd.grad(h[0].sum(), encoder.p)[0]  # (n, 33)
     assert (grad.abs().sum(dim=1) > 0).all()  # h_0 sees every p_j: the LSTM reads right to left too
     model(**task.collate(task.train[:8])).loss.backward()

@@ -56,7 +56,7 @@ def test_a_tiny_gpt_row_trains_then_is_reused_then_retrains(tmp_path, capsys):
     docs.mkdir()
     for i in range(6):
         (docs / f"doc{i}.txt").write_text(f"The quick brown fox {i} jumps over the lazy dog. " * 30)
-    tiny = [f"data.source={docs}", "data.tokenizer=char", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+    tiny = [f"data.source={docs}", "data.tokenizer=char", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
             "model.block_size=32", "train.max_steps=2", "train.batch_size=4", "train.eval_interval=2",
             "output.sample_tokens=0", "output.plot=false", "--runs-dir", str(tmp_path / "runs")]
     run_dir = tmp_path / "runs" / "gpt"
@@ -82,11 +82,11 @@ def test_a_tiny_gpt_row_trains_then_is_reused_then_retrains(tmp_path, capsys):
     assert (run_dir / "checkpoints" / "step_00000003").is_dir() and not weights.exists()
 
 
-GPT_SIZE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2"]
+GPT_SIZE = ["model.n_layer=1", "model.d_model=32", "model.n_head=2"]
 SMALL = {"gpt": GPT_SIZE + ["data.vocab_size=300"],  # GPT's and BERT's keys
          "kb": GPT_SIZE,  # the knowledge base needs its vocabulary: every object one token
          "t5": ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.vocab_size=300"],
-         "brivl": GPT_SIZE + ["model.embed_dim=32", "model.text.n_layer=1", "model.text.n_embd=32", "model.text.n_head=2"],
+         "brivl": GPT_SIZE + ["model.embed_dim=32", "model.text.n_layer=1", "model.text.d_model=32", "model.text.n_head=2"],
          "ptuning": [],
          "vqvae": ["model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4"]}
 ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "t5_records": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",

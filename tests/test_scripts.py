@@ -17,7 +17,7 @@ def sh(*args):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    r = sh("scripts/train.py", "configs/gpt.yaml", "train.max_steps=4", "model.n_layer=1", "model.n_embd=32",
+    r = sh("scripts/train.py", "configs/gpt.yaml", "train.max_steps=4", "model.n_layer=1", "model.d_model=32",
            "model.n_head=2", "model.block_size=32", "train.batch_size=4", "train.eval_batches=2",
            "train.eval_interval=2", "output.sample_tokens=8", f"output.dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -67,8 +67,8 @@ def test_resume_from_the_command_line_extends_the_run(tiny_run):
 @pytest.mark.parametrize("config", ["gpt", "bert", "t5"])
 def test_bench_train_script(config):
     tiny = ["model.n_layer=1", "train.batch_size=2", "data.vocab_size=64"]
-    tiny += {"gpt": ["model.n_embd=32", "model.n_head=2", "model.block_size=16"],
-             "bert": ["model.n_embd=32", "model.n_head=2", "model.block_size=16", "data.seq_len=16"],
+    tiny += {"gpt": ["model.d_model=32", "model.n_head=2", "model.block_size=16"],
+             "bert": ["model.d_model=32", "model.n_head=2", "model.block_size=16", "data.seq_len=16"],
              "t5": ["model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.seq_len=16"]}[config]
     r = sh("scripts/bench_train.py", f"configs/{config}.yaml", *tiny, "--rounds", "1", "--steps", "1",
            "--warmup", "0", "--dtypes", "fp32", "--peak-sizes", "64", "--threads", "1")
@@ -79,14 +79,14 @@ def test_bench_train_script(config):
 
 @pytest.mark.parametrize("config", ["gpt", "bert"])
 def test_bench_inherit_script(config):
-    tiny = ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=16", "data.seq_len=16",
+    tiny = ["model.n_layer=1", "model.d_model=16", "model.n_head=2", "model.block_size=16", "data.seq_len=16",
             "train.batch_size=2", "data.vocab_size=64"]
-    r = sh("scripts/bench_inherit.py", f"configs/{config}.yaml", *tiny, "--student", "model.n_embd=32",
+    r = sh("scripts/bench_inherit.py", f"configs/{config}.yaml", *tiny, "--student", "model.d_model=32",
            "--rounds", "1", "--warmup", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
     assert rows == ["| student alone", "| student + teacher", "| teacher forward alone", "| added by the teacher (forward + KL)"]
-    assert "student (model.n_embd=32)" in r.stdout and "FLOPs of the teacher's forward / FLOPs of a student step" in r.stdout
+    assert "student (model.d_model=32)" in r.stdout and "FLOPs of the teacher's forward / FLOPs of a student step" in r.stdout
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_generate_with_t5_and_bert_runs(tmp_path):
     common = ["train.max_steps=2", "model.n_layer=1", "model.n_head=2", "train.batch_size=4", "train.eval_batches=1",
               "data.vocab_size=300", "output.sample_tokens=4"]
     runs = {"t5": common + ["model.d_model=32", "model.d_ff=64", "data.seq_len=32"],
-            "bert": common + ["model.n_embd=32", "model.block_size=32"]}
+            "bert": common + ["model.d_model=32", "model.block_size=32"]}
     for name, overrides in runs.items():
         r = sh("scripts/train.py", f"configs/{name}.yaml", *overrides, f"output.dir={tmp_path / name}", "--quiet")
         assert r.returncode == 0, r.stderr[-2000:]
@@ -163,7 +163,7 @@ def test_every_task_answers_generate_and_the_default_refuses():
     class Quiet(TextTask):  # a task that writes no text keeps the default
         pass
 
-    model = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=8))
+    model = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, d_model=8))
     with pytest.raises(ConfigError, match="^generate: a gpt run writes no text$"):
         Quiet.generate(model, None, Generation("runs/x"))
 

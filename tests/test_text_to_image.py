@@ -36,7 +36,7 @@ draw, judge_cogview = script("draw"), script("judge_cogview")
 
 VQ = ("model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4", "train.batch_size=8",
       "train.max_steps=2", "train.eval_batches=1", "train.device=cpu", "output.plot=false")
-GPT_TINY = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.batch_size=8", "train.max_steps=8",
+GPT_TINY = ("model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.batch_size=8", "train.max_steps=8",
             "train.warmup_steps=2", "train.eval_interval=8", "train.eval_batches=2", "train.log_interval=1",
             "train.device=cpu")
 
@@ -86,7 +86,7 @@ def test_the_layout_pads_the_caption_on_the_left_and_offsets_the_codes(tokenizer
 def test_the_loss_covers_the_image_tokens_and_boi_predicts_the_first(tokenizer, vqvae):
     layout = layout_of(tokenizer, vqvae)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=layout.offset + 16, block_size=86, n_layer=1, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(vocab_size=layout.offset + 16, block_size=86, n_layer=1, n_head=2, d_model=32))
     captions = [tokenizer.encode("a red circle"), tokenizer.encode("there is a big green square left of a white disk")]
     input_ids, labels = map(torch.stack, zip(*[layout.example(c, torch.randint(16, (64,))) for c in captions]))
     out = model(input_ids, labels=labels)
@@ -110,7 +110,7 @@ def test_longest_caption_bounds_the_captions_and_a_short_seq_len_names_data_seq_
 def test_sampling_draws_only_image_codes_and_decodes_pictures(tokenizer, vqvae):
     layout = layout_of(tokenizer, vqvae)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=layout.offset + 16, block_size=86, n_layer=1, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(vocab_size=layout.offset + 16, block_size=86, n_layer=1, n_head=2, d_model=32))
     prompt = layout.prompt(tokenizer.encode("a red circle"))[None].repeat(4, 1)  # (4, text_len + 1)
     free = model.generate(prompt, 64, generator=torch.Generator().manual_seed(0))[:, prompt.shape[1]:]
     assert (free < layout.offset).any()  # unrestricted, an untrained model draws text tokens too
@@ -151,8 +151,8 @@ def test_a_tiny_run_trains_on_image_tokens_and_draws(runs, tmp_path):
                                                      f"write them with python scripts/draw.py {out}")
 
 
-CLIP_TINY = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.embed_dim=32", "model.text.n_layer=1",
-             "model.text.n_embd=32", "model.text.n_head=2", "train.batch_size=8", "train.max_steps=2",
+CLIP_TINY = ("model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.embed_dim=32", "model.text.n_layer=1",
+             "model.text.d_model=32", "model.text.n_head=2", "train.batch_size=8", "train.max_steps=2",
              "train.eval_batches=1", "train.device=cpu", "output.plot=false")
 
 

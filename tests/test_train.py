@@ -38,7 +38,7 @@ class RandomLMTask:
 
 def tiny_gpt(seed=0, **kw):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, **kw))
+    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=32, **kw))
 
 
 def train_cfg(**kw):
@@ -221,7 +221,7 @@ def test_fp16_on_cpu_is_refused():
 
 
 CONFIG = """
-model: {arch: gpt, block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.1}
+model: {arch: gpt, block_size: 32, n_layer: 2, n_head: 2, d_model: 32, dropout: 0.1}
 data: {source: %s, tokenizer: char}
 train: {max_steps: 8, batch_size: 4, lr: 1.0e-2, warmup_steps: 2, device: cpu, dtype: fp32,
         eval_interval: 4, save_interval: 4, keep_last: 5, log_interval: 1}

@@ -17,11 +17,11 @@ B = 2  # the micro-batch of the accumulation and 2-process rows; the reference r
 COMMON = ("train.device=cpu", "train.dtype=fp32", "train.max_steps=4", "train.save_interval=2", "train.eval_interval=2",
           "train.eval_batches=1", "train.log_interval=1", "train.warmup_steps=1", "train.keep_last=5",
           f"train.batch_size={2 * B}", "output.sample_tokens=0", "output.plot=false")
-SMALL = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2")
+SMALL = ("model.n_layer=1", "model.d_model=32", "model.n_head=2")
 TEXT = ("model.block_size=32", "data.vocab_size=512", "data.source={docs}")  # a task that reads any text
 KB = ("model.block_size=32", "data.kb_documents=2")
 T5 = ("model.d_model=32", "model.n_layer=1", "model.n_head=2", "model.d_ff=64", "data.seq_len=32")
-TOWERS = SMALL + ("model.embed_dim=16", "model.text.n_layer=1", "model.text.n_embd=32", "model.text.n_head=2")
+TOWERS = SMALL + ("model.embed_dim=16", "model.text.n_layer=1", "model.text.d_model=32", "model.text.n_head=2")
 MOE = ("model.moe.num_experts=4", "model.moe.every=1")
 TINY = {
     "gpt": SMALL + TEXT,

@@ -38,8 +38,8 @@ class BERTConfig:
     type_vocab_size: int = 2  # segments: sentence A = 0, sentence B = 1
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
-    n_embd: int = 256  # model width d_model (BERT's hidden_size)
-    d_ff: int | None = None  # feed-forward width; null = 4 * n_embd
+    d_model: int = 256  # model width (BERT's hidden_size)
+    d_ff: int | None = None  # feed-forward width; null = 4 * d_model
     ffn: str = "mlp"  # feed-forward kind, see minimodels/nn/feedforward.py FFN_KINDS
     activation: str = "gelu"  # gelu (BERT: exact, erf) | gelu_tanh | relu
     dropout: float = 0.1  # on embeddings, attention weights, residual branches and the classifier input
@@ -52,14 +52,14 @@ class BERTConfig:
     moe: MoEConfig | None = None  # mixture-of-experts FFNs (Switch-BERT), see minimodels/moe/config.py; null = dense
 
     def validate(self) -> None:
-        for name in ("block_size", "type_vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "type_vocab_size", "n_layer", "n_head", "d_model"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
         for name in ("vocab_size", "num_labels", "d_ff"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}: must be positive or null, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model: {self.d_model} is not divisible by model.n_head={self.n_head}")
         if self.head not in HEADS:
             raise ValueError(f"model.head: must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.nsp and self.head != "mlm":
@@ -85,11 +85,11 @@ class MLMHead(nn.Module):
     """The masked-LM output layer: a transform (dense -> GELU -> LayerNorm), then scores against every
     token embedding. The decoder matrix is the input embedding E_tok (passed in), only the bias is its own."""
 
-    def __init__(self, n_embd: int, vocab_size: int, activation: str, norm_eps: float):
+    def __init__(self, d_model: int, vocab_size: int, activation: str, norm_eps: float):
         super().__init__()
-        self.dense = nn.Linear(n_embd, n_embd)  # W_t
+        self.dense = nn.Linear(d_model, d_model)  # W_t
         self.act = ACTIVATIONS[activation]
-        self.norm = nn.LayerNorm(n_embd, eps=norm_eps)
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.bias = nn.Parameter(torch.zeros(vocab_size))  # b, one per vocabulary entry
 
     def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
@@ -106,27 +106,27 @@ class BERT(nn.Module, TrainedModel):
         if config.head == "classify" and config.num_labels is None:
             raise ValueError("model.num_labels: must be set for model.head=classify (the task fills it)")
         self.config = c = config
-        d_ff = c.d_ff or 4 * c.n_embd
-        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)  # E_tok
-        self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # E_pos, learned (not sinusoidal)
-        self.seg_emb = nn.Embedding(c.type_vocab_size, c.n_embd)  # E_seg, sentence A / B
-        self.emb_norm = nn.LayerNorm(c.n_embd, eps=c.norm_eps)
+        d_ff = c.d_ff or 4 * c.d_model
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # E_tok
+        self.pos_emb = nn.Embedding(c.block_size, c.d_model)  # E_pos, learned (not sinusoidal)
+        self.seg_emb = nn.Embedding(c.type_vocab_size, c.d_model)  # E_seg, sentence A / B
+        self.emb_norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList()
         for i in range(c.n_layer):
-            ffn = build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width, experts=None: build_ffn(
-                c.ffn, c.n_embd, width, c.activation, c.dropout, True, experts))  # dense, or with model.moe an MoE layer
-            attn = MultiHeadAttention(c.n_embd, c.n_head, dropout=c.dropout, causal=False, impl=c.attn_impl)
-            self.blocks.append(PostLNBlock(attn, ffn, partial(nn.LayerNorm, c.n_embd, eps=c.norm_eps)))
+            ffn = build_block_ffn(c.moe, i, c.d_model, d_ff, lambda width, experts=None: build_ffn(
+                c.ffn, c.d_model, width, c.activation, c.dropout, True, experts))  # dense, or with model.moe an MoE layer
+            attn = MultiHeadAttention(c.d_model, c.n_head, dropout=c.dropout, causal=False, impl=c.attn_impl)
+            self.blocks.append(PostLNBlock(attn, ffn, partial(nn.LayerNorm, c.d_model, eps=c.norm_eps)))
         if c.head == "mlm":
-            self.mlm = MLMHead(c.n_embd, c.vocab_size, c.activation, c.norm_eps)
+            self.mlm = MLMHead(c.d_model, c.vocab_size, c.activation, c.norm_eps)
         # only what is used is built: no pooler for mlm alone or none
-        self.pooler = nn.Linear(c.n_embd, c.n_embd) if c.head in ("classify", "pooler") or c.nsp else None  # W_p
+        self.pooler = nn.Linear(c.d_model, c.d_model) if c.head in ("classify", "pooler") or c.nsp else None  # W_p
         if c.nsp:
-            self.nsp_head = nn.Linear(c.n_embd, 2)  # W_nsp
+            self.nsp_head = nn.Linear(c.d_model, 2)  # W_nsp
         if c.head == "classify":
             self.classifier_dropout = nn.Dropout(c.dropout)
-            self.classifier = nn.Linear(c.n_embd, c.num_labels)  # W_c, new at fine-tuning time
+            self.classifier = nn.Linear(c.d_model, c.num_labels)  # W_c, new at fine-tuning time
         self.apply(normal_init)  # BERT: every matrix ~ N(0, 0.02^2) (truncated in the original TF code), biases 0
 
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,

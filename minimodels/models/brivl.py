@@ -85,24 +85,24 @@ class BriVLConfig:
     patch_size: int = 4  # ViT patches of patch_size x patch_size pixels
     n_layer: int = 4  # ViT blocks (pre-LN)
     n_head: int = 4  # attention heads of the image tower
-    n_embd: int = 128  # width of the image tower
+    d_model: int = 128  # width of the image tower
     regions: bool = True  # BriVL's region option: crop each object box from the feature map, attend over them
     region_grid: int = 2  # each box is sampled at region_grid x region_grid points of the feature map
     n_region_layer: int = 1  # blocks of the transformer over [whole image; regions]
     embed_dim: int = 128  # D, the shared embedding space
     dropout: float = 0.0  # in the image tower's blocks
     # the text tower: BERT's own config (head: none; vocab_size comes from model.vocab_size; init_from: a BERT run)
-    text: BERTConfig = field(default_factory=lambda: BERTConfig(head="none", n_layer=2, n_embd=128, block_size=32))
+    text: BERTConfig = field(default_factory=lambda: BERTConfig(head="none", n_layer=2, d_model=128, block_size=32))
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # the objective, see above
 
     def validate(self) -> None:
-        for name in ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "region_grid", "embed_dim"):
+        for name in ("image_size", "patch_size", "n_layer", "n_head", "d_model", "region_grid", "embed_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"model.image_size: {self.image_size} is not divisible by model.patch_size={self.patch_size}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model: {self.d_model} is not divisible by model.n_head={self.n_head}")
         if self.n_region_layer < 0:
             raise ValueError(f"model.n_region_layer: must be >= 0, got {self.n_region_layer}")
         if self.text.head != "none":
@@ -179,9 +179,9 @@ def crop_regions(fmap: torch.Tensor, boxes: torch.Tensor, grid: int) -> torch.Te
 
 
 def vit_block(c: BriVLConfig) -> PreLNBlock:
-    ffn = MLP(c.n_embd, 4 * c.n_embd, "gelu", c.dropout)
-    attn = MultiHeadAttention(c.n_embd, c.n_head, dropout=c.dropout, causal=False)
-    return PreLNBlock(attn, ffn, partial(nn.LayerNorm, c.n_embd))
+    ffn = MLP(c.d_model, 4 * c.d_model, "gelu", c.dropout)
+    attn = MultiHeadAttention(c.d_model, c.n_head, dropout=c.dropout, causal=False)
+    return PreLNBlock(attn, ffn, partial(nn.LayerNorm, c.d_model))
 
 
 class ImageTower(nn.Module):
@@ -192,15 +192,15 @@ class ImageTower(nn.Module):
         super().__init__()
         self.config = c
         n_patches = (c.image_size // c.patch_size) ** 2
-        self.patch_emb = nn.Linear(3 * c.patch_size ** 2, c.n_embd)  # flattened patch -> vector
-        self.pos_emb = nn.Parameter(torch.randn(n_patches, c.n_embd) * 0.02)  # learned, one per patch
+        self.patch_emb = nn.Linear(3 * c.patch_size ** 2, c.d_model)  # flattened patch -> vector
+        self.pos_emb = nn.Parameter(torch.randn(n_patches, c.d_model) * 0.02)  # learned, one per patch
         self.blocks = nn.ModuleList(vit_block(c) for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.ln_f = nn.LayerNorm(c.d_model)
         if c.regions:
-            self.box_emb = nn.Linear(4, c.n_embd)  # where the box is: (x0, y0, x1, y1) -> vector
+            self.box_emb = nn.Linear(4, c.d_model)  # where the box is: (x0, y0, x1, y1) -> vector
             self.region_blocks = nn.ModuleList(vit_block(c) for _ in range(c.n_region_layer))
-            self.region_ln = nn.LayerNorm(c.n_embd)
-        self.proj = nn.Sequential(nn.Linear(c.n_embd, c.n_embd), nn.GELU(), nn.Linear(c.n_embd, c.embed_dim))
+            self.region_ln = nn.LayerNorm(c.d_model)
+        self.proj = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Linear(c.d_model, c.embed_dim))
 
     def forward(self, images, boxes=None, box_mask=None) -> torch.Tensor:
         """images (B, 3, H, W); boxes (B, R, 4) fractions, box_mask (B, R) True = a real box -> (B, D) unit norm."""
@@ -233,7 +233,7 @@ class TextTower(nn.Module):
     def __init__(self, c: BriVLConfig):
         super().__init__()
         self.bert = BERT(dataclasses.replace(c.text, vocab_size=c.vocab_size))
-        width = c.text.n_embd
+        width = c.text.d_model
         self.proj = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, c.embed_dim))
 
     def forward(self, input_ids, padding_mask) -> torch.Tensor:

@@ -44,8 +44,8 @@ class GLMConfig:
     block_size: int = 128  # longest Part A (learned positions p1) and longest span (p2 up to block_size + 1)
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
-    n_embd: int = 256  # model width d_model
-    d_ff: int | None = None  # feed-forward width; null = 4 * n_embd
+    d_model: int = 256  # model width
+    d_ff: int | None = None  # feed-forward width; null = 4 * d_model
     ffn: str = "mlp"  # feed-forward kind, see minimodels/nn/feedforward.py FFN_KINDS
     activation: str = "gelu"  # gelu | gelu_tanh | relu
     dropout: float = 0.0  # on embeddings, attention weights and residual branches
@@ -55,14 +55,14 @@ class GLMConfig:
     init_from: str | None = None  # a run folder whose latest weights this model starts from
 
     def validate(self) -> None:
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "n_layer", "n_head", "d_model"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
         for name in ("vocab_size", "d_ff"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}: must be positive or null, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model: {self.d_model} is not divisible by model.n_head={self.n_head}")
         check_block_options(self)
 
 
@@ -93,20 +93,20 @@ class GLM(nn.Module, TrainedModel):
             raise ValueError("model.vocab_size: must be set (the trainer fills it from the tokenizer)")
         config.validate()
         self.config = c = config
-        d_ff = c.d_ff or 4 * c.n_embd
-        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)  # E_tok
-        self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # E_pos1: position in Part A
-        self.block_pos_emb = nn.Embedding(c.block_size + 2, c.n_embd)  # E_pos2: 0 in Part A, 1..len + 1 in a span
+        d_ff = c.d_ff or 4 * c.d_model
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # E_tok
+        self.pos_emb = nn.Embedding(c.block_size, c.d_model)  # E_pos1: position in Part A
+        self.block_pos_emb = nn.Embedding(c.block_size + 2, c.d_model)  # E_pos2: 0 in Part A, 1..len + 1 in a span
         self.drop = nn.Dropout(c.dropout)
         # causal=False: the mask comes from glm_attn_mask, half bidirectional and half causal
-        norm = partial(nn.LayerNorm, c.n_embd, eps=c.norm_eps, bias=c.bias)  # a new LayerNorm at each call
+        norm = partial(nn.LayerNorm, c.d_model, eps=c.norm_eps, bias=c.bias)  # a new LayerNorm at each call
         self.blocks = nn.ModuleList()
         for _ in range(c.n_layer):
-            ffn = build_ffn(c.ffn, c.n_embd, d_ff, c.activation, c.dropout, c.bias)
-            attn = MultiHeadAttention(c.n_embd, c.n_head, bias=c.bias, dropout=c.dropout, causal=False, impl=c.attn_impl)
+            ffn = build_ffn(c.ffn, c.d_model, d_ff, c.activation, c.dropout, c.bias)
+            attn = MultiHeadAttention(c.d_model, c.n_head, bias=c.bias, dropout=c.dropout, causal=False, impl=c.attn_impl)
             self.blocks.append(PreLNBlock(attn, ffn, norm))
         self.ln_f = norm()
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: scores against the token embeddings
         gpt2_init(self, c.n_layer)  # N(0, 0.02^2), residual output projections scaled by 1/sqrt(2 n_layer)
 

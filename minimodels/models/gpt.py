@@ -32,8 +32,8 @@ class GPTConfig:
     block_size: int = 256  # longest context the model supports (number of learned positions)
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
-    n_embd: int = 256  # model width d_model
-    d_ff: int | None = None  # feed-forward width; null = 4 * n_embd
+    d_model: int = 256  # model width
+    d_ff: int | None = None  # feed-forward width; null = 4 * d_model
     ffn: str = "mlp"  # feed-forward kind, see minimodels/nn/feedforward.py FFN_KINDS
     activation: str = "gelu"  # gelu | gelu_tanh (GPT-2) | relu
     dropout: float = 0.0  # on embeddings, attention weights and residual branches
@@ -45,14 +45,14 @@ class GPTConfig:
     moe: MoEConfig | None = None  # mixture-of-experts FFNs (Switch-GPT), see minimodels/moe/config.py; null = dense
 
     def validate(self) -> None:
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "n_layer", "n_head", "d_model"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
         for name in ("vocab_size", "d_ff"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}: must be positive or null, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model: {self.d_model} is not divisible by model.n_head={self.n_head}")
         check_block_options(self)
         if self.moe is not None:
             self.moe.validate(causal=True)
@@ -74,19 +74,19 @@ class GPT(nn.Module, TrainedModel):
             raise ValueError("model.vocab_size: must be set (the trainer fills it from the tokenizer)")
         config.validate()
         self.config = c = config
-        d_ff = c.d_ff or 4 * c.n_embd
-        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)  # W_e
-        self.pos_emb = nn.Embedding(c.block_size, c.n_embd)  # W_p
+        d_ff = c.d_ff or 4 * c.d_model
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)  # W_e
+        self.pos_emb = nn.Embedding(c.block_size, c.d_model)  # W_p
         self.drop = nn.Dropout(c.dropout)
-        norm = partial(nn.LayerNorm, c.n_embd, eps=c.norm_eps, bias=c.bias)  # a new LayerNorm at each call
+        norm = partial(nn.LayerNorm, c.d_model, eps=c.norm_eps, bias=c.bias)  # a new LayerNorm at each call
         self.blocks = nn.ModuleList()
         for i in range(c.n_layer):
-            ffn = build_block_ffn(c.moe, i, c.n_embd, d_ff, lambda width, experts=None: build_ffn(
-                c.ffn, c.n_embd, width, c.activation, c.dropout, c.bias, experts))  # dense, or with model.moe an MoE layer
-            attn = MultiHeadAttention(c.n_embd, c.n_head, bias=c.bias, dropout=c.dropout, causal=True, impl=c.attn_impl)
+            ffn = build_block_ffn(c.moe, i, c.d_model, d_ff, lambda width, experts=None: build_ffn(
+                c.ffn, c.d_model, width, c.activation, c.dropout, c.bias, experts))  # dense, or with model.moe an MoE layer
+            attn = MultiHeadAttention(c.d_model, c.n_head, bias=c.bias, dropout=c.dropout, causal=True, impl=c.attn_impl)
             self.blocks.append(PreLNBlock(attn, ffn, norm))
         self.ln_f = norm()
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
         gpt2_init(self, c.n_layer)
@@ -181,8 +181,8 @@ class GPT(nn.Module, TrainedModel):
         6 N for the weight matmuls (N = non-embedding params + LM head) + 12 L T d for attention scores."""
         c = self.config
         n = sum(p.numel() for n_, p in self.named_parameters() if p.dim() == 2 and "emb" not in n_ and "lm_head" not in n_)
-        n += c.vocab_size * c.n_embd  # the LM head matmul (tied or not)
-        return 6 * n + 12 * c.n_layer * seq_len * c.n_embd
+        n += c.vocab_size * c.d_model  # the LM head matmul (tied or not)
+        return 6 * n + 12 * c.n_layer * seq_len * c.d_model
 
 
 def gpt2_init(model: nn.Module, n_layer: int) -> None:

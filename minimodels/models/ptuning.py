@@ -48,7 +48,7 @@ class PTuningConfig:
     arch: str = "ptuning"  # selects this model in configs
     init_from: str | None = None  # the pretrained LM's run folder (runs/kb_bert, runs/kb_gpt); it stays frozen
     encoder: str = "lstm"  # prompt encoder: lstm (BiLSTM + MLP, the paper) | mlp | none (raw embeddings)
-    hidden: int | None = None  # width of p_i and of the encoder; null = the LM's n_embd
+    hidden: int | None = None  # width of p_i and of the encoder; null = the LM's d_model
     deep: bool = False  # P-tuning v2: trainable prefix keys/values in every block of the LM too
     num_prompt_tokens: int | None = None  # pseudo tokens in the template; null = counted from data.template
     num_relations: int | None = None  # one prompt per relation; null = from the task
@@ -58,7 +58,7 @@ class PTuningConfig:
         if self.encoder not in ENCODERS:
             raise ValueError(f"model.encoder: must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.encoder == "none" and self.hidden is not None:
-            raise ValueError(f"model.hidden: encoder none has no hidden layer (p_i are the LM's n_embd wide); "
+            raise ValueError(f"model.hidden: encoder none has no hidden layer (p_i are the LM's d_model wide); "
                              f"leave it null, got {self.hidden}")
         if self.init_from is None and self.backbone is None:
             raise ValueError("model.init_from: P-tuning needs the run folder of a pretrained LM (e.g. runs/kb_bert)")
@@ -80,16 +80,16 @@ BACKBONES = {"bert": (BERTConfig, BERT), "gpt": (GPTConfig, GPT)}  # the LMs P-t
 class PromptEncoder(nn.Module):
     """The n pseudo-token embeddings h_0..h_{n-1} (n, C) of one relation, from trainable p_0..p_{n-1} (n, H)."""
 
-    def __init__(self, n: int, hidden: int, n_embd: int, kind: str):
+    def __init__(self, n: int, hidden: int, d_model: int, kind: str):
         super().__init__()
         self.kind = kind
-        self.p = nn.Parameter(torch.randn(n, n_embd if kind == "none" else hidden) * 0.02)  # p_i
+        self.p = nn.Parameter(torch.randn(n, d_model if kind == "none" else hidden) * 0.02)  # p_i
         width = hidden  # what the MLP reads: p_i, or the two directions' states side by side
         if kind == "lstm":  # 2 layers, H/2 per direction (rounded up: an odd H gives states H + 1 wide)
             self.lstm = nn.LSTM(hidden, (hidden + 1) // 2, num_layers=2, bidirectional=True, batch_first=True)
             width = 2 * self.lstm.hidden_size
         if kind in ("lstm", "mlp"):
-            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, d_model))
 
     def forward(self) -> torch.Tensor:
         if self.kind == "none":
@@ -116,7 +116,7 @@ class PTuning(nn.Module, TrainedModel):
         self.causal = arch == "gpt"
         self.backbone = BACKBONES[arch][1](lm_config)  # weights: pretrained_parts(), loaded by the run
         self.backbone.requires_grad_(False)
-        C, n = lm_config.n_embd, c.num_prompt_tokens
+        C, n = lm_config.d_model, c.num_prompt_tokens
         self.prompts = nn.ModuleList(PromptEncoder(n, c.hidden or C, C, c.encoder) for _ in range(c.num_relations))
         if c.deep:  # per relation and block: (k, v) of n prefix positions, each (nh, n, hs)
             L, nh = lm_config.n_layer, lm_config.n_head
