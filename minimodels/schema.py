@@ -100,8 +100,13 @@ def build(cls: type, raw: Any, prefix: str, where: str):
     return cls(**kwargs)
 
 
+RENAMED = {"n_embd": "d_model"}  # old key -> its name now (a run's config.yaml or a YAML written before)
+
+
 def check_keys(raw: dict, valid, prefix: str, where: str) -> None:
     for k in raw:
+        if k in RENAMED and RENAMED[k] in valid:
+            raise ConfigError(f"{where}: {prefix}{k}: renamed to {prefix}{RENAMED[k]}")
         if k not in valid:
             full = [prefix + v for v in valid]
             raise ConfigError(f"{where}: unknown key {prefix}{k}{suggest(prefix + str(k), full)}")

@@ -193,6 +193,19 @@ def test_each_rule_stops_with_one_line_naming_its_key(tmp_path, config, override
     assert msg.startswith(f"{path}: {key}: ") and "\n" not in msg, msg
 
 
+
+@pytest.mark.parametrize("config, section", [("gpt", "model"), ("brivl", "model.text")])
+def test_a_yaml_saying_n_embd_stops_with_one_line_naming_d_model(tmp_path, config, section):
+    """The width is d_model: a YAML written before the rename (or a run's config.yaml) names the new key."""
+    raw = yaml.safe_load((Path("configs") / f"{config}.yaml").read_text())
+    mapping = raw["model"] if section == "model" else raw["model"]["text"]
+    mapping["n_embd"] = mapping.pop("d_model")
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError) as e:
+        load_config(old)
+    assert str(e.value) == f"{old}: {section}.n_embd: renamed to {section}.d_model"
+
 def test_every_task_trains_the_archs_it_names(tmp_path):
     """Each shipped config pairs an arch with a task that names it; every other arch is refused for that task."""
     from minimodels.data import TASKS
