@@ -7,7 +7,8 @@ config), twice: with the code at git revision --base (`git archive` into a tempo
 tree, each run in its own process with its own tree's configs/ and minimodels/ on PYTHONPATH. Then it compares the
 two metrics.jsonl line by line, byte for byte, leaving out the timings (keys ending in _s: tokens_per_s, time_s,
 wall_time_s, train_time_s). The row `inherit` is configs/gpt.yaml with train.teacher.run set to that side's tiny gpt
-run. Prints one row per config: config | identical | the first differing line and field.
+run. Prints one row per config: config | identical | the first differing line and field. A tree whose YAML
+still names the width n_embd gets the tiny width as n_embd.
 
 Both sides run with this process's environment: PyTorch's float sums may change with the thread count, so set
 OMP_NUM_THREADS (1 above) for both.
@@ -42,6 +43,8 @@ class RunsIn(Runs):
         self.tree = tree
 
     def train(self, name: str, out: Path, overrides: list[str]) -> None:
+        if "n_embd:" in (self.tree / "configs" / f"{name}.yaml").read_text():  # a tree from before n_embd -> d_model
+            overrides = [o.replace("d_model=", "n_embd=") for o in overrides]
         r = subprocess.run([sys.executable, "-c", TRAIN, f"configs/{name}.yaml", *overrides, f"output.dir={out}",
                             "--quiet"], cwd=self.tree, env={**os.environ, "PYTHONPATH": str(self.tree)},
                            capture_output=True, text=True, check=False)
