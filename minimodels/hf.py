@@ -2,6 +2,7 @@
 
     gpt_from_hf(hf_model)  -> GPT                 convert an in-memory GPT2LMHeadModel
     gpt_to_hf(model)       -> GPT2LMHeadModel     convert back (e.g. to use HF's tooling)
+    glm_to_hf(model)       -> GPT2LMHeadModel     GLM's Transformer; E_pos2 and the mask are passed in (glm_to_hf)
     load_hf_gpt2(path)     -> GPT                 load a local GPT-2 checkpoint folder, never downloads
     bert_from_hf / bert_to_hf                     BertForMaskedLM, BertModel, BertForPreTraining,
                                                   BertForSequenceClassification (see the BERT section)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from minimodels.models.bert import BERT, BERTConfig
+from minimodels.models.glm import GLM
 from minimodels.models.gpt import GPT, GPTConfig
 from minimodels.models.t5 import T5, T5Config
 
@@ -108,6 +110,20 @@ def dense_only(config, hf_name: str) -> None:
 def gpt_to_hf(model: GPT, attn_implementation: str | None = None):
     """Export our GPT to a transformers GPT2LMHeadModel with the same weights. attn_implementation:
     HF's attention kernel ("eager", "sdpa"; None = HF's default)."""
+    return _to_gpt2(model, model.config.tie_weights, attn_implementation)
+
+
+def glm_to_hf(model: GLM, attn_implementation: str | None = None):
+    """GLM's Transformer as a transformers GPT2LMHeadModel with the same weights: E_tok -> wte (tied to the
+    head), E_pos1 -> wpe, the blocks and ln_f as for GPT. GPT-2 has no place for the rest of GLM, which the
+    caller passes in: E_pos2 and p1 as `inputs_embeds=wte(input_ids) + model.block_pos_emb(block_position_ids)`
+    and `position_ids=position_ids`, and the mask as a 4-D `attention_mask` made from glm_attn_mask, shape
+    (B, 1, T, T) (boolean for "sdpa", additive 0 / -inf for "eager"; HF uses a 4-D mask as given)."""
+    return _to_gpt2(model, True, attn_implementation)
+
+
+def _to_gpt2(model: GPT | GLM, tied: bool, attn_implementation: str | None):
+    """A GPT2LMHeadModel with the config and weights of our GPT or GLM (GLM without its E_pos2)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = model.config
@@ -122,12 +138,12 @@ def gpt_to_hf(model: GPT, attn_implementation: str | None = None):
     hc = GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.d_model,
         n_inner=c.d_ff, activation_function=to_hf_activation[c.activation], layer_norm_epsilon=c.norm_eps,
-        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_weights,
-        bos_token_id=None, eos_token_id=None,  # our GPT knows no special tokens; GPT-2's 50256 may not exist here
+        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=tied,
+        bos_token_id=None, eos_token_id=None,  # our models know no GPT-2 special tokens; 50256 may not exist here
         attn_implementation=attn_implementation,
     )
     hf_model = GPT2LMHeadModel(hc).to(model.tok_emb.weight.device)
-    pairs = _name_pairs(c.n_layer, c.tie_weights)
+    pairs = _name_pairs(c.n_layer, tied)
     _copy_weights(dict(model.named_parameters()), dict(hf_model.named_parameters()), pairs, to_hf=True)
     return hf_model.train(model.training)
 
