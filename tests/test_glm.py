@@ -1,6 +1,8 @@
 """GLM: the paper's worked example (attention mask and 2D positions), Part A never seeing Part B, Part A + Part B
-giving back the text, the loss on Part B only, where the blanks fall, generation with the cache, and a tiny run."""
+giving back the text, the loss on Part B only, logits and training curves equal to Hugging Face's GPT-2 given the
+same mask and positions, where the blanks fall, generation with the cache, and a tiny run."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -128,6 +130,85 @@ def test_loss_covers_part_b_only():
     logits = out.logits.detach().requires_grad_()
     F.cross_entropy(logits.flatten(0, 1), r["labels"], ignore_index=-100).backward()
     assert logits.grad[0, :5].abs().sum() == 0 and logits.grad[0, 5:].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- against GPT-2
+
+
+def random_glm_batch(g: torch.Generator, n: int = 6) -> dict:
+    """n runs of consecutive ids (s, s + 1, ..., lengths 8..20, so right padding) blanked by [MASK] (one or several
+    spans) or [gMASK]: a blank is predictable from its neighbours, so a model can learn to fill it."""
+    no_sentences = (torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    collate = BlankInfillingCollator({"mask": M, "smask": M, "gmask": M - 1, "sop": S, "eop": E}, 0, 1, no_sentences,
+                                     {"mask": 3, "gmask": 1}, density=0.3, mean_span_length=2.0)
+    lengths = torch.randint(8, 21, (n,), generator=g).tolist()
+    return collate([torch.arange(s, s + L) for L in lengths for s in torch.randint(2, M - L, (1,), generator=g).tolist()], g)
+
+
+def hf_reference(model: GLM, impl: str) -> tuple:
+    """Hugging Face's GPT2LMHeadModel with our GLM's weights, and a copy of E_pos2, which GPT-2 has no place for."""
+    from minimodels.hf import glm_to_hf
+
+    return glm_to_hf(model, attn_implementation=impl), copy.deepcopy(model.block_pos_emb)
+
+
+def hf_forward(hf, block_pos_emb: torch.nn.Embedding, batch: dict, impl: str, mask: bool = True):
+    """GPT-2 on a GLM batch: h_0 = wte[x] + E_pos2[p2] + wpe[p1] (p1 as GPT-2's position ids), glm_attn_mask as a
+    4-D mask (HF takes it as given: boolean for sdpa, additive for eager; mask=False leaves GPT-2's causal mask),
+    and HF's loss on labels that are already shifted (shift_labels)."""
+    T = batch["input_ids"].size(1)
+    allowed = glm_attn_mask(batch["part_a_len"], T, T)[:, None]  # (B, 1, T, T)
+    attn_mask = allowed if impl == "sdpa" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    embeds = hf.transformer.wte(batch["input_ids"]) + block_pos_emb(batch["block_position_ids"])  # (B, T, C)
+    return hf(inputs_embeds=embeds, position_ids=batch["position_ids"], attention_mask=attn_mask if mask else None,
+              labels=batch["labels"], shift_labels=batch["labels"])
+
+
+@pytest.mark.parametrize("impl, hf_impl", [("manual", "eager"), ("sdpa", "sdpa")])
+def test_logits_and_loss_match_hf_gpt2_with_the_glm_mask(impl, hf_impl):
+    """GLM = GPT-2 reading E_tok[x] + E_pos1[p1] + E_pos2[p2] under glm_attn_mask: the same logits on every
+    non-padding position of a padded batch with one to several spans a row, and the same loss."""
+    model = tiny_glm(attn_impl=impl)
+    hf, block_pos_emb = hf_reference(model, hf_impl)
+    batch = random_glm_batch(torch.Generator().manual_seed(0))
+    real = batch["input_ids"] != 0  # (B, T) not padding
+    assert not real.all() and (batch["input_ids"] == S).sum(1).max() >= 3  # padding, and rows with several spans
+    with torch.no_grad():
+        ours, theirs = model(**batch), hf_forward(hf, block_pos_emb, batch, hf_impl)
+        causal = hf_forward(hf, block_pos_emb, batch, hf_impl, mask=False).logits
+    torch.testing.assert_close(ours.logits[real], theirs.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(causal[real], theirs.logits[real], atol=1e-3)  # GPT-2 used our mask, not its own
+
+
+def test_glm_learns_exactly_like_hf_gpt2_with_the_glm_mask():
+    """The same init, the trainer's AdamW groups and gradient clipping, the same 30 batches: GLM and the GPT-2
+    reference have the same loss at every step (fp32), so the blocks' backward, the mask and the tied head learn
+    as a reference Transformer does, not only compute as one."""
+    from minimodels.config import TrainConfig
+    from minimodels.train.optim import build_optimizer
+
+    model = tiny_glm(attn_impl="sdpa").train()
+    hf, block_pos_emb = hf_reference(model, "eager")
+    reference = torch.nn.ModuleDict({"gpt2": hf, "block_pos_emb": block_pos_emb})  # one module for the optimizer
+    cfg = TrainConfig()
+    g = torch.Generator().manual_seed(1)
+    batches = [random_glm_batch(g, n=8) for _ in range(30)]
+    losses = []
+    for m, forward_batch in ((model, lambda b: model(**b)), (reference, lambda b: hf_forward(hf, block_pos_emb, b, "eager"))):
+        opt, curve = build_optimizer(m, cfg), []
+        for b in batches:
+            loss = forward_batch(b).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)
+            opt.step()
+            curve.append(loss.item())
+        losses.append(curve)
+    ours, theirs = torch.tensor(losses)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert ours[-5:].mean() < ours[:5].mean() - 0.5  # it learned: the curves compared are not flat
+    torch.testing.assert_close(model.tok_emb.weight, hf.lm_head.weight, atol=1e-5, rtol=0)  # the tied matrix, after training
 
 
 # ---------------------------------------------------------------------------------------------- where the blanks fall
