@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def sh(*args):
@@ -220,3 +221,42 @@ def test_same_metrics_compares_logs_bit_for_bit_without_timings(tmp_path):
     assert same_metrics.first_difference(a, timed) == ""
     assert same_metrics.first_difference(a, ulp).startswith("line 2: val_loss (")
     assert same_metrics.first_difference(a, a[:1]) == "2 vs 1 lines"
+
+
+def test_copy_probe_restates_every_target_where_its_docstring_says(monkeypatch, capsys):
+    """Each GLM variant's Part B target is the text token at its position: Part A's position (glm_single: the text's,
+    so the restatement is N + 1 away), or p1 + p2 - 1 in the text (glm_spans_text); and the GPT variants score
+    exactly the second copy. The script runs end to end and prints its table."""
+    spec = importlib.util.spec_from_file_location("copy_probe", Path(__file__).parents[1] / "scripts" / "copy_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    g = torch.Generator().manual_seed(0)
+    N, MASK, EOP = probe.N, probe.MASK, probe.EOP
+    for variant in ("glm_single", "glm_spans_text", "glm_suffix"):
+        for _ in range(20):
+            x = torch.randint(0, probe.V, (N,), generator=g)
+            text = torch.cat([x, x.new_tensor([probe.SEP]), x])
+            ex = probe.glm_example(text, variant, 0.3, g)
+            A = int(ex["part_a_len"])
+            part_a, p1, p2 = ex["input_ids"][:A], ex["position_ids"], ex["block_position_ids"]
+            for t in (ex["labels"] != EOP).nonzero().squeeze(1).tolist():
+                if t < A:
+                    continue
+                where = int(p1[t] + p2[t] - 1) if variant != "glm_single" else int(p1[t])
+                assert ex["labels"][t] == text[where]  # the text's position of the target
+                if variant == "glm_single" and where != N:  # Part A position = text position; restated N + 1 away
+                    other = where + N + 1 if where < N else where - N - 1
+                    assert part_a[other] in (text[where], MASK)
+            if variant != "glm_spans_text":
+                continue
+            kept = (part_a != MASK).nonzero().squeeze(1)
+            assert torch.equal(part_a[kept], text[p1[:A][kept]])  # Part A keeps the text's positions
+    for variant in ("gpt", "gpt_shift"):
+        inputs, restated, labels = probe.batch(variant, 8, 0.15, g)
+        ids = inputs["input_ids"]
+        for b in range(8):
+            cols = (restated[b] != -100).nonzero().squeeze(1)
+            assert len(cols) == N and torch.equal(ids[b, cols + 1], ids[b, :N]) and torch.equal(restated[b, cols], ids[b, :N])
+    monkeypatch.setattr(sys, "argv", ["copy_probe.py", "gpt", "glm_spans", "--steps", "2", "--every", "1"])
+    probe.main()
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("| glm_spans | ")
