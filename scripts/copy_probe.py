@@ -101,13 +101,16 @@ def probe(variant: str, steps: int, density: float, size: int, every: int) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("variants", nargs="*", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("variants", nargs="*", help=f"any of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--density", type=float, default=0.15, help="share of the text blanked (glm_single, glm_spans*)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--every", type=int, default=250, help="print the loss every this many steps")
     args = parser.parse_args()
-    rows = [(v, *probe(v, args.steps, args.density, args.batch, args.every)) for v in args.variants]
+    # not choices=: Python 3.11's argparse rejects an empty nargs="*" list against them
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    rows = [(v, *probe(v, args.steps, args.density, args.batch, args.every)) for v in args.variants or VARIANTS]
     marks = range(0, args.steps + 1, args.every)
     print(f"\nrestated-token loss (nats; ln {V} = {torch.log(torch.tensor(float(V))):.2f} is guessing), "
           f"batch {args.batch}, density {args.density}\n")
