@@ -70,6 +70,9 @@ def test_inheritance_rows_time_the_first_evaluation_reaching_the_teachers_loss(t
     write("never", 256, [(100, 5.0, 100.0), (300, 4.8, 300.0)])
     cell = reproduce.ROWS["inherit_bert"].cell(reproduce.inherited("teacher", "never", "inherit")(tmp_path))
     assert "reached in step 100, 2 min 30 s against never from scratch" in cell
+    write("slow", 256, [(100, 4.7, 240.0)])  # fewer steps than from scratch, more time
+    cell = reproduce.ROWS["inherit_gpt"].cell(reproduce.inherited("teacher", "scratch", "slow")(tmp_path))
+    assert "reached in **20% more wall time**, step 100, 4 min 0 s against step 200" in cell
 
 
 def test_a_tiny_gpt_row_trains_then_is_reused_then_retrains(tmp_path, capsys):
