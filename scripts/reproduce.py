@@ -206,13 +206,13 @@ def inherited(teacher: str, scratch: str, inherit: str):
 def inherit_cell(arch: str):
     def cell(n: dict) -> str:
         steps, times, loss = n["steps_to_teacher"], n["wall_time_to_teacher_s"], n["val_loss"]
-        at = {k: f"step {steps[k]}" + part(", {}", minutes(times.get(k))) if k in steps else "never"
+        at = {k: f"at step {steps[k]}" + part(" ({})", minutes(times.get(k))) if k in steps else "never"
               for k in ("inherit", "scratch")}
         saved = 1 - times["inherit"] / times["scratch"] if len(times) == 2 else None
-        saved = "" if saved is None else f"**{abs(saved):.0%} {'less' if saved > 0 else 'more'} wall time**, "
+        saved = "" if saved is None else f" (**{abs(saved):.0%} {'less' if saved > 0 else 'more'} wall time**)"
         return (f"{arch} of width {n['width']['student']} learning from one of width {n['width']['teacher']}: the "
-                f"teacher's val loss {loss['teacher']:.3f} reached in {saved}{at['inherit']} against {at['scratch']} from "
-                f"scratch; at the end {loss['inherit']:.3f} vs {loss['scratch']:.3f}")
+                f"teacher's val loss {loss['teacher']:.3f} reached with it {at['inherit']}, from scratch "
+                f"{at['scratch']}{saved}; at the end {loss['inherit']:.3f} vs {loss['scratch']:.3f}")
     return cell
 
 

@@ -65,14 +65,14 @@ def test_inheritance_rows_time_the_first_evaluation_reaching_the_teachers_loss(t
     assert n["wall_time_to_teacher_s"] == {"scratch": 200.0, "inherit": 150.0}
     assert n["val_loss"] == {"teacher": 4.7, "scratch": 4.6, "inherit": 4.4} and n["width"] == {"teacher": 128, "student": 256}
     assert reproduce.ROWS["inherit_gpt"].cell(n) == (
-        "GPT of width 256 learning from one of width 128: the teacher's val loss 4.700 reached in **25% less wall time**, "
-        "step 100, 2 min 30 s against step 200, 3 min 20 s from scratch; at the end 4.400 vs 4.600")
+        "GPT of width 256 learning from one of width 128: the teacher's val loss 4.700 reached with it at step 100 "
+        "(2 min 30 s), from scratch at step 200 (3 min 20 s) (**25% less wall time**); at the end 4.400 vs 4.600")
     write("never", 256, [(100, 5.0, 100.0), (300, 4.8, 300.0)])
     cell = reproduce.ROWS["inherit_bert"].cell(reproduce.inherited("teacher", "never", "inherit")(tmp_path))
-    assert "reached in step 100, 2 min 30 s against never from scratch" in cell
+    assert "reached with it at step 100 (2 min 30 s), from scratch never; at the end" in cell
     write("slow", 256, [(100, 4.7, 240.0)])  # fewer steps than from scratch, more time
     cell = reproduce.ROWS["inherit_gpt"].cell(reproduce.inherited("teacher", "scratch", "slow")(tmp_path))
-    assert "reached in **20% more wall time**, step 100, 4 min 0 s against step 200" in cell
+    assert "at step 100 (4 min 0 s), from scratch at step 200 (3 min 20 s) (**20% more wall time**)" in cell
 
 
 def test_a_tiny_gpt_row_trains_then_is_reused_then_retrains(tmp_path, capsys):
