@@ -47,12 +47,13 @@ def started_from(run: str) -> tuple[str, ...]:
     return (f"model.init_from={{runs}}/{run}", f"data.tokenizer={{runs}}/{run}/tokenizer.json")
 
 
-def student(teacher: str, eval_interval: int, decay_steps: int | None) -> Run:
-    """Knowledge inheritance (README): `teacher`'s config at width 384, with `teacher` as teacher unless decay_steps
-    is None (the scratch baseline)."""
+def student(arch: str, max_steps: int, eval_interval: int, decay_steps: int | None) -> Run:
+    """Knowledge inheritance (README): configs/<arch>.yaml trained max_steps with ki_<arch>_teacher (the same config at
+    half its width) as its teacher, alpha decaying from 1 to 0 over decay_steps; decay_steps None: from scratch."""
+    teacher = f"ki_{arch}_teacher"
     inherit = (f"train.teacher={{run: {{runs}}/{teacher}, alpha: 1.0, decay_steps: {decay_steps}}}",) if decay_steps else ()
-    return Run(f"configs/{teacher}.yaml", ("model.d_model=384", "model.n_head=6", f"data.tokenizer={{runs}}/{teacher}/tokenizer.json",
-                                           f"train.eval_interval={eval_interval}") + inherit, (teacher,))
+    return Run(f"configs/{arch}.yaml", (f"data.tokenizer={{runs}}/{teacher}/tokenizer.json", f"train.max_steps={max_steps}",
+                                        f"train.eval_interval={eval_interval}") + inherit, (teacher,))
 
 
 GATE_BUDGET = ("train.max_steps=300", "train.eval_interval=100", "train.save_interval=300")  # the gate table's runs
@@ -87,10 +88,12 @@ RUNS = {
     "gate_dense": Run("configs/gpt.yaml", GATE_BUDGET),  # also the dense run the upcycling row starts from
     "upcycle_dense": Run("configs/gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
     "upcycle_switch": Run("configs/switch_gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
-    "ki_gpt_scratch": student("gpt", 75, None),
-    "ki_decay": student("gpt", 75, 300),
-    "ki_bert_scratch": student("bert", 150, None),
-    "ki_bert_decay": student("bert", 150, 600),
+    "ki_gpt_teacher": Run("configs/gpt.yaml", ("model.d_model=128",)),
+    "ki_gpt_scratch": student("gpt", 500, 25, None),
+    "ki_gpt_inherit": student("gpt", 500, 25, 150),
+    "ki_bert_teacher": Run("configs/bert.yaml", ("model.d_model=128",)),
+    "ki_bert_scratch": student("bert", 800, 40, None),
+    "ki_bert_inherit": student("bert", 800, 40, 200),
     **{f"{arch}_records": Run(f"configs/{arch}_records.yaml") for arch in ("glm", "bert", "t5", "gpt")},
 }
 
@@ -186,14 +189,15 @@ def infill_table(n: dict) -> str:
 
 def inherited(teacher: str, scratch: str, inherit: str):
     """Knowledge inheritance: the teacher's final val loss; per student the first evaluation reaching it (step and
-    training time until then, absent if never) and its final val loss."""
+    training time until then, absent if never) and its final val loss; the widths of teacher and students."""
 
     def measure(runs: Path) -> dict:
         target = final(runs, teacher, "val_loss")
         reached = {k: reaching(runs, r, target) for k, r in (("scratch", scratch), ("inherit", inherit))}
+        width = {k: yaml.safe_load((runs / r / "config.yaml").read_text())["model"]["d_model"]
+                 for k, r in (("teacher", teacher), ("student", inherit))}
         return {"val_loss": {"teacher": target, "scratch": final(runs, scratch, "val_loss"),
-                             "inherit": final(runs, inherit, "val_loss")},
-                "width": yaml.safe_load((runs / inherit / "config.yaml").read_text())["model"]["d_model"],
+                             "inherit": final(runs, inherit, "val_loss")}, "width": width,
                 "steps_to_teacher": {k: e["step"] for k, e in reached.items() if e},
                 "wall_time_to_teacher_s": {k: e["time_s"] for k, e in reached.items() if e and "time_s" in e}}
     return measure
@@ -201,14 +205,14 @@ def inherited(teacher: str, scratch: str, inherit: str):
 
 def inherit_cell(arch: str):
     def cell(n: dict) -> str:
-        steps, loss = n["steps_to_teacher"], n["val_loss"]
-        if len(steps) == 2:
-            reached = f"teacher's val loss reached in {1 - steps['inherit'] / steps['scratch']:.0%} ({arch}, width {n['width']}) fewer steps"
-        else:
-            at = {k: f"at step {steps[k]}" if k in steps else "never" for k in ("inherit", "scratch")}
-            reached = f"teacher's val loss ({arch}, width {n['width']}) reached with inheritance: {at['inherit']}; " \
-                      f"from scratch: {at['scratch']}"
-        return f"{reached}; at the end {arch} {loss['inherit']:.3f} vs {loss['scratch']:.3f} from scratch"
+        steps, times, loss = n["steps_to_teacher"], n["wall_time_to_teacher_s"], n["val_loss"]
+        at = {k: f"at step {steps[k]}" + part(" ({})", minutes(times.get(k))) if k in steps else "never"
+              for k in ("inherit", "scratch")}
+        saved = 1 - times["inherit"] / times["scratch"] if len(times) == 2 else None
+        saved = "" if saved is None else f" (**{abs(saved):.0%} {'less' if saved > 0 else 'more'} wall time**)"
+        return (f"{arch} of width {n['width']['student']} learning from one of width {n['width']['teacher']}: the "
+                f"teacher's val loss {loss['teacher']:.3f} reached with it {at['inherit']}, from scratch "
+                f"{at['scratch']}{saved}; at the end {loss['inherit']:.3f} vs {loss['scratch']:.3f}")
     return cell
 
 
@@ -334,12 +338,12 @@ ROWS = {
                      lambda n: f"upcycled Switch-GPT **{n['upcycled Switch-GPT, +300 steps']['val_bpc']:.3f}** vs "
                                f"{n['dense, +300 steps']['val_bpc']:.3f} continuing the dense GPT (300 + 300 steps)",
                      moe_table),
-    "inherit_gpt": Row("Knowledge inheritance", "a GPT of width 384 learning from runs/gpt vs from scratch: steps to the "
-                       "teacher's val loss", ("ki_gpt_scratch", "ki_decay"), inherited("gpt", "ki_gpt_scratch", "ki_decay"),
-                       inherit_cell("GPT")),
-    "inherit_bert": Row("Knowledge inheritance", "a BERT of width 384 learning from runs/bert vs from scratch: steps to "
-                        "the teacher's val loss", ("ki_bert_scratch", "ki_bert_decay"),
-                        inherited("bert", "ki_bert_scratch", "ki_bert_decay"), inherit_cell("BERT")),
+    "inherit_gpt": Row("Knowledge inheritance", "a GPT (configs/gpt.yaml, 500 steps) learning from one of half its "
+                       "width vs from scratch: steps and wall time to the teacher's val loss", ("ki_gpt_scratch", "ki_gpt_inherit"),
+                       inherited("ki_gpt_teacher", "ki_gpt_scratch", "ki_gpt_inherit"), inherit_cell("GPT")),
+    "inherit_bert": Row("Knowledge inheritance", "a BERT (configs/bert.yaml, 800 steps) learning from one of half its "
+                        "width vs from scratch: steps and wall time to the teacher's val loss", ("ki_bert_scratch", "ki_bert_inherit"),
+                        inherited("ki_bert_teacher", "ki_bert_scratch", "ki_bert_inherit"), inherit_cell("BERT")),
     "glm_records": Row("GLM (both-sides blanks)", "GLM, T5, BERT (told the length, and not) and GPT on held-out order "
                        "records whose blanks the summary on their right restates: exact match",
                        ("glm_records", "bert_records", "t5_records", "gpt_records"),

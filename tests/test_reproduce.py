@@ -51,6 +51,30 @@ def test_wall_times_read_as_in_the_readme():
     assert [reproduce.minutes(s) for s in (221.4, 119.6, 42, None)] == ["3 min 41 s", "2 min 0 s", "42 s", None]
 
 
+def test_inheritance_rows_time_the_first_evaluation_reaching_the_teachers_loss(tmp_path):
+    def write(run, width, evals):  # evals: (step, val_loss, time_s)
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "config.yaml").write_text(f"model:\n  d_model: {width}\n")
+        (tmp_path / run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v, "time_s": t}) + "\n"
+                                                              for s, v, t in evals))
+    write("teacher", 128, [(375, 5.0, 50.0), (750, 4.7, 100.0)])
+    write("scratch", 256, [(100, 5.0, 100.0), (200, 4.7, 200.0), (300, 4.6, 300.0)])
+    write("inherit", 256, [(100, 4.69, 150.0), (200, 4.5, 260.0), (300, 4.4, 360.0)])
+    n = reproduce.inherited("teacher", "scratch", "inherit")(tmp_path)
+    assert n["steps_to_teacher"] == {"scratch": 200, "inherit": 100}
+    assert n["wall_time_to_teacher_s"] == {"scratch": 200.0, "inherit": 150.0}
+    assert n["val_loss"] == {"teacher": 4.7, "scratch": 4.6, "inherit": 4.4} and n["width"] == {"teacher": 128, "student": 256}
+    assert reproduce.ROWS["inherit_gpt"].cell(n) == (
+        "GPT of width 256 learning from one of width 128: the teacher's val loss 4.700 reached with it at step 100 "
+        "(2 min 30 s), from scratch at step 200 (3 min 20 s) (**25% less wall time**); at the end 4.400 vs 4.600")
+    write("never", 256, [(100, 5.0, 100.0), (300, 4.8, 300.0)])
+    cell = reproduce.ROWS["inherit_bert"].cell(reproduce.inherited("teacher", "never", "inherit")(tmp_path))
+    assert "reached with it at step 100 (2 min 30 s), from scratch never; at the end" in cell
+    write("slow", 256, [(100, 4.7, 240.0)])  # fewer steps than from scratch, more time
+    cell = reproduce.ROWS["inherit_gpt"].cell(reproduce.inherited("teacher", "scratch", "slow")(tmp_path))
+    assert "at step 100 (4 min 0 s), from scratch at step 200 (3 min 20 s) (**20% more wall time**)" in cell
+
+
 def test_a_tiny_gpt_row_trains_then_is_reused_then_retrains(tmp_path, capsys):
     docs = tmp_path / "docs"
     docs.mkdir()
