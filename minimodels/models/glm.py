@@ -211,8 +211,8 @@ def cloze_scores(logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.
     """score(c) = sum of log P(target) over the targets (labels != -100) of segment c + 1: (B, C), C = the
     largest segment id (every row holds every class). logits (B, T, V), labels and segment_ids (B, T)."""
     target = labels != -100  # (B, T)
-    log_p = logits.float().log_softmax(dim=-1)  # (B, T, V)
-    token_log_p = log_p.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * target  # (B, T) 0 off target
-    C = int(segment_ids.max())
-    sums = token_log_p.new_zeros(len(labels), C + 1).scatter_add_(1, segment_ids, token_log_p)  # (B, 1 + C)
-    return sums[:, 1:]  # segment 0 (Part A, padding) holds no target
+    log_p = logits[target].float().log_softmax(dim=-1)  # (N, V) at the N targets only
+    token_log_p = log_p.gather(1, labels[target][:, None]).squeeze(1)  # (N,) log P(target)
+    row, cls = target.nonzero(as_tuple=True)[0], segment_ids[target] - 1  # (N,) each: the row and class of a target
+    scores = token_log_p.new_zeros(len(labels), int(segment_ids.max()))  # (B, C)
+    return scores.index_put_((row, cls), token_log_p, accumulate=True)
