@@ -82,6 +82,10 @@ RUNS = {
     "ptuning_bert": Run("configs/ptuning_bert.yaml", started_from("kb_bert"), ("kb_bert",)),
     "ptuning_gpt": Run("configs/ptuning_gpt.yaml", started_from("kb_gpt"), ("kb_gpt",)),
     "glm": Run("configs/glm.yaml"),
+    "glm_1500": Run("configs/glm.yaml", ("train.max_steps=1500", "train.weight_decay=0.1")),  # GLM at BERT's budget (README)
+    "glm_finetune": Run("configs/glm_finetune.yaml", started_from("glm_1500"), ("glm_1500",)),
+    "glm_scratch": Run("configs/glm_finetune.yaml", started_from("glm_1500")[1:] + ("model.init_from=null",),
+                       ("glm_1500",)),
     "vqvae": Run("configs/vqvae.yaml"),
     "cogview": Run("configs/cogview.yaml", ("data.image_tokenizer={runs}/vqvae",), ("vqvae",)),
     **{f"gate_{name}": Run("configs/switch_gpt.yaml", GATE_BUDGET + gate) for name, gate in GATES.items()},
@@ -310,6 +314,14 @@ ROWS = {
                lambda n: f"val loss {n['val_loss']:.3f} per Part B target{took(n, 'glm')}; on {n['blanks']} blanks in "
                f"held-out docstrings exact match {n['exact_match']['glm']:.3f}, BERT (told the length) "
                f"{n['exact_match']['bert_told']:.3f}, GPT {n['exact_match']['gpt']:.3f}"),
+    "glm_finetune": Row("GLM fine-tuned (cloze)", "package of a docstring as a cloze: GLM pretrained as long as BERT "
+                        "(1500 steps), fine-tuned vs from scratch, against BERT fine-tuned",
+                        ("glm_finetune", "glm_scratch", "bert_finetune"),
+                        pair("val_acc", "glm_finetune", "glm_scratch", bert_finetune=("bert_finetune", "val_acc"),
+                             majority_val_acc=("glm_finetune", "unigram_val_acc")),
+                        lambda n: f"package of a docstring as a cloze: val acc **{n['val_acc']['glm_finetune']:.3f}** "
+                        f"pretrained vs {n['val_acc']['glm_scratch']:.3f} from scratch, BERT fine-tuned "
+                        f"{n['bert_finetune']:.3f}" + part(" (majority {:.3f})", n["majority_val_acc"])),
     "vqvae": Row("VQ-VAE (CogView's image tokenizer)", "VQ-VAE on the shapes pictures: reconstruction of the held-out "
                  "gallery and codebook usage", ("vqvae",), vqvae_numbers,
                  lambda n: f"held-out gallery as {n['grid']}x{n['grid']} tokens: PSNR **{n['val_psnr']:.1f} dB** (MSE {n['val_mse']:.4f}), "

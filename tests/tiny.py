@@ -9,7 +9,8 @@ from minimodels.config import load_config
 from minimodels.data.corpus import stdlib_records
 from minimodels.train.run import prepare, run
 
-PRETRAINING = {"bert_finetune": "bert", "t5_finetune": "t5", "ptuning_bert": "kb_bert", "ptuning_gpt": "kb_gpt"}
+PRETRAINING = {"bert_finetune": "bert", "glm_finetune": "glm", "t5_finetune": "t5", "ptuning_bert": "kb_bert",
+               "ptuning_gpt": "kb_gpt"}
 IMAGE_TOKENIZER = {"cogview": "vqvae"}  # data.image_tokenizer: a tiny run of this config (2 steps)
 N_SCENES = 64  # train scenes of the shapes world (its N_TRAIN)
 
@@ -33,6 +34,7 @@ TINY = {
     "kb_gpt": SMALL + KB,
     "kb_bert": SMALL + KB,
     "bert_finetune": SMALL + ("model.block_size=32",),  # stdlib docstrings labelled by package
+    "glm_finetune": SMALL + ("model.block_size=32",),  # the same docstrings, as a cloze
     "t5_finetune": T5,
     "ptuning_gpt": ("data.kb_documents=2",),  # the model is the pretraining run's
     "ptuning_bert": ("data.kb_documents=2",),

@@ -1,4 +1,4 @@
-"""A fine-tuning task for BERT: which standard-library package does this docstring come from?
+"""Fine-tuning tasks for BERT and GLM: which standard-library package does this docstring come from?
 
 Each stdlib docstring is labelled by the top-level package of its file ("asyncio/tasks.py" -> asyncio).
 The split is the pretraining corpus's own split, by source file (`split_records` with data.val_fraction),
@@ -9,21 +9,24 @@ module lands wholly in train or wholly in val. The classes are the packages with
 and MIN_VAL val docstrings, the MAX_CLASSES largest by train count; with the default val_fraction 0.1 on
 CPython 3.11 that is 8 packages, from asyncio to unittest.
 
-Examples (section 4.1 of the BERT paper): [CLS] docstring [SEP], truncated to seq_len tokens; the classifier
-reads the pooled [CLS] vector.
+package_classification, for BERT (section 4.1 of the BERT paper): [CLS] docstring [SEP], truncated to seq_len
+tokens; the classifier reads the pooled [CLS] vector.
+package_cloze, for GLM (section 2.3 of the GLM paper): the same split, classes and labels, the docstring followed
+by "This is from the [MASK] package." and each class scored as the fill of the blank (PackageClozeTask).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minimodels.data.blank_infilling import EOP, MASK_TOKENS, SOP, BlankInfillingTask, special_ids
 from minimodels.data.config import DataConfig
-from minimodels.data.collate import pad_right
+from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError, split_records, stdlib_records
 from minimodels.data.mlm import MaskedLMTask
 from minimodels.data.tokenizer import Tokenizer
@@ -47,6 +50,59 @@ def choose_packages(split: dict[str, list[dict]]) -> list[str]:
     return sorted(sorted(usable, key=lambda p: (-train[p], p))[:MAX_CLASSES])
 
 
+def package_examples(cfg: DataConfig, task: str, tokenizer: Tokenizer, wrap: Callable[[list[int]], list[int]]):
+    """The classes (see the module docstring), the files of each split, and the (token ids (T,), label) examples
+    of each split: wrap(the docstring's token ids). task: the data.task asking, for the error messages."""
+    if cfg.source != "stdlib":
+        raise DataError(f"data.source: {task} labels stdlib docstrings by file; needs stdlib, got {cfg.source!r}")
+    split = split_records(stdlib_records(), cfg.val_fraction)  # the same split as the pretraining corpus
+    classes = choose_packages(split)
+    if len(classes) < 2:
+        raise DataError(f"data.val_fraction: with {cfg.val_fraction} fewer than 2 packages have {MIN_TRAIN} train "
+                        f"and {MIN_VAL} val docstrings")
+    label_of = {name: i for i, name in enumerate(classes)}
+    files, examples = {}, {}
+    for name, records in split.items():
+        records = [r for r in records if package_of(r["path"]) in label_of]
+        files[name] = sorted({r["path"] for r in records})
+        ids = tokenizer.encode_batch([r["text"] for r in records])
+        examples[name] = [(torch.tensor(wrap(x)), label_of[package_of(r["path"])]) for x, r in zip(ids, records)]
+    return classes, files, examples
+
+
+def class_metrics(scored: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """val_loss (mean cross-entropy) and val_acc over (scores (B, num_classes), labels (B,)) batches."""
+    nats, correct, count = 0.0, 0, 0
+    for scores, labels in scored:
+        scores = scores.float()
+        nats += F.cross_entropy(scores, labels, reduction="sum").item()
+        correct += int((scores.argmax(dim=-1) == labels).sum())
+        count += len(labels)
+    if count == 0:
+        raise ValueError("evaluate got no batches")
+    return {"val_loss": nats / count, "val_acc": correct / count}
+
+
+def majority_baseline(train: list, val: list, num_classes: int) -> dict[str, float]:
+    """A model that ignores the text, from (example, label) pairs: val labels scored by the train class
+    frequencies, and the accuracy of always answering the most frequent train class (the majority baseline)."""
+    counts = torch.bincount(torch.tensor([y for _, y in train]), minlength=num_classes).double()
+    labels = torch.tensor([y for _, y in val])
+    log_p = counts.log() - counts.sum().log()  # (num_classes,)
+    return {"val_loss": -log_p[labels].mean().item(), "val_acc": (labels == counts.argmax()).double().mean().item()}
+
+
+def cloze_part_b(verbalizers: list[list[int]], sop_id: int, eop_id: int) -> dict[str, Tensor]:
+    """Part B of a cloze that scores every class, the same in every row but for p1 (the blank's position):
+    segment c + 1 = [sop] v(c), its targets v(c) [eop], p2 = 1 .. len(v(c)) + 1. Each value (S,)."""
+    return {
+        "input_ids": torch.tensor([t for v in verbalizers for t in [sop_id] + v]),
+        "labels": torch.tensor([t for v in verbalizers for t in v + [eop_id]]),
+        "block_position_ids": torch.cat([torch.arange(1, len(v) + 2) for v in verbalizers]),
+        "segment_ids": torch.cat([torch.full((len(v) + 1,), c + 1) for c, v in enumerate(verbalizers)]),
+    }
+
+
 class PackageClassificationTask(TextTask):
     """Sequence classification of stdlib docstrings by package. Examples are (token ids (T,), label);
     batches carry input_ids (B, T), padding_mask (B, T) and labels (B,). Metrics: val_loss, val_acc."""
@@ -55,28 +111,13 @@ class PackageClassificationTask(TextTask):
 
     def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
         cfg = cfg or DataConfig()
-        if cfg.source != "stdlib":
-            raise DataError(f"data.source: package_classification labels stdlib docstrings by file; needs stdlib, got {cfg.source!r}")
         if tokenizer.kind != "wordpiece":
             raise DataError(f"data.tokenizer: package_classification needs wordpiece ([CLS], [SEP]), got {tokenizer.kind!r}")
         if seq_len < 3:
             raise DataError(f"data.seq_len: must be at least 3 ([CLS], a token, [SEP]), got {seq_len}")
         self.tokenizer, self.seq_len = tokenizer, seq_len
-        split = split_records(stdlib_records(), cfg.val_fraction)  # the same split as the pretraining corpus
-        self.classes = choose_packages(split)
-        if len(self.classes) < 2:
-            raise DataError(f"data.val_fraction: with {cfg.val_fraction} fewer than 2 packages have {MIN_TRAIN} train "
-                            f"and {MIN_VAL} val docstrings")
-        label_of = {name: i for i, name in enumerate(self.classes)}
-        self.files, examples = {}, {}
-        for name, records in split.items():
-            records = [r for r in records if package_of(r["path"]) in label_of]
-            self.files[name] = sorted({r["path"] for r in records})
-            ids = tokenizer.encode_batch([r["text"] for r in records])
-            examples[name] = [
-                (torch.tensor([tokenizer.cls_id] + x[: seq_len - 2] + [tokenizer.sep_id]), label_of[package_of(r["path"])])
-                for x, r in zip(ids, records)
-            ]
+        self.classes, self.files, examples = package_examples(
+            cfg, "package_classification", tokenizer, lambda x: [tokenizer.cls_id] + x[: seq_len - 2] + [tokenizer.sep_id])
         self.train, self.val = examples["train"], examples["val"]
 
     def model_overrides(self) -> dict:
@@ -92,20 +133,77 @@ class PackageClassificationTask(TextTask):
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
         """Mean cross-entropy and accuracy over the val docstrings, from `out.logits` (B, num_labels)."""
-        nats, correct, count = 0.0, 0, 0
-        for batch in batches:
-            logits = model(**batch).logits.float()  # (B, num_labels)
-            nats += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
-            count += len(batch["labels"])
-        if count == 0:
-            raise ValueError("evaluate got no batches")
-        return {"val_loss": nats / count, "val_acc": correct / count}
+        return class_metrics((model(**batch).logits, batch["labels"]) for batch in batches)
 
     def unigram_baseline(self) -> dict[str, float]:
-        """A model that ignores the text: val labels scored by the train class frequencies, and the accuracy
-        of always answering the most frequent train class (the majority baseline)."""
-        train = torch.bincount(torch.tensor([y for _, y in self.train]), minlength=len(self.classes)).double()
-        val = torch.tensor([y for _, y in self.val])
-        log_p = train.log() - train.sum().log()  # (num_labels,)
-        return {"val_loss": -log_p[val].mean().item(), "val_acc": (val == train.argmax()).double().mean().item()}
+        return majority_baseline(self.train, self.val, len(self.classes))
+
+
+class PackageClozeTask(TextTask):
+    """The same classification for GLM, as a cloze (section 2.3 of the GLM paper; minimodels/models/glm.py):
+
+        Part A   <docstring, cut to fit>\n\nThis is from the[MASK] package.
+        Part B   [sop] v(asyncio)  [sop] v(distutils)  ...  one segment per class, each at the blank's position
+        labels         v(asyncio) [eop]  v(distutils) [eop] ...
+
+    The verbalizer v(c) is the package's name as the run's BPE spells it after a space (" multiprocessing" ->
+    " multi" "proces" "sing"), since byte-level BPE words carry their leading space and a blank's fill starts with
+    it (data/blank_infilling.py encode_blanks). score(c) = log P(v(c) [eop] | Part A): the probability GLM gives
+    v(c) as the whole fill, not as the start of a longer one: the [eop] is a target, as in pretraining and in GLM's
+    own multi-token cloze code. The loss is the cross-entropy of the classes' scores.
+
+    The pattern: a sentence of its own after the docstring, plain English ending in the blank's word "package"
+    so the fill is one name; it is short and goes after the docstring so truncation never cuts it.
+    All classes are scored in one pass, as separate segments of one Part B: a segment attends to Part A and
+    causally to itself only (segment_ids), which costs Part A once per example instead of once per class.
+
+    Examples are (Part A ids (A,), label); batches carry input_ids, position_ids, block_position_ids, labels,
+    segment_ids (B, T), part_a_len and class_labels (B,). Every row has the same targets, so the trainer's
+    gradient accumulation (weighting micro-batches by their targets) weights them by examples. Metrics:
+    val_loss, val_acc."""
+
+    archs = ("glm",)  # the model.arch values whose forward takes these batches (checked by load_config)
+    PATTERN = "\n\nThis is from the" + MASK_TOKENS["mask"] + " package."  # after the docstring
+
+    def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
+        cfg = cfg or DataConfig()
+        if tokenizer.kind not in ("bpe", "char"):
+            raise DataError(f"data.tokenizer: package_cloze spells package names as GLM does; use the bpe (or char) "
+                            f"tokenizer of the GLM run, got {tokenizer.kind!r}")
+        tokenizer.add_special_tokens([*MASK_TOKENS.values(), SOP, EOP])  # already there in a GLM run's tokenizer
+        self.tokenizer, self.ids = tokenizer, special_ids(tokenizer)
+        pattern = tokenizer.encode(self.PATTERN)
+        if seq_len <= len(pattern):
+            raise DataError(f"data.seq_len: {seq_len} leaves no room for a docstring before the {len(pattern)} tokens "
+                            f"of the pattern {self.PATTERN!r}")
+        self.classes, self.files, examples = package_examples(
+            cfg, "package_cloze", tokenizer, lambda x: x[: seq_len - len(pattern)] + pattern)
+        self.train, self.val = examples["train"], examples["val"]
+        self.verbalizers = [tokenizer.encode(" " + name) for name in self.classes]
+        self.part_b = cloze_part_b(self.verbalizers, self.ids["sop"], self.ids["eop"])
+
+    def collate(self, examples: list, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        rows, S = [], len(self.part_b["input_ids"])
+        for part_a, _ in examples:
+            A = len(part_a)
+            blank = int((part_a == self.ids["mask"]).nonzero()[-1])  # the pattern's [MASK], the last one
+            rows.append({"input_ids": torch.cat([part_a, self.part_b["input_ids"]]),
+                         "position_ids": torch.cat([torch.arange(A), torch.full((S,), blank)]),
+                         "block_position_ids": torch.cat([torch.zeros(A, dtype=torch.long), self.part_b["block_position_ids"]]),
+                         "labels": torch.cat([torch.full((A,), IGNORE_INDEX), self.part_b["labels"]]),
+                         "segment_ids": torch.cat([torch.zeros(A, dtype=torch.long), self.part_b["segment_ids"]])})
+        pad = {"input_ids": self.tokenizer.pad_id, "labels": IGNORE_INDEX}
+        batch = {k: pad_right([r[k] for r in rows], pad.get(k, 0))[0] for k in rows[0]}  # each (B, T)
+        batch["part_a_len"] = torch.tensor([len(part_a) for part_a, _ in examples])  # (B,)
+        batch["class_labels"] = torch.tensor([label for _, label in examples])  # (B,)
+        return batch
+
+    generate = staticmethod(BlankInfillingTask.generate)  # the fine-tuned GLM still fills the blanks of a prompt
+
+    @torch.no_grad()
+    def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
+        """Mean cross-entropy and accuracy over the val docstrings, from `out.class_scores` (B, num_classes)."""
+        return class_metrics((model(**batch).class_scores, batch["class_labels"]) for batch in batches)
+
+    def unigram_baseline(self) -> dict[str, float]:
+        return majority_baseline(self.train, self.val, len(self.classes))

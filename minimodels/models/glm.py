@@ -18,6 +18,15 @@ and this file is the model that reads [Part A; Part B] as one sequence (section 
     blocks      h_l = Block(h_{l-1})  pre-LN, GELU (section 2.3: "rearranged" layer norm, as Megatron-LM)
     output      P(token) = softmax(LN(h_L) E_tok^T)           tied to the token embedding
 
+Fine-tuning for classification (section 2.3) keeps this model as it is: the input becomes a cloze c(x) with
+one [MASK], the label y a verbalizer v(y) to write into it, and
+
+    score(y) = log p(v(y) | c(x)) = sum_k log P(v(y)_k | c(x), [sop] v(y)_<k)   (the fill v(y) then [eop])
+    p(y | x) = softmax over y of score(y)                                      the loss: its cross-entropy
+
+All classes are scored in one pass: Part B holds one segment [sop] v(y) per class, and `segment_ids` keep each
+segment from seeing the others (data/package_classification.py PackageClozeTask makes such batches).
+
 Read top to bottom: the config, the attention mask, the model (initialised as GPT-2, `gpt2_init`), and
 generation (filling the blanks one after another with a KV cache). The mask kinds [MASK] / [sMASK] / [gMASK] differ only in how
 the data picks spans; the model treats them alike.
@@ -69,21 +78,25 @@ class GLMConfig:
 @dataclass
 class GLMOutput:
     logits: torch.Tensor  # (B, T, vocab_size); logits[:, t] scores labels[:, t] (no shift)
-    loss: torch.Tensor | None = None  # cross-entropy (nats) over the Part B targets, when labels are given
+    loss: torch.Tensor | None = None  # cross-entropy (nats) over the Part B targets (a cloze: over the classes)
+    class_scores: torch.Tensor | None = None  # (B, C) a cloze's score(c) = log P(v(c) fills the blank), with segment_ids
     cache: list[LayerCache] | None = None  # when use_cache=True: one per block, keys and values of every position
     metrics: dict[str, torch.Tensor] | None = None  # none: nothing to log beyond the loss
 
 
-def glm_attn_mask(part_a_len: torch.Tensor, t_q: int, t_k: int) -> torch.Tensor:
+def glm_attn_mask(part_a_len: torch.Tensor, t_q: int, t_k: int, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, t_q, t_k) bool, True where a query may attend a key. Every query sees all of Part A (keys before
     part_a_len) and every key up to itself: Part A is bidirectional, Part B causal over itself, and Part A
     never sees Part B (a Part A query's "up to itself" stays inside Part A). As in `causal_mask`, the queries
     are the last t_q of t_k positions (the first t_k - t_q are in a KV cache). Right padding at the end of
-    the sequence is harmless: only padding queries, whose outputs are not scored, can reach a padding key."""
+    the sequence is harmless: only padding queries, whose outputs are not scored, can reach a padding key.
+    segment_ids (B, t_k), for a cloze: a Part B query sees only the Part B keys of its own segment."""
     key = torch.arange(t_k, device=part_a_len.device)  # (Tk,)
     query = torch.arange(t_k - t_q, t_k, device=part_a_len.device)  # (Tq,) absolute positions
-    causal = key[None, :] <= query[:, None]  # (Tq, Tk)
-    return causal[None] | (key[None, None, :] < part_a_len[:, None, None])  # (B, Tq, Tk)
+    causal = (key[None, :] <= query[:, None])[None]  # (1, Tq, Tk)
+    if segment_ids is not None:
+        causal = causal & (segment_ids[:, t_k - t_q:, None] == segment_ids[:, None, :])  # (B, Tq, Tk)
+    return causal | (key[None, None, :] < part_a_len[:, None, None])  # (B, Tq, Tk)
 
 
 class GLM(nn.Module, TrainedModel):
@@ -112,12 +125,15 @@ class GLM(nn.Module, TrainedModel):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, block_position_ids: torch.Tensor,
                 part_a_len: torch.Tensor, labels: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
                 cache: list[LayerCache] | None = None, use_cache: bool = False) -> GLMOutput:
         """input_ids (B, T) = [Part A; Part B] (right-padded); position_ids and block_position_ids (B, T) the two
         position ids; part_a_len (B,) the length of each row's Part A. labels (B, T): the token each position
         must predict (no shift: the data already put span + [eop] under [sop] + span), -100 in Part A and padding.
-        With a cache (one LayerCache per block), input_ids are the newest tokens after the cached ones (generation);
-        use_cache: return the cache with them added."""
+        A cloze (module docstring) adds segment_ids (B, T): 0 in Part A and padding, c + 1 in the segment
+        [sop] v(c) of class c (labels: v(c) [eop]); the output then has class_scores (B, C), and with
+        class_labels (B,) the loss is their cross-entropy. With a cache (one LayerCache per block), input_ids are
+        the newest tokens after the cached ones (generation); use_cache: return the cache with them added."""
         T = input_ids.size(1)
         c = self.config
         p1_max, p2_max = int(position_ids.max()), int(block_position_ids.max())
@@ -128,18 +144,23 @@ class GLM(nn.Module, TrainedModel):
         # h_0 = E_tok[x] + E_pos1[p1] + E_pos2[p2]
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids) + self.block_pos_emb(block_position_ids)  # (B, T, C)
         x = self.drop(x)
-        mask = glm_attn_mask(part_a_len, T, past + T)  # (B, T, past + T)
+        mask = glm_attn_mask(part_a_len, T, past + T, segment_ids)  # (B, T, past + T)
         new_cache = [] if use_cache else None
         for i, block in enumerate(self.blocks):
             x, layer_cache, _ = block(x, attn_mask=mask, cache=cache[i] if cache else None)
             if use_cache:
                 new_cache.append(layer_cache)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        loss = None
-        if labels is not None:
+        loss = scores = None
+        if segment_ids is not None:
+            scores = cloze_scores(logits, labels, segment_ids)  # (B, C)
+            if class_labels is not None:
+                # L = -log p(y | x) = -log softmax_y(score(y))
+                loss = F.cross_entropy(scores, class_labels)
+        elif labels is not None:
             # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return GLMOutput(logits=logits, loss=loss, cache=new_cache)
+        return GLMOutput(logits=logits, loss=loss, class_scores=scores, cache=new_cache)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, mask_positions: list[int], sop_id: int, eop_id: int,
@@ -184,3 +205,14 @@ class GLM(nn.Module, TrainedModel):
     def num_params(self, exclude_positions: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() - self.block_pos_emb.weight.numel() if exclude_positions else n
+
+
+def cloze_scores(logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """score(c) = sum of log P(target) over the targets (labels != -100) of segment c + 1: (B, C), C = the
+    largest segment id (every row holds every class). logits (B, T, V), labels and segment_ids (B, T)."""
+    target = labels != -100  # (B, T)
+    log_p = logits[target].float().log_softmax(dim=-1)  # (N, V) at the N targets only
+    token_log_p = log_p.gather(1, labels[target][:, None]).squeeze(1)  # (N,) log P(target)
+    row, cls = target.nonzero(as_tuple=True)[0], segment_ids[target] - 1  # (N,) each: the row and class of a target
+    scores = token_log_p.new_zeros(len(labels), int(segment_ids.max()))  # (B, C)
+    return scores.index_put_((row, cls), token_log_p, accumulate=True)
