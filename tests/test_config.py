@@ -99,6 +99,16 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "missing.yaml: config file not found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("sparse, dense", [("switch_gpt", "gpt"), ("switch_bert", "bert")])
+def test_a_moe_config_is_its_dense_twin_plus_experts(sparse, dense):
+    """The README compares each MoE config with its dense config at equal steps and data: the resolved configs
+    may differ only in model.moe and output.dir (switch_gpt.yaml once lacked gpt.yaml's data.random_offset)."""
+    a, b = (to_dict(load_config(Path("configs") / f"{name}.yaml")) for name in (sparse, dense))
+    assert a["model"].pop("moe") is not None and b["model"].pop("moe") is None
+    del a["output"]["dir"], b["output"]["dir"]
+    assert a == b
+
+
 @pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_builds_its_model(path):
     import dataclasses
