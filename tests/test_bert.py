@@ -18,6 +18,7 @@ from minimodels.models.bert import BERT, BERTConfig
 from minimodels.train.checkpoint import latest_checkpoint
 from minimodels.train.run import run
 from minimodels.train.trainer import val_batches
+from reference import loss_curve
 
 
 def tiny_bert(impl="auto", **kw) -> BERT:
@@ -77,13 +78,10 @@ def test_bert_learns_exactly_like_hf_masked_lm():
     gradient clipping, the same 30 padded batches with ~30% of the real positions labelled. Our BERT and
     BertForMaskedLM have the same loss at every step (fp32), so the backward pass, the tied MLM head scoring only
     the labelled positions and the decay groups learn as the reference does."""
-    from minimodels.config import TrainConfig
     from minimodels.hf import bert_from_hf
-    from minimodels.train.optim import build_optimizer
 
     hf = hf_bert("BertForMaskedLM", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
     model = bert_from_hf(hf).train()
-    cfg = TrainConfig()
     batches = []
     for seed in range(30):
         ids, mask, types = padded_batch(seed=10 + seed)
@@ -92,19 +90,8 @@ def test_bert_learns_exactly_like_hf_masked_lm():
         ids = ids.clamp(min=1).masked_fill(mask == 0, 0)
         labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) > 0.3, -100)
         batches.append((ids, mask, types, labels.masked_fill(mask == 0, -100)))
-    losses = []
-    for m, forward in ((model, lambda i, p, t, y: model(i, padding_mask=p, token_type_ids=t, labels=y)),
-                       (hf, lambda i, p, t, y: hf(input_ids=i, attention_mask=p, token_type_ids=t, labels=y))):
-        opt, curve = build_optimizer(m, cfg), []
-        for b in batches:
-            loss = forward(*b).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)
-            opt.step()
-            curve.append(loss.item())
-        losses.append(curve)
-    ours, theirs = torch.tensor(losses)
+    ours = torch.tensor(loss_curve(model, lambda b: model(b[0], padding_mask=b[1], token_type_ids=b[2], labels=b[3]), batches))
+    theirs = torch.tensor(loss_curve(hf, lambda b: hf(input_ids=b[0], attention_mask=b[1], token_type_ids=b[2], labels=b[3]), batches))
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert ours[-5:].mean() < ours[:5].mean() - 0.5  # it learned: the curves compared are not flat
 

@@ -18,6 +18,7 @@ from minimodels.data.blank_infilling import (BlankInfillingCollator, BlankInfill
                                              show_fills, special_ids)
 from minimodels.data.corpus import DataError
 from minimodels.models.glm import GLM, GLMConfig, glm_attn_mask
+from reference import loss_curve
 
 V, M, S, E = 40, 37, 38, 39  # vocabulary of the small test models; ids of [MASK], [sop], [eop] in it
 
@@ -185,27 +186,13 @@ def test_glm_learns_exactly_like_hf_gpt2_with_the_glm_mask():
     """The same init, the trainer's AdamW groups and gradient clipping, the same 30 batches: GLM and the GPT-2
     reference have the same loss at every step (fp32), so the blocks' backward, the mask and the tied head learn
     as a reference Transformer does, not only compute as one."""
-    from minimodels.config import TrainConfig
-    from minimodels.train.optim import build_optimizer
-
     model = tiny_glm(attn_impl="sdpa").train()
     hf, block_pos_emb = hf_reference(model, "eager")
     reference = torch.nn.ModuleDict({"gpt2": hf, "block_pos_emb": block_pos_emb})  # one module for the optimizer
-    cfg = TrainConfig()
     g = torch.Generator().manual_seed(1)
     batches = [random_glm_batch(g, n=8) for _ in range(30)]
-    losses = []
-    for m, forward_batch in ((model, lambda b: model(**b)), (reference, lambda b: hf_forward(hf, block_pos_emb, b, "eager"))):
-        opt, curve = build_optimizer(m, cfg), []
-        for b in batches:
-            loss = forward_batch(b).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)
-            opt.step()
-            curve.append(loss.item())
-        losses.append(curve)
-    ours, theirs = torch.tensor(losses)
+    ours = torch.tensor(loss_curve(model, lambda b: model(**b), batches))
+    theirs = torch.tensor(loss_curve(reference, lambda b: hf_forward(hf, block_pos_emb, b, "eager"), batches))
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert ours[-5:].mean() < ours[:5].mean() - 0.5  # it learned: the curves compared are not flat
     torch.testing.assert_close(model.tok_emb.weight, hf.lm_head.weight, atol=1e-5, rtol=0)  # the tied matrix, after training
