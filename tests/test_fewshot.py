@@ -100,6 +100,10 @@ def test_cloze_scores_equal_a_naive_recomputation_from_the_mlm_logits(prompt_tas
     metrics = prompt_task.evaluate(model, [batch])
     assert metrics["val_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
     assert metrics["val_acc"] == (out.class_scores.argmax(-1) == batch["class_labels"]).float().mean().item()
+    classifier = BERT(BERTConfig(vocab_size=model.config.vocab_size, block_size=48, n_layer=1, n_head=2, d_model=32,
+                                 head="classify", num_labels=len(prompt_task.classes)))
+    with pytest.raises(ValueError, match="blanks: a cloze is scored by the MLM head; needs model.head=mlm"):
+        classifier(**batch)
 
 
 def test_pattern_errors_name_the_key(wordpiece):

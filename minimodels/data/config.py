@@ -28,8 +28,7 @@ class DataConfig:
     infill_mix: dict | None = None  # GLM blank infilling: share of examples per blank kind {mask, smask, gmask}; null = {mask: 1}
     kb_documents: int = 16  # source kb: documents about each subject in the pretraining corpus (each fact phrased anew)
     image_tokenizer: str | None = None  # text_to_image: a trained VQ-VAE run folder (runs/vqvae) that turns pictures into tokens
-    template: list | None = None  # P-tuning (kb_probe) prompt, e.g. [3, subject, 3, mask, 3]; null = that (GPT: [3, subject, 3]);
-    #   package_prompt / package_ptuning: the pattern around the docstring (subject); null = the task's own
+    template: list | None = None  # prompt of kb_probe and the package cloze (subject = the docstring), e.g. [3, subject, 3, mask, 3]; null = the task's
     train_examples: int | None = None  # package tasks: keep this many train examples, as many of each class (few-shot); null = all
     few_shot_seed: int = 0  # which train_examples are kept (a seeded draw per class)
 
