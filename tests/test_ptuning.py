@@ -74,7 +74,7 @@ def tokenizers(tmp_path_factory):
 def test_template_puts_pseudo_tokens_anchors_subject_and_mask_where_the_config_says(tokenizers):
     tok = tokenizers["wordpiece"]
     subject, anchor = tok.encode("dalo mirek"), tok.encode("born in")
-    ids, index, labels = fill_template([2, "subject", "born in", 1, "mask", 3], "dalo mirek", 77, tok)
+    ids, index, labels = fill_template([2, "subject", "born in", 1, "mask", 3], "dalo mirek", [77], tok)
     S, A = len(subject), len(anchor)
     assert ids == [tok.cls_id, tok.pad_id, tok.pad_id] + subject + anchor + [tok.pad_id, tok.mask_id] + [tok.pad_id] * 3 + [tok.sep_id]
     assert index == [-1, 0, 1] + [-1] * (S + A) + [2, -1, 3, 4, 5, -1]
@@ -82,12 +82,12 @@ def test_template_puts_pseudo_tokens_anchors_subject_and_mask_where_the_config_s
 
     tok = tokenizers["bpe"]  # GPT: <eos> template object; the label sits on the object itself
     subject = tok.encode(" dalo mirek")  # as in running text: byte-level BPE keeps the space in the token
-    ids, index, labels = fill_template([1, "subject", 2], "dalo mirek", 55, tok)
+    ids, index, labels = fill_template([1, "subject", 2], "dalo mirek", [55], tok)
     assert ids == [tok.eos_id, tok.pad_id] + subject + [tok.pad_id, tok.pad_id, 55]
     assert index == [-1, 0] + [-1] * len(subject) + [1, 2, -1]
     assert labels == [-100] * (len(ids) - 1) + [55]
     # a prompt starts like a document (no space after <eos>); later words come after a space
-    ids, _, _ = fill_template(["the capital of", "subject", "is"], "dalo mirek", 55, tok)
+    ids, _, _ = fill_template(["the capital of", "subject", "is"], "dalo mirek", [55], tok)
     assert ids == [tok.eos_id] + tok.encode("the capital of dalo mirek is") + [55]
 
 

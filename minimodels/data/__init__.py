@@ -15,7 +15,8 @@ from minimodels.data.corpus import GENERATED, DataError, load_corpus
 from minimodels.data.docstring_to_text import DocstringToNameTask, DocstringToPackageTask
 from minimodels.data.kb import KBProbeTask, kb_corpus
 from minimodels.data.mlm import MaskedLMTask
-from minimodels.data.package_classification import PackageClassificationTask, PackageClozeTask
+from minimodels.data.package_classification import (PackageClassificationTask, PackageClozeTask, PackagePromptTask,
+                                                    PackagePTuningTask)
 from minimodels.data.reconstruction import ImageReconstructionTask
 from minimodels.data.records import records_corpus
 from minimodels.data.shapes import ShapesRetrievalTask, shapes_corpus
@@ -28,6 +29,8 @@ TASKS = {"causal_lm": LMTask}  # data.task -> task class
 TASKS["masked_lm"] = MaskedLMTask  # BERT pretraining
 TASKS["package_classification"] = PackageClassificationTask  # BERT fine-tuning
 TASKS["package_cloze"] = PackageClozeTask  # GLM fine-tuning: the same classes as a blank to fill
+TASKS["package_prompt"] = PackagePromptTask  # BERT's MLM head: the same classes as words in blanks (PET)
+TASKS["package_ptuning"] = PackagePTuningTask  # P-tuning a frozen BERT on that cloze
 TASKS["span_corruption"] = SpanCorruptionTask  # T5 pretraining
 TASKS["docstring_to_package"] = DocstringToPackageTask  # T5 fine-tuning
 TASKS["docstring_to_name"] = DocstringToNameTask  # T5 fine-tuning (harder)

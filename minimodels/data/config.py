@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from minimodels.schema import need
 
+FEW_SHOT_TASKS = ("package_classification", "package_cloze", "package_prompt", "package_ptuning")  # data.train_examples
+
 
 @dataclass
 class DataConfig:
@@ -26,7 +28,9 @@ class DataConfig:
     infill_mix: dict | None = None  # GLM blank infilling: share of examples per blank kind {mask, smask, gmask}; null = {mask: 1}
     kb_documents: int = 16  # source kb: documents about each subject in the pretraining corpus (each fact phrased anew)
     image_tokenizer: str | None = None  # text_to_image: a trained VQ-VAE run folder (runs/vqvae) that turns pictures into tokens
-    template: list | None = None  # P-tuning (kb_probe): prompt, e.g. [3, subject, 3, mask, 3]; null = that (GPT: [3, subject, 3])
+    template: list | None = None  # prompt of kb_probe and the package cloze (subject = the docstring), e.g. [3, subject, 3, mask, 3]; null = the task's
+    train_examples: int | None = None  # package tasks: keep this many train examples, as many of each class (few-shot); null = all
+    few_shot_seed: int = 0  # which train_examples are kept (a seeded draw per class)
 
     def validate(self) -> None:
         """Raise ConfigError "data.<key>: <problem>" for the first bad value (load_config adds the file)."""
@@ -45,4 +49,9 @@ class DataConfig:
              "must name a trained VQ-VAE run folder (runs/vqvae) for data.task text_to_image" if self.image_tokenizer is None
              else f"only data.task text_to_image reads image tokens, not {self.task}")
         need(self.kb_documents > 0, "data.kb_documents", f"must be positive, got {self.kb_documents}")
+        need(self.train_examples is None or self.train_examples > 0, "data.train_examples",
+             f"must be positive or null (all), got {self.train_examples}")
+        need(self.train_examples is None or self.task in FEW_SHOT_TASKS, "data.train_examples",
+             f"only the docstring-package tasks ({', '.join(FEW_SHOT_TASKS)}) keep a few-shot subset, not {self.task}")
+        need(self.few_shot_seed >= 0, "data.few_shot_seed", f"must be >= 0, got {self.few_shot_seed}")
         need(self.seq_len is None or self.seq_len > 1, "data.seq_len", f"must be at least 2, got {self.seq_len}")

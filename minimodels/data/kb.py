@@ -219,14 +219,16 @@ def num_pseudo(template: list) -> int:
     return sum(p for p in template if isinstance(p, int))
 
 
-def fill_template(template: list, subject: str, obj: int, tokenizer: Tokenizer) -> tuple[list[int], list[int], list[int]]:
+def fill_template(template: list, subject: str | list[int], obj: list[int], tokenizer: Tokenizer
+                  ) -> tuple[list[int], list[int], list[int]]:
     """One prompt: (input_ids, prompt_index, labels), all of one length.
 
-    Masked LM: [CLS] template [SEP], the object's id as the label at "mask" (the input there is [MASK]).
-    Causal LM: <eos> template object — a document starts after <eos> in pretraining — with the object's
-    id as the label at its own position; the model scores it from the position before (labels are shifted
-    inside the LM, as for next-token prediction). prompt_index is k at the k-th pseudo token (the input id
-    there is a placeholder, [PAD]; the model replaces its embedding) and -1 everywhere else.
+    Masked LM: [CLS] template [SEP], "mask" is one [MASK] per id of `obj`, each labelled with its id (the package
+    task's cloze has several blanks). Causal LM: <eos> template obj — a document starts after <eos> in
+    pretraining — with the object's ids as the labels at their own positions; the model scores them from the
+    position before (labels are shifted inside the LM, as for next-token prediction). prompt_index is k at the
+    k-th pseudo token (the input id there is a placeholder, [PAD]; the model replaces its embedding) and -1
+    everywhere else. `subject` is text, or its token ids (the package task cuts a docstring to fit).
 
     Words are encoded as they appear in running text: after a space, except at the very start. Byte-level
     BPE keeps the space in the token ("Ġborn"), so "born" alone would be another token than in the corpus."""
@@ -240,14 +242,19 @@ def fill_template(template: list, subject: str, obj: int, tokenizer: Tokenizer) 
             labels += [-100] * part
             k += part
             continue
-        text = subject if part == "subject" else part
-        piece = [tokenizer.mask_id] if part == "mask" else tokenizer.encode(text if len(ids) == 1 else " " + text)
+        if part == "mask":
+            piece, label = [tokenizer.mask_id] * len(obj), obj  # one blank per id, labelled with it
+        else:
+            text = subject if part == "subject" else part
+            piece = text if isinstance(text, list) else tokenizer.encode(text if len(ids) == 1 else " " + text)
+            label = [-100] * len(piece)
         ids += piece
         index += [-1] * len(piece)
-        labels += [obj if part == "mask" else -100] * len(piece)
-    ids += [obj] if causal else [tokenizer.sep_id]
-    index.append(-1)
-    labels.append(obj if causal else -100)
+        labels += label
+    end = obj if causal else [tokenizer.sep_id]
+    ids += end
+    index += [-1] * len(end)
+    labels += obj if causal else [-100]
     return ids, index, labels
 
 
@@ -289,7 +296,7 @@ class KBProbeTask(TextTask):
             r = RELATIONS[i]
             for s in self.kb.probe_split[r.name][half]:
                 o = self.kb.facts[r.name][s]
-                filled = fill_template(template, s, self.object_ids[i][o], self.tokenizer)
+                filled = fill_template(template, s, [self.object_ids[i][o]], self.tokenizer)
                 out.append(ProbeExample(i, s, o, *filled))
         return out
 

@@ -13,12 +13,18 @@ package_classification, for BERT (section 4.1 of the BERT paper): [CLS] docstrin
 tokens; the classifier reads the pooled [CLS] vector.
 package_cloze, for GLM (section 2.3 of the GLM paper): the same split, classes and labels, the docstring followed
 by "This is from the [MASK] package." and each class scored as the fill of the blank (PackageClozeTask).
+package_prompt, for BERT's MLM head (PET, Schick & Schuetze 2021): the docstring in a pattern with blanks, each class
+scored by its name's word pieces there (PackagePromptTask); package_ptuning: the same with a P-tuning template.
+
+Few-shot: data.train_examples keeps that many train examples, the same number of each class, drawn with
+data.few_shot_seed (`few_shot`); val stays the whole split.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,7 @@ from minimodels.data.blank_infilling import EOP, MASK_TOKENS, SOP, BlankInfillin
 from minimodels.data.config import DataConfig
 from minimodels.data.collate import IGNORE_INDEX, pad_right
 from minimodels.data.corpus import DataError, split_records, stdlib_records
+from minimodels.data.kb import check_template, fill_template, num_pseudo
 from minimodels.data.mlm import MaskedLMTask
 from minimodels.data.tokenizer import Tokenizer
 from minimodels.protocols import TextTask
@@ -50,9 +57,27 @@ def choose_packages(split: dict[str, list[dict]]) -> list[str]:
     return sorted(sorted(usable, key=lambda p: (-train[p], p))[:MAX_CLASSES])
 
 
+def few_shot(examples: list, n: int, seed: int, classes: list[str]) -> list:
+    """n of the (example, label) pairs, n / len(classes) of each class, drawn by a generator seeded with `seed`;
+    in their order in `examples`. n must be a multiple of the classes, each class must have that many."""
+    per_class, left = divmod(n, len(classes))
+    if left:
+        raise DataError(f"data.train_examples: {n} is not a multiple of the {len(classes)} classes "
+                        f"(a class-balanced subset keeps as many of each)")
+    generator, keep = torch.Generator().manual_seed(seed), []
+    for label, name in enumerate(classes):
+        of_class = [i for i, (_, y) in enumerate(examples) if y == label]
+        if len(of_class) < per_class:
+            raise DataError(f"data.train_examples: {n} keeps {per_class} of each class, but {name} has "
+                            f"{len(of_class)} train examples")
+        keep += [of_class[i] for i in torch.randperm(len(of_class), generator=generator)[:per_class].tolist()]
+    return [examples[i] for i in sorted(keep)]
+
+
 def package_examples(cfg: DataConfig, task: str, tokenizer: Tokenizer, wrap: Callable[[list[int]], list[int]]):
     """The classes (see the module docstring), the files of each split, and the (token ids (T,), label) examples
-    of each split: wrap(the docstring's token ids). task: the data.task asking, for the error messages."""
+    of each split: wrap(the docstring's token ids); train only data.train_examples of them (few_shot) if set.
+    task: the data.task asking, for the error messages."""
     if cfg.source != "stdlib":
         raise DataError(f"data.source: {task} labels stdlib docstrings by file; needs stdlib, got {cfg.source!r}")
     split = split_records(stdlib_records(), cfg.val_fraction)  # the same split as the pretraining corpus
@@ -67,6 +92,8 @@ def package_examples(cfg: DataConfig, task: str, tokenizer: Tokenizer, wrap: Cal
         files[name] = sorted({r["path"] for r in records})
         ids = tokenizer.encode_batch([r["text"] for r in records])
         examples[name] = [(torch.tensor(wrap(x)), label_of[package_of(r["path"])]) for x, r in zip(ids, records)]
+    if cfg.train_examples is not None:
+        examples["train"] = few_shot(examples["train"], cfg.train_examples, cfg.few_shot_seed, classes)
     return classes, files, examples
 
 
@@ -207,3 +234,97 @@ class PackageClozeTask(TextTask):
 
     def unigram_baseline(self) -> dict[str, float]:
         return majority_baseline(self.train, self.val, len(self.classes))
+
+
+@dataclass
+class PromptExample:
+    input_ids: Tensor  # (T,) [CLS] the pattern around the docstring [SEP]
+    prompt_index: Tensor  # (T,) k at pseudo token [P_k], else -1 (everywhere in a manual pattern)
+    blanks: Tensor  # (K,) the positions of the K [MASK] tokens
+    label: int  # the package's class id
+
+
+class PackagePromptTask(TextTask):
+    """The same classification for BERT's MLM head, as a cloze with a verbalizer (PET, Schick & Schuetze 2021):
+
+        [CLS] <docstring, cut to fit> It is from the [MASK] [MASK] package . [SEP]
+
+    The verbalizer v(c) is the package's name in word pieces ("multiprocessing" -> "multiprocess" "##ing"). The
+    pattern has K blanks, K = the most pieces of any name, and class c is scored by the mean log-probability of its
+    pieces, piece k at blank k, all in one pass (minimodels/models/bert.py verbalizer_scores): PET's one-pass
+    multi-token scoring, averaged rather than summed so that a name is not ranked down for having two pieces.
+    Untrained, the pretrained MLM head scores the names (zero-shot); PET fine-tunes the whole BERT on the
+    cross-entropy of the scores (without PET's auxiliary MLM loss and distillation).
+
+    data.template is the pattern in kb.py's template form: "subject" the docstring, "mask" the K blanks, other
+    strings words; null = TEMPLATE. Examples are PromptExample; batches carry input_ids, padding_mask (B, T),
+    blanks (B, K), verbalizers (B, num_classes, K) (-100 after a name's last piece; the same in every row, so
+    that the trainer can cut a batch by rows) and class_labels (B,). Metrics: val_loss, val_acc."""
+
+    archs = ("bert",)  # the model.arch values whose forward takes these batches (checked by load_config)
+    TEMPLATE = ["subject", "It is from the", "mask", "package ."]  # the manual pattern
+    ptuning = False  # the template has trainable pseudo tokens (PackagePTuningTask)
+
+    def __init__(self, tokenizer: Tokenizer, corpus: dict[str, list[str]], seq_len: int, cfg: DataConfig | None = None):
+        cfg = cfg or DataConfig()
+        if tokenizer.kind != "wordpiece":
+            raise DataError(f"data.tokenizer: the package cloze fills BERT's [MASK] with word pieces; needs the "
+                            f"wordpiece tokenizer of a BERT run, got {tokenizer.kind!r}")
+        self.tokenizer = tokenizer
+        self.template = cfg.template if cfg.template is not None else self.TEMPLATE
+        check_template(self.template, causal=False)
+        if (num_pseudo(self.template) > 0) != self.ptuning:
+            raise DataError(f"data.template: {self.template!r}: " + (
+                "P-tuning trains pseudo tokens; give some (ints), e.g. [3, subject, 3, mask, 3]" if self.ptuning else
+                "a manual pattern has no pseudo tokens (ints); P-tuning's templates are for data.task package_ptuning"))
+        self.classes, self.files, examples = package_examples(cfg, cfg.task, tokenizer, lambda x: x)
+        names = [tokenizer.encode(name) for name in self.classes]
+        if len(set(map(tuple, names))) < len(names) or any(tokenizer.token_id("unk") in v for v in names):
+            raise DataError(f"data.tokenizer: the package names {self.classes} need distinct word pieces, without [UNK]")
+        K = max(map(len, names))
+        self.verbalizers = torch.tensor([v + [IGNORE_INDEX] * (K - len(v)) for v in names])  # (num_classes, K)
+        room = seq_len - len(self.fill([], K)[0])  # docstring tokens that fit around the pattern
+        if room < 1:
+            raise DataError(f"data.seq_len: {seq_len} leaves no room for a docstring in the {seq_len - room} tokens "
+                            f"of the pattern {self.template}")
+        self.train, self.val = ([PromptExample(*map(torch.tensor, self.fill(x[:room].tolist(), K)), label)
+                                 for x, label in examples[split]] for split in ("train", "val"))
+
+    def fill(self, docstring: list[int], K: int) -> tuple[list[int], list[int], list[int]]:
+        """input_ids, prompt_index (T,) of the template around `docstring` (token ids), and the K blanks' positions."""
+        ids, index, labels = fill_template(self.template, docstring, [self.tokenizer.mask_id] * K, self.tokenizer)
+        return ids, index, [t for t, y in enumerate(labels) if y != IGNORE_INDEX]  # the blanks are the labelled places
+
+    generate = staticmethod(MaskedLMTask.generate)  # BERT still fills the [MASK]s of a prompt
+
+    def collate(self, examples: list[PromptExample], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        ids, real = pad_right([e.input_ids for e in examples], self.tokenizer.pad_id)  # (B, T), (B, T)
+        return {"input_ids": ids, "padding_mask": real.long(), "blanks": torch.stack([e.blanks for e in examples]),
+                "verbalizers": self.verbalizers.expand(len(examples), -1, -1),  # (B, num_classes, K)
+                "class_labels": torch.tensor([e.label for e in examples])}
+
+    @torch.no_grad()
+    def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
+        """Mean cross-entropy and accuracy over the val docstrings, from `out.class_scores` (B, num_classes)."""
+        return class_metrics((model(**batch).class_scores, batch["class_labels"]) for batch in batches)
+
+    def unigram_baseline(self) -> dict[str, float]:
+        return majority_baseline([(e, e.label) for e in self.train], [(e, e.label) for e in self.val], len(self.classes))
+
+
+class PackagePTuningTask(PackagePromptTask):
+    """P-tuning on the package cloze (model.arch ptuning over a pretrained BERT, minimodels/models/ptuning.py): the
+    cloze of PackagePromptTask in a template with trainable pseudo tokens, default TEMPLATE; one prompt (relation 0)
+    for every docstring. Batches add prompt_index (B, T) and relation (B,)."""
+
+    archs = ("ptuning",)
+    TEMPLATE = [3, "subject", 3, "mask", 3]
+    ptuning = True
+    generate = staticmethod(TextTask.generate)  # refused: the run scores classes, it writes no text
+
+    def model_overrides(self) -> dict:
+        return {"num_relations": 1, "num_prompt_tokens": num_pseudo(self.template)}
+
+    def collate(self, examples: list[PromptExample], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return super().collate(examples) | {"prompt_index": pad_right([e.prompt_index for e in examples], -1)[0],
+                                            "relation": torch.zeros(len(examples), dtype=torch.long)}

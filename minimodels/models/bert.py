@@ -10,6 +10,7 @@ the config asks for) and BERT initialisation.
     pooler:   p = tanh(h_L[CLS] W_p)                    the [CLS] position summarises the sequence
     NSP:      P(IsNext | A, B) = softmax(p W_nsp)       optional, model.nsp
     classify: P(y | x) = softmax(dropout(p) W_c)        fine-tuning on one label per sequence (section 4.1)
+    cloze:    score(y) = 1/|v(y)| sum_k log P([MASK]_k = v(y)_k | x)    a class as the words filling K blanks (PET)
 
 Every position sees every other (no causal mask); padding is removed from attention by `padding_mask`.
 """
@@ -71,7 +72,7 @@ class BERTConfig:
 
 @dataclass
 class BERTOutput:
-    logits: torch.Tensor | None  # mlm without labels: (B, T, vocab_size); classify: (B, num_labels); else None
+    logits: torch.Tensor | None  # mlm without labels: (B, T, vocab_size), with blanks (B, K, vocab_size); classify: (B, num_labels)
     loss: torch.Tensor | None = None  # mean cross-entropy (nats) of the head (+ NSP), when labels are given
     masked_logits: torch.Tensor | None = None  # mlm with labels: (N, vocab_size) at the N labelled positions
     hidden_states: torch.Tensor | None = None  # (B, T, C) output of the last block
@@ -79,6 +80,7 @@ class BERTOutput:
     nsp_logits: torch.Tensor | None = None  # (B, 2) IsNext / NotNext scores, when model.nsp
     routings: list[Routing] | None = None  # with model.moe: the Routing of each MoE block, in block order
     metrics: dict[str, torch.Tensor] | None = None  # with model.moe: per-layer aux/z-loss, drops, load (logged)
+    class_scores: torch.Tensor | None = None  # with blanks: (B, num_classes) each class's mean log P of its verbalizer
 
 
 class MLMHead(nn.Module):
@@ -132,7 +134,8 @@ class BERT(nn.Module, TrainedModel):
     def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 next_sentence_label: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                cache: list[LayerCache] | None = None) -> BERTOutput:
+                cache: list[LayerCache] | None = None, blanks: torch.Tensor | None = None,
+                verbalizers: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> BERTOutput:
         """input_ids (B, T); padding_mask (B, T), 1 = real token, 0 = padding (Hugging Face convention);
         token_type_ids (B, T) segment ids, default all 0. labels: head mlm (B, T) with -100 where no token
         is predicted; head classify (B,) class ids. next_sentence_label (B,): 0 = B follows A, 1 = random B.
@@ -146,7 +149,13 @@ class BERT(nn.Module, TrainedModel):
         P-tuning (minimodels/models/ptuning.py) drives a frozen BERT through two more inputs: inputs_embeds
         (B, T, C) replaces the token embeddings E_tok[input_ids] (positions and segments are still added), and
         cache, one LayerCache per block whose keys and values, each (B, nh, P, hs), are P extra positions every
-        position attends to in that block's self-attention (P-tuning v2's prefixes)."""
+        position attends to in that block's self-attention (P-tuning v2's prefixes).
+
+        A cloze (PET, Schick & Schuetze 2021; data/package_classification.py PackagePromptTask) scores classes with
+        the MLM head: blanks (B, K) are the positions of K [MASK] tokens, verbalizers (B, num_classes, K) the word
+        pieces of each class's name, -100 after its last piece (see verbalizer_scores). Then `logits` (B, K, V)
+        are the head's scores at the blanks, `class_scores` (B, num_classes), and with class_labels (B,) the loss
+        is their cross-entropy."""
         B, T = input_ids.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than model.block_size={self.config.block_size}")
@@ -167,8 +176,16 @@ class BERT(nn.Module, TrainedModel):
                 routings[f"moe_block{i}"] = routing
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None  # (B, C) from [CLS]
 
-        logits, loss, masked_logits = None, None, None
-        if self.config.head == "mlm" and labels is None:
+        logits, loss, masked_logits, class_scores = None, None, None, None
+        if blanks is not None:
+            if self.config.head != "mlm":
+                raise ValueError(f"blanks: a cloze is scored by the MLM head; needs model.head=mlm, got {self.config.head!r}")
+            h = x.gather(1, blanks[..., None].expand(-1, -1, x.size(-1)))  # (B, K, C): the blanks' states
+            logits = self.mlm(h, self.tok_emb.weight)  # (B, K, V)
+            class_scores = verbalizer_scores(logits, verbalizers)  # (B, num_classes)
+            if class_labels is not None:  # L = -log softmax_y(score(y))
+                loss = F.cross_entropy(class_scores, class_labels)
+        elif self.config.head == "mlm" and labels is None:
             logits = self.mlm(x, self.tok_emb.weight)  # (B, T, V)
         elif self.config.head == "mlm":
             if labels.shape != (B, T):
@@ -195,8 +212,21 @@ class BERT(nn.Module, TrainedModel):
             loss = nsp_loss if loss is None else loss + nsp_loss
         loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
         return BERTOutput(logits=logits, loss=loss, masked_logits=masked_logits, hidden_states=x, pooled=pooled,
-                          nsp_logits=nsp_logits, routings=list(routings.values()) or None, metrics=metrics)
+                          nsp_logits=nsp_logits, routings=list(routings.values()) or None, metrics=metrics,
+                          class_scores=class_scores)
 
     def num_params(self, exclude_positions: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if exclude_positions else n
+
+
+def verbalizer_scores(logits: torch.Tensor, verbalizers: torch.Tensor) -> torch.Tensor:
+    """Each class's score from the MLM scores at K blanks, logits (B, K, V), and the classes' names as word pieces,
+    verbalizers (B, num_classes, K) with -100 after a name's last piece: score(y) = 1/|v(y)| sum_k log P([MASK]_k =
+    v(y)_k | x), the mean log-probability of its pieces, blank k holding piece k, all blanks predicted in one pass.
+    A shorter name ignores the blanks after it. The mean, not PET's sum: a sum would rank a name down for each piece
+    it has (PET multiplies the probabilities). Returns (B, num_classes), in float32."""
+    log_p = logits.float().log_softmax(-1)  # (B, K, V)
+    real = verbalizers != -100  # (B, num_classes, K)
+    picked = log_p.gather(2, verbalizers.clamp(min=0).transpose(1, 2))  # (B, K, num_classes): log P(v(y)_k at k)
+    return (picked.transpose(1, 2) * real).sum(-1) / real.sum(-1)  # (B, num_classes)

@@ -24,7 +24,10 @@ at the position before it. With `deep`, every block of the LM also attends to tr
 values (P-tuning v2, Liu et al. 2022: "deep prompt tuning"), as many per block as the template has pseudo
 tokens; they are keys and values, not tokens, so the real tokens keep positions 0..T-1 on both backbones.
 The model keeps one prompt per relation of the knowledge base (the paper trains a prompt per LAMA relation):
-batches carry `relation`, and each example gets its own relation's prompt.
+batches carry `relation`, and each example gets its own relation's prompt. On the docstring-package task
+(data.task package_ptuning, one "relation") a BERT backbone scores classes as a cloze instead: the template's
+"mask" is K blanks and each class is scored by its name's pieces there (bert.py verbalizer_scores), the
+loss the cross-entropy over the classes (as the paper's few-shot SuperGLUE runs use PET's verbalizers).
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ class PTuningConfig:
 
 @dataclass
 class PTuningOutput:
-    logits: torch.Tensor  # (B, V): the LM's scores for each example's object slot; without labels (B, T, V)
+    logits: torch.Tensor  # (B, V): the LM's scores for each example's object slot; without labels (B, T, V); cloze (B, K, V)
     loss: torch.Tensor | None = None  # mean cross-entropy of the objects (nats), when labels are given
     metrics: dict[str, torch.Tensor] | None = None  # none: nothing to log beyond the loss
+    class_scores: torch.Tensor | None = None  # cloze (BERT backbone): (B, num_classes), see BERT.forward
 
 
 BACKBONES = {"bert": (BERTConfig, BERT), "gpt": (GPTConfig, GPT)}  # the LMs P-tuning drives: config, model class
@@ -133,11 +137,14 @@ class PTuning(nn.Module, TrainedModel):
         return self
 
     def forward(self, input_ids: torch.Tensor, prompt_index: torch.Tensor, relation: torch.Tensor,
-                labels: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> PTuningOutput:
+                labels: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                blanks: torch.Tensor | None = None, verbalizers: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> PTuningOutput:
         """input_ids, prompt_index, labels, padding_mask (B, T) and relation (B,), from the kb_probe task:
         prompt_index[b, t] = i where position t holds pseudo token [P_i], else -1; labels hold the object's id
         at its one position per row (BERT: the [MASK]; GPT: the object token itself, scored from t - 1).
-        Without labels there is no loss, and the logits are the LM's at every position (GPT: of the next token)."""
+        Without labels there is no loss, and the logits are the LM's at every position (GPT: of the next token).
+        A cloze (package_ptuning, BERT only) has no labels but blanks, verbalizers and class_labels (BERT.forward)."""
         emb = self.backbone.tok_emb(input_ids)  # (B, T, C): e(x_t)
         prompts = torch.stack([encode() for encode in self.prompts])[relation]  # (R, n, C) -> (B, n, C)
         is_prompt = prompt_index >= 0  # (B, T)
@@ -147,12 +154,13 @@ class PTuning(nn.Module, TrainedModel):
         if self.config.deep:
             per_layer = self.prefix[relation].unbind(1)  # L x (B, 2, nh, n, hs)
             prefix = [LayerCache(KV(*kv.unbind(1))) for kv in per_layer]  # L x keys and values, each (B, nh, n, hs)
-        return self.score(input_ids, labels, padding_mask, emb, prefix)
+        return self.score(input_ids, labels, padding_mask, emb, prefix, blanks, verbalizers, class_labels)
 
-    def score(self, input_ids, labels=None, padding_mask=None, inputs_embeds=None, prefix=None) -> PTuningOutput:
+    def score(self, input_ids, labels=None, padding_mask=None, inputs_embeds=None, prefix=None, blanks=None,
+              verbalizers=None, class_labels=None) -> PTuningOutput:
         """Run the LM and return its scores for the object slot (B, V) and the loss; without labels, its scores
-        at every position (B, T, V). Also scores manual prompts (scripts/probe.py): then there are no
-        inputs_embeds and no prefix."""
+        at every position (B, T, V); with blanks, the cloze's (BERT.forward). Also scores manual prompts
+        (scripts/probe.py): then there are no inputs_embeds and no prefix."""
         if self.causal:
             # the prefixes are keys and values, not tokens: the real tokens keep positions 0 .. T - 1
             positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
@@ -162,13 +170,15 @@ class PTuning(nn.Module, TrainedModel):
             if labels is not None:  # the object at position t is predicted by the logits at t - 1 (next-token shift)
                 target = (labels != -100).int().argmax(dim=1)  # (B,)
                 logits = logits[torch.arange(len(labels)), target - 1]  # (B, V)
+            class_scores = None  # a cloze needs the blanks of a masked LM
         else:
             out = self.backbone(input_ids, padding_mask=padding_mask, labels=labels, inputs_embeds=inputs_embeds,
-                                cache=prefix)
-            logits = out.logits if labels is None else out.masked_logits  # (B, T, V), or (B, V): one label per row
+                                cache=prefix, blanks=blanks, verbalizers=verbalizers, class_labels=class_labels)
+            logits = out.logits if labels is None else out.masked_logits  # (B, T or K, V), or (B, V): one label per row
+            class_scores = out.class_scores
         if labels is not None and len(logits) != len(labels):
             raise ValueError(f"labels: expected one object per example, got {len(logits)} for {len(labels)} examples")
-        return PTuningOutput(logits=logits, loss=out.loss)
+        return PTuningOutput(logits=logits, loss=out.loss, class_scores=class_scores)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

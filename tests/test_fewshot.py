@@ -1,0 +1,181 @@
+"""Few-shot on the docstring-package task (data/package_classification.py): the class-balanced subset of
+data.train_examples, BERT's cloze with a verbalizer (PackagePromptTask, bert.py verbalizer_scores), P-tuning on
+it over a frozen BERT (PackagePTuningTask), and scripts/fewshot.py end to end on a tiny pretrained BERT."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimodels.config import ConfigError, DataConfig, load_config
+from minimodels.data import train_tokenizer
+from minimodels.data.corpus import DataError, stdlib_docstrings
+from minimodels.data.package_classification import PackageClassificationTask, PackagePromptTask, PackagePTuningTask
+from minimodels.models.bert import BERT, BERTConfig
+from minimodels.train.checkpoint import read_weights
+from minimodels.train.run import run
+from tiny import write_docs
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    """A small WordPiece: most package names take several pieces (a multi-token verbalizer)."""
+    return train_tokenizer("wordpiece", stdlib_docstrings(0.1)["train"][:300], 400)
+
+
+def classification(tokenizer, **data):
+    return PackageClassificationTask(tokenizer, {}, 48, DataConfig(tokenizer="wordpiece", task="package_classification", **data))
+
+
+def test_few_shot_subset_is_balanced_seeded_and_part_of_train(wordpiece):
+    full = classification(wordpiece)
+    C = len(full.classes)
+    rows = {(tuple(x.tolist()), y): i for i, (x, y) in enumerate(full.train)}
+    subsets = {}
+    for seed in (0, 1):
+        task = classification(wordpiece, train_examples=2 * C, few_shot_seed=seed)
+        assert Counter(y for _, y in task.train) == {c: 2 for c in range(C)}
+        at = [rows[tuple(x.tolist()), y] for x, y in task.train]  # each one a train example, kept in split order
+        assert at == sorted(set(at))
+        assert [(x.tolist(), y) for x, y in task.val] == [(x.tolist(), y) for x, y in full.val]  # val: the whole split
+        subsets[seed] = at
+    again = classification(wordpiece, train_examples=2 * C, few_shot_seed=0)
+    assert [rows[tuple(x.tolist()), y] for x, y in again.train] == subsets[0] != subsets[1]
+
+
+def test_few_shot_errors_name_the_key(wordpiece):
+    C = len(classification(wordpiece).classes)
+    with pytest.raises(DataError, match=f"data.train_examples: {C + 1} is not a multiple of the {C} classes"):
+        classification(wordpiece, train_examples=C + 1)
+    with pytest.raises(DataError, match=f"data.train_examples: {10_000 * C} keeps 10000 of each class, but"):
+        classification(wordpiece, train_examples=10_000 * C)
+    with pytest.raises(ConfigError, match="data.train_examples: must be positive or null"):
+        load_config("configs/bert_finetune.yaml", ["data.train_examples=0"])
+    with pytest.raises(ConfigError, match="data.train_examples: only the docstring-package tasks"):
+        load_config("configs/bert.yaml", ["data.train_examples=32"])
+    with pytest.raises(ConfigError, match="data.few_shot_seed: must be >= 0"):
+        load_config("configs/bert_finetune.yaml", ["data.few_shot_seed=-1"])
+
+
+@pytest.fixture(scope="module")
+def prompt_task(wordpiece):
+    return PackagePromptTask(wordpiece, {}, 48, DataConfig(tokenizer="wordpiece", task="package_prompt"))
+
+
+def test_pattern_blanks_and_verbalizers(prompt_task, wordpiece):
+    task = prompt_task
+    K = task.verbalizers.size(1)
+    names = [wordpiece.decode([t for t in v.tolist() if t != -100]) for v in task.verbalizers]
+    assert names == task.classes and K >= 3  # the names, as word pieces padded with -100
+    pattern_end = wordpiece.encode("It is from the")
+    for e in task.train[:20] + task.val[:20]:
+        ids = e.input_ids.tolist()
+        assert len(ids) <= 48 and ids[0] == wordpiece.cls_id and ids[-1] == wordpiece.sep_id
+        blanks = e.blanks.tolist()
+        assert blanks == [i for i, t in enumerate(ids) if t == wordpiece.mask_id] and len(blanks) == K
+        assert ids[blanks[0] - len(pattern_end):blanks[0]] == pattern_end  # "... It is from the [MASK] x K package ."
+        assert (e.prompt_index == -1).all()  # a manual pattern: no pseudo tokens
+
+
+def test_cloze_scores_equal_a_naive_recomputation_from_the_mlm_logits(prompt_task):
+    """class_scores[b, c] = the mean over the pieces of c's name of log P(piece k at blank k), read off the MLM
+    head's logits at every position of the pattern, one class and one piece at a time."""
+    torch.manual_seed(0)
+    model = BERT(BERTConfig(vocab_size=prompt_task.tokenizer.vocab_size, block_size=48, n_layer=2, n_head=2,
+                            d_model=32, dropout=0.0)).eval()
+    batch = prompt_task.collate([prompt_task.train[i] for i in (0, 7, 100)])
+    out = model(**batch)
+    logits = model(batch["input_ids"], batch["padding_mask"]).logits  # (B, T, V), every position
+    for b in range(3):
+        blanks = (batch["input_ids"][b] == prompt_task.tokenizer.mask_id).nonzero().squeeze(1).tolist()
+        for c, name in enumerate(prompt_task.classes):
+            pieces = prompt_task.tokenizer.encode(name)
+            naive = sum(logits[b, blanks[k]].log_softmax(-1)[p] for k, p in enumerate(pieces)) / len(pieces)
+            torch.testing.assert_close(out.class_scores[b, c], naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.class_scores, batch["class_labels"]))
+    metrics = prompt_task.evaluate(model, [batch])
+    assert metrics["val_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert metrics["val_acc"] == (out.class_scores.argmax(-1) == batch["class_labels"]).float().mean().item()
+    classifier = BERT(BERTConfig(vocab_size=model.config.vocab_size, block_size=48, n_layer=1, n_head=2, d_model=32,
+                                 head="classify", num_labels=len(prompt_task.classes)))
+    with pytest.raises(ValueError, match="blanks: a cloze is scored by the MLM head; needs model.head=mlm"):
+        classifier(**batch)
+
+
+def test_pattern_errors_name_the_key(wordpiece):
+    with pytest.raises(DataError, match="data.template: .*a manual pattern has no pseudo tokens"):
+        PackagePromptTask(wordpiece, {}, 48, DataConfig(tokenizer="wordpiece", template=[2, "subject", "mask"]))
+    with pytest.raises(DataError, match="data.template: .*P-tuning trains pseudo tokens"):
+        PackagePTuningTask(wordpiece, {}, 48, DataConfig(tokenizer="wordpiece", template=["subject", "mask"]))
+    with pytest.raises(DataError, match="data.seq_len: 8 leaves no room for a docstring"):
+        PackagePromptTask(wordpiece, {}, 8, DataConfig(tokenizer="wordpiece"))
+    with pytest.raises(DataError, match="data.tokenizer: the package cloze fills BERT's"):
+        PackagePromptTask(train_tokenizer("bpe", ["Return the sum."] * 20, 300), {}, 48, DataConfig(tokenizer="bpe"))
+    with pytest.raises(ConfigError, match="data.task: package_prompt makes batches for model.arch bert, not glm"):
+        load_config("configs/glm_finetune.yaml", ["data.task=package_prompt"])
+
+
+# --------------------------------------------------------------------------- on a tiny pretrained BERT
+
+TINY = ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.block_size=48", "data.vocab_size=400",
+        "train.max_steps=2", "train.batch_size=8", "train.device=cpu", "train.dtype=fp32", "output.plot=false"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A BERT pretrained (MLM head) for 2 steps on 400 docstrings, as a run folder."""
+    root = tmp_path_factory.mktemp("fewshot")
+    out = root / "bert"
+    run(load_config("configs/bert.yaml", TINY + [f"data.source={write_docs(root / 'docs.jsonl')}",
+                                                  f"output.dir={out}"]), quiet=True)
+    return out
+
+
+def test_ptuning_on_the_cloze_keeps_the_bert_frozen_while_the_prompt_trains(pretrained, tmp_path):
+    cfg = load_config("configs/ptuning_bert.yaml", [
+        f"model.init_from={pretrained}", f"data.tokenizer={pretrained}/tokenizer.json", "data.source=stdlib",
+        "data.task=package_ptuning", "data.seq_len=48", "data.train_examples=16", "train.max_steps=2",
+        "train.batch_size=8", "train.save_interval=1", "train.eval_interval=2", "train.device=cpu",
+        "train.dtype=fp32", "output.plot=false", f"output.dir={tmp_path / 'pt'}"])
+    metrics = run(cfg, quiet=True)
+    assert 0 <= metrics["val_acc"] <= 1
+    before = read_weights(pretrained / "checkpoints" / "step_00000002")
+    step1, step2 = (read_weights(tmp_path / "pt" / "checkpoints" / f"step_0000000{k}") for k in (1, 2))
+    for key, tensor in before.items():  # the BERT is bit-identical after each step
+        assert torch.equal(step1[f"backbone.{key}"], tensor) and torch.equal(step2[f"backbone.{key}"], tensor), key
+    prompts = [k for k in step2 if not k.startswith("backbone.")]
+    assert prompts and all(k.startswith("prompts.0.") for k in prompts)  # one prompt: the task has one "relation"
+    assert any(not torch.equal(step1[k], step2[k]) for k in prompts)  # and the prompt trains
+
+
+def test_fewshot_script_end_to_end(pretrained, tmp_path):
+    cmd = [sys.executable, "scripts/fewshot.py", str(pretrained), "--examples", "16", "--runs-dir", str(tmp_path),
+           "train.max_steps=2", "train.eval_interval=2", "train.save_interval=2", "train.eval_batches=2",
+           "train.batch_size=8", "train.device=cpu", "train.dtype=fp32", "output.plot=false"]
+    r = subprocess.run(cmd + ["--seeds", "2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    numbers = json.loads(r.stdout)
+    assert list(numbers["val_acc"]) == ["pet", "ptuning", "finetune"]
+    for method, accs in numbers["val_acc"].items():
+        assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
+        for seed in (0, 1):  # each seed's run: its own class-balanced draw of 16 examples
+            data = load_config(tmp_path / f"{method}_seed{seed}" / "config.yaml").data
+            assert (data.train_examples, data.few_shot_seed) == (16, seed)
+    assert 0 <= numbers["zero_shot"] <= 1 and 0 < numbers["majority"] < 1
+    r = subprocess.run(cmd + ["--seeds", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {cells[0]: cells[1:] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line
+            for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
+    assert rows["majority (whole train split)"] == ["", f"{100 * numbers['majority']:.1f}"]
+    assert rows["manual prompt, zero-shot"] == ["", f"{100 * numbers['zero_shot']:.1f}"]
+    for label, method in (("PET: manual pattern, BERT fine-tuned", "pet"), ("P-tuning: frozen BERT, trained prompt",
+                                                                           "ptuning"), ("fine-tuning: [CLS] classifier", "finetune")):
+        accuracy = f"{100 * numbers['val_acc'][method][0]:.1f}"
+        assert rows[label] == [accuracy, accuracy]  # seed 0 trains as before; the mean of one seed is its value
+    r = subprocess.run([sys.executable, "scripts/fewshot.py", str(tmp_path / "finetune_seed0"), "--runs-dir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "is a bert run with head classify; few-shot prompting needs" in r.stderr
