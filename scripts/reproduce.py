@@ -30,7 +30,7 @@ from typing import Callable
 import yaml
 
 from minimodels.cli import guarded
-from minimodels.config import ConfigError, load_config, to_dict
+from minimodels.config import ConfigError, load_config, parse, to_dict
 
 SCRIPTS = Path(__file__).resolve().parent
 
@@ -382,10 +382,15 @@ def needed(names) -> list[str]:
 def same_run(cfg, run_dir: Path, ckpt: Path) -> bool:
     """run_dir, whose latest checkpoint is `ckpt`, holds a finished run (ckpt at train.max_steps) of `cfg`: the
     resolved config.yaml equals cfg's, where the model keys cfg leaves to the data (None, e.g. vocab_size) take the
-    saved values."""
+    saved values. The saved config is read as a YAML of today's code is, so a key added to the code since then
+    takes its default (a run keeps being reused when a new option, off by default, appears)."""
     if ckpt.name != f"step_{cfg.train.max_steps:08d}" or not (run_dir / "config.yaml").is_file():
         return False
-    saved, ours = yaml.safe_load((run_dir / "config.yaml").read_text()), to_dict(cfg)
+    try:
+        saved = to_dict(parse(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml")))
+    except ConfigError:  # a key renamed or removed since: not this command's run
+        return False
+    ours = to_dict(cfg)
     ours["model"] = {k: saved["model"].get(k) if v is None else v for k, v in ours["model"].items()}
     return saved == ours
 
