@@ -144,7 +144,7 @@ def test_generate_options_stop_with_one_line_naming_the_option(tiny_run, capsys,
     (["scripts/generate.py", "{run}", "--temperature", "-1"], "error: --temperature: must be >= 0 (0: greedy), got -1.0"),
     (["scripts/train.py", "configs"], "error: configs: is a folder, not a config file (a run folder's is configs/config.yaml)"),
     (["scripts/train.py", "configs/bert.yaml", "data.task=causal_lm"], "error: configs/bert.yaml: data.task: causal_lm makes "
-     "batches for model.arch gpt, not bert (which trains on masked_lm or package_classification)"),
+     "batches for model.arch gpt, not bert (which trains on masked_lm or package_classification or package_prompt)"),
 ])
 def test_scripts_exit_2_with_one_line(tiny_run, args, line):
     out, _ = tiny_run
