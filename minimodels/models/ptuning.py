@@ -27,7 +27,7 @@ The model keeps one prompt per relation of the knowledge base (the paper trains 
 batches carry `relation`, and each example gets its own relation's prompt. On the docstring-package task
 (data.task package_ptuning, one "relation") a BERT backbone scores classes as a cloze instead: the template's
 "mask" is K blanks and each class is scored by its name's pieces there (bert.py verbalizer_scores), the
-loss the cross-entropy over the classes (as the paper's few-shot SuperGLUE runs use PET's verbalizers).
+loss the cross-entropy over the classes.
 """
 
 from __future__ import annotations
