@@ -12,7 +12,8 @@ first. A run is reused when its folder holds a finished run (a checkpoint at tra
 config.yaml is the one this command would write, trained after every run it starts from; otherwise it is
 trained in this process (replacing a different run in the folder, which the line says). The row's numbers come
 from the runs' metrics.jsonl (the last evaluation; wall_time_s, the whole training command, as run() records
-it) and, for P-tuning and GLM, from `scripts/probe.py --json` and `scripts/infill.py --json`. A number the repo
+it) and, for P-tuning and GLM, from `scripts/probe.py --json` and `scripts/infill.py --json`; the few-shot row also
+scores the pretrained BERT zero-shot. A number the repo
 cannot measure yet is absent from the row and the JSON.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -65,6 +67,12 @@ GATES = {  # Switch-GPT (8 experts in blocks 1 and 3, capacity factor 1.25) with
     "gshard": ("model.moe.gate=gshard",),
 }
 
+FEW_SHOT = {  # configs/fewshot_<method>.yaml: the row label (the README's few-shot table)
+    "pet": "PET: manual pattern, BERT fine-tuned",
+    "ptuning": "P-tuning: frozen BERT, trained prompt",
+    "finetune": "fine-tuning: [CLS] classifier",
+}
+
 RUNS = {
     "gpt": Run("configs/gpt.yaml"),
     "bert": Run("configs/bert.yaml"),
@@ -99,6 +107,8 @@ RUNS = {
     "ki_bert_scratch": student("bert", 800, 40, None),
     "ki_bert_inherit": student("bert", 800, 40, 200),
     **{f"{arch}_records": Run(f"configs/{arch}_records.yaml") for arch in ("glm", "bert", "t5", "gpt")},
+    **{f"fewshot_{method}_seed{seed}": Run(f"configs/fewshot_{method}.yaml", started_from("bert") + (
+        f"data.few_shot_seed={seed}", f"train.seed={seed}"), ("bert",)) for seed in range(4) for method in FEW_SHOT},
 }
 
 
@@ -238,6 +248,48 @@ def ptuning_cell(lm_name: str, pretrained: str, ptuned: str):
                       + part(", P-tuning {}", minutes(n["wall_time_s"].get(ptuned))))
 
 
+def few_shot_numbers(runs: Path) -> dict:
+    """Val accuracy of each few-shot run (per method, seeds 0..3); the majority class of the whole train split and
+    the manual pattern zero-shot (the pretrained MLM head, untrained), both on the PET runs' val split."""
+    import dataclasses
+
+    import torch
+
+    from minimodels.config import load_config
+    from minimodels.data.package_classification import PackagePromptTask
+    from minimodels.train.device import autocast, resolve_dtype, to_device
+    from minimodels.train.run import load_run
+    from minimodels.train.trainer import val_batches
+
+    cfg = load_config(runs / "fewshot_pet_seed0" / "config.yaml")
+    _, model, tokenizer = load_run(runs / "bert", cfg.train.device)
+    device = next(model.parameters()).device
+    task = PackagePromptTask(tokenizer, {}, cfg.data.seq_len or cfg.model.block_size,
+                             dataclasses.replace(cfg.data, train_examples=None))
+    with torch.no_grad(), autocast(device, resolve_dtype(cfg.train.dtype, device)):
+        zero_shot = task.evaluate(model, (to_device(b, device) for b in val_batches(task, cfg.train.batch_size)))["val_acc"]
+    return {"examples": cfg.data.train_examples, "val_examples": len(task.val), "majority": task.unigram_baseline()["val_acc"],
+            "zero_shot": zero_shot, "val_acc": {m: [final(runs, f"fewshot_{m}_seed{k}", "val_acc") for k in range(4)]
+                                                for m in FEW_SHOT}}
+
+
+def spread(values: list[float]) -> str:
+    """"mean ± sample std" of shares, in percent."""
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def few_shot_table(n: dict) -> str:
+    """Val accuracy (%) per seed and mean ± std, a line per method, below the majority and zero-shot lines."""
+    seeds = len(n["val_acc"]["pet"])
+    lines = ["| method | " + " | ".join(f"seed {k}" for k in range(seeds)) + " | mean ± std |", "|---|" + "---:|" * (seeds + 1),
+             "| majority (whole train split) |" + " |" * seeds + f" {100 * n['majority']:.1f} |",
+             "| manual prompt, zero-shot |" + " |" * seeds + f" {100 * n['zero_shot']:.1f} |"]
+    for method, label in FEW_SHOT.items():
+        accs = n["val_acc"][method]
+        lines.append(f"| {label} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {spread(accs)} |")
+    return "\n".join(lines)
+
+
 def moe_numbers(labelled: dict[str, str]):
     """Per run: final val_bpc, tokens/s, and (MoE runs) the dropped share and load entropy of the last log line,
     averaged over the MoE blocks."""
@@ -341,6 +393,12 @@ ROWS = {
                      moe_numbers({**{g: f"gate_{g}" for g in GATES}, "dense": "gate_dense"}),
                      lambda n: "300 steps: " + ", ".join(f"{g} {n[g]['val_bpc']:.3f}" for g in (*GATES, "dense")),
                      moe_table),
+    "fewshot": Row("Few-shot (32 docstrings)", "package of a docstring from 32 labelled ones, 4 seeds: PET, P-tuning "
+                   "(frozen BERT) and fine-tuning from runs/bert, against zero-shot and the majority class",
+                   tuple(f"fewshot_{m}_seed{k}" for k in range(4) for m in FEW_SHOT), few_shot_numbers,
+                   lambda n: f"val acc over 4 seeds: PET **{spread(n['val_acc']['pet'])}**, P-tuning (BERT frozen) "
+                   f"{spread(n['val_acc']['ptuning'])}, fine-tuning {spread(n['val_acc']['finetune'])}; manual prompt "
+                   f"zero-shot {100 * n['zero_shot']:.1f}, majority {100 * n['majority']:.1f}", few_shot_table),
     "upcycling": Row("Sparse upcycling", "a dense GPT trained 300 steps, then 300 more steps as the dense GPT or "
                      "upcycled into Switch-GPT, against Switch-GPT trained 300 steps from scratch: val_bpc",
                      ("upcycle_dense", "upcycle_switch", "gate_switch"),

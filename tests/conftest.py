@@ -1,16 +1,30 @@
 """Helpers shared by the test files that train whole runs: scripts/train.py under plain python or torchrun,
 and what a run folder holds (its final weights, its logged losses). Tests marked `cuda` are skipped without a GPU."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from minimodels.train.checkpoint import checkpoint_dirs
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (registered in sys.modules, where dataclasses look their module up), to call
+    its functions or main(argv) in this process."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def pytest_collection_modifyitems(config, items):

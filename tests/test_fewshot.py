@@ -1,15 +1,14 @@
 """Few-shot on the docstring-package task (data/package_classification.py): the class-balanced subset of
 data.train_examples, BERT's cloze with a verbalizer (PackagePromptTask, bert.py verbalizer_scores), P-tuning on
-it over a frozen BERT (PackagePTuningTask), and scripts/fewshot.py end to end on a tiny pretrained BERT."""
+it over a frozen BERT (PackagePTuningTask), and scripts/reproduce.py's few-shot row end to end on a tiny BERT."""
 
 import json
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_script
 
 from minimodels.config import ConfigError, DataConfig, load_config
 from minimodels.data import train_tokenizer
@@ -152,30 +151,35 @@ def test_ptuning_on_the_cloze_keeps_the_bert_frozen_while_the_prompt_trains(pret
     assert any(not torch.equal(step1[k], step2[k]) for k in prompts)  # and the prompt trains
 
 
-def test_fewshot_script_end_to_end(pretrained, tmp_path):
-    cmd = [sys.executable, "scripts/fewshot.py", str(pretrained), "--examples", "16", "--runs-dir", str(tmp_path),
-           "train.max_steps=2", "train.eval_interval=2", "train.save_interval=2", "train.eval_batches=2",
-           "train.batch_size=8", "train.device=cpu", "train.dtype=fp32", "output.plot=false"]
-    r = subprocess.run(cmd + ["--seeds", "2", "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    numbers = json.loads(r.stdout)
-    assert list(numbers["val_acc"]) == ["pet", "ptuning", "finetune"]
+def test_reproduce_fewshot_trains_every_method_and_seed_then_prints_the_table(tmp_path, capsys):
+    """scripts/reproduce.py fewshot on a tiny BERT (2 steps each, 16 train docstrings): every run keeps its seed's
+    own class-balanced draw, the JSON and the table agree, and a second call reuses every run."""
+    reproduce = load_script("reproduce")
+    methods = list(reproduce.FEW_SHOT)
+    small = ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.block_size=48"]
+    tiny = ["train.max_steps=2", "train.eval_interval=2", "train.save_interval=2", "train.eval_batches=2",
+            "train.batch_size=8", "train.device=cpu", "train.dtype=fp32", "output.plot=false", "--runs-dir", str(tmp_path),
+            *(f"bert:{o}" for o in [*small, "data.vocab_size=400", f"data.source={write_docs(tmp_path / 'docs.jsonl')}"])]
+    for seed in range(4):
+        tiny += [f"fewshot_ptuning_seed{seed}:data.seq_len=48", f"fewshot_ptuning_seed{seed}:data.train_examples=16"]
+        tiny += [f"fewshot_{m}_seed{seed}:{o}" for m in ("pet", "finetune") for o in [*small, "data.train_examples=16"]]
+    assert reproduce.main(["fewshot", *tiny, "--json"]) == 0
+    out, err = capsys.readouterr()
+    numbers = json.loads(out)
+    assert list(numbers["val_acc"]) == methods and numbers["examples"] == 16
     for method, accs in numbers["val_acc"].items():
-        assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
-        for seed in (0, 1):  # each seed's run: its own class-balanced draw of 16 examples
-            data = load_config(tmp_path / f"{method}_seed{seed}" / "config.yaml").data
+        assert len(accs) == 4 and all(0 <= a <= 1 for a in accs)
+        for seed in range(4):
+            data = load_config(tmp_path / f"fewshot_{method}_seed{seed}" / "config.yaml").data
             assert (data.train_examples, data.few_shot_seed) == (16, seed)
     assert 0 <= numbers["zero_shot"] <= 1 and 0 < numbers["majority"] < 1
-    r = subprocess.run(cmd + ["--seeds", "1"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = {cells[0]: cells[1:] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    assert reproduce.main(["fewshot", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "training" not in out  # every run reused
+    rows = {cells[0]: cells[1:] for line in out.splitlines()[2:] if line.startswith("| ") and "---" not in line
             for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
-    assert rows["majority (whole train split)"] == ["", f"{100 * numbers['majority']:.1f}"]
-    assert rows["manual prompt, zero-shot"] == ["", f"{100 * numbers['zero_shot']:.1f}"]
-    for label, method in (("PET: manual pattern, BERT fine-tuned", "pet"), ("P-tuning: frozen BERT, trained prompt",
-                                                                           "ptuning"), ("fine-tuning: [CLS] classifier", "finetune")):
-        accuracy = f"{100 * numbers['val_acc'][method][0]:.1f}"
-        assert rows[label] == [accuracy, accuracy]  # seed 0 trains as before; the mean of one seed is its value
-    r = subprocess.run([sys.executable, "scripts/fewshot.py", str(tmp_path / "finetune_seed0"), "--runs-dir", str(tmp_path)],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "is a bert run with head classify; few-shot prompting needs" in r.stderr
+    assert rows["majority (whole train split)"] == [""] * 4 + [f"{100 * numbers['majority']:.1f}"]
+    assert rows["manual prompt, zero-shot"] == [""] * 4 + [f"{100 * numbers['zero_shot']:.1f}"]
+    for method, label in reproduce.FEW_SHOT.items():
+        accs = numbers["val_acc"][method]
+        assert rows[label] == [f"{100 * a:.1f}" for a in accs] + [reproduce.spread(accs)]

@@ -2,13 +2,12 @@
 text of its own vocabulary (no mask, [eop] or sentinel leaks into a fill), and BERT not told the length keeps the
 number of [MASK] tokens whose fill is likeliest per piece."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_script
 from minimodels.data import train_tokenizer
 from minimodels.data.blank_infilling import EOP, MASK_TOKENS, SOP
 from minimodels.data.records import held_out_blanks, records_corpus
@@ -18,9 +17,7 @@ from minimodels.models.glm import GLM, GLMConfig
 from minimodels.models.gpt import GPT, GPTConfig
 from minimodels.models.t5 import T5, T5Config
 
-spec = importlib.util.spec_from_file_location("infill", Path(__file__).parents[1] / "scripts" / "infill.py")
-infill = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(infill)
+infill = load_script("infill")
 
 BLANKS = held_out_blanks(8)
 SIZE = dict(n_layer=1, n_head=2, d_model=32)

@@ -1,7 +1,6 @@
 """scripts/reproduce.py: every row of the README's models table has a name; a tiny GPT row trains, prints its row
 and JSON, is reused by the next call and retrained when an override changes its config."""
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -11,11 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import load_script
 from minimodels.config import load_config
 
-spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "scripts" / "reproduce.py")
-reproduce = sys.modules["reproduce"] = importlib.util.module_from_spec(spec)  # (dataclasses look their module up)
-spec.loader.exec_module(reproduce)
+reproduce = load_script("reproduce")
 
 
 def readme_models() -> list[str]:
@@ -118,7 +116,8 @@ SMALL = {"gpt": GPT_SIZE + ["data.vocab_size=300"],  # GPT's and BERT's keys
          "ptuning": [],
          "vqvae": ["model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4"]}
 ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "t5_records": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",
-        "kb_gpt": "kb", "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning", "vqvae": "vqvae"}  # the others: "gpt"
+        "kb_gpt": "kb", "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning", "vqvae": "vqvae",
+        **{f"fewshot_ptuning_seed{k}": "ptuning" for k in range(4)}}  # the others: "gpt"
 
 
 @pytest.mark.slow

@@ -1,14 +1,13 @@
 """The README's commands, end to end on a tiny model: train from configs/gpt.yaml with overrides, then generate."""
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 
 def sh(*args):
@@ -207,9 +206,7 @@ def test_bench_moe_prints_every_variant_with_the_floor_and_cpu_clock_needs_one_t
 def test_same_metrics_compares_logs_bit_for_bit_without_timings(tmp_path):
     """scripts/same_metrics.py: keys ending in _s are left out; a float one ulp apart is a difference, named by
     its line and key; a log cut short is one too."""
-    spec = importlib.util.spec_from_file_location("same_metrics", Path(__file__).parents[1] / "scripts" / "same_metrics.py")
-    same_metrics = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(same_metrics)
+    same_metrics = load_script("same_metrics")
     loss = 2.0 / 3.0
     logs = {"a": [{"step": 1, "loss": loss, "tokens_per_s": 10.0}, {"step": 2, "val_loss": loss, "time_s": 1.0}],
             "timed": [{"step": 1, "loss": loss, "tokens_per_s": 20.0}, {"step": 2, "val_loss": loss, "time_s": 3.0}],
@@ -227,9 +224,7 @@ def test_copy_probe_restates_every_target_where_its_docstring_says(monkeypatch, 
     """Each GLM variant's Part B target is the text token at its position: Part A's position (glm_single: the text's,
     so the restatement is N + 1 away), or p1 + p2 - 1 in the text (glm_spans_text); and the GPT variants score
     exactly the second copy. The script runs end to end and prints its table."""
-    spec = importlib.util.spec_from_file_location("copy_probe", Path(__file__).parents[1] / "scripts" / "copy_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("copy_probe")
     g = torch.Generator().manual_seed(0)
     N, MASK, EOP = probe.N, probe.MASK, probe.EOP
     for variant in ("glm_single", "glm_spans_text", "glm_suffix"):

@@ -3,18 +3,16 @@ offset, sampling restricted to the image codes, the errors naming data.image_tok
 VQ-VAE run, then a tiny cogview run through run(), then scripts/draw.py and `minimodels generate`; with a tiny CLIP
 run, draw.py's reranking and scripts/judge_cogview.py (its shares in closed form, and on the tiny runs)."""
 
-import importlib.util
 import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import losses
+from conftest import load_script, losses
 from minimodels.config import ConfigError, load_config
 from minimodels.data import DataError, shapes, train_tokenizer
 from minimodels.data.scene_parser import parse_scene
@@ -24,15 +22,8 @@ from minimodels.models.vqvae import VQVAE, VQVAEConfig
 from minimodels.train.run import load_clip_run, load_drawing_run, load_image_tokenizer, load_run, run
 
 
-def script(name: str):
-    """scripts/<name>.py as a module, to call its main(argv) in this process."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-draw, judge_cogview = script("draw"), script("judge_cogview")
+draw, judge_cogview = load_script("draw"), load_script("judge_cogview")
 
 VQ = ("model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4", "train.batch_size=8",
       "train.max_steps=2", "train.eval_batches=1", "train.device=cpu", "output.plot=false")

@@ -10,7 +10,7 @@ from minimodels.data.corpus import stdlib_records
 from minimodels.train.run import prepare, run
 
 PRETRAINING = {"bert_finetune": "bert", "glm_finetune": "glm", "t5_finetune": "t5", "ptuning_bert": "kb_bert",
-               "ptuning_gpt": "kb_gpt"}
+               "ptuning_gpt": "kb_gpt", "fewshot_pet": "bert", "fewshot_ptuning": "bert", "fewshot_finetune": "bert"}
 IMAGE_TOKENIZER = {"cogview": "vqvae"}  # data.image_tokenizer: a tiny run of this config (2 steps)
 N_SCENES = 64  # train scenes of the shapes world (its N_TRAIN)
 
@@ -38,6 +38,9 @@ TINY = {
     "t5_finetune": T5,
     "ptuning_gpt": ("data.kb_documents=2",),  # the model is the pretraining run's
     "ptuning_bert": ("data.kb_documents=2",),
+    "fewshot_pet": SMALL + ("model.block_size=32",),  # 32 stdlib docstrings labelled by package, as a cloze
+    "fewshot_ptuning": ("data.seq_len=32",),  # the model is the pretraining run's
+    "fewshot_finetune": SMALL + ("model.block_size=32",),
     "clip": TOWERS,
     "brivl": TOWERS + ("model.contrastive.queue_size=8",),
     "glm_records": SMALL + ("model.block_size=32",),  # generated order records (data.source records)
