@@ -262,13 +262,12 @@ class BlankInfillingTask(TextTask):
 
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
-        """Loss and accuracy on the Part B targets, recomputed from the logits; val_span_acc leaves out the
-        [eop] targets (about a quarter of them with [MASK] blanks, and the easiest)."""
+        """Loss and accuracy on the Part B targets, recomputed from their logits (`masked_logits`); val_span_acc
+        leaves out the [eop] targets (about a quarter of them with [MASK] blanks, and the easiest)."""
         nats, correct, count, span_correct, span_count = 0.0, 0, 0, 0, 0
         for batch in batches:
-            logits = model(**batch).logits.float()  # (B, T, V): position t predicts labels[:, t]
             target = batch["labels"] != IGNORE_INDEX  # (B, T)
-            scores, labels = logits[target], batch["labels"][target]  # (N, V), (N,)
+            scores, labels = model(**batch).masked_logits.float(), batch["labels"][target]  # (N, V), (N,)
             nats += F.cross_entropy(scores, labels, reduction="sum").item()
             hit, span = scores.argmax(dim=-1) == labels, labels != self.ids["eop"]  # (N,) each
             correct, count = correct + int(hit.sum()), count + len(labels)

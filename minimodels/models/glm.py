@@ -77,7 +77,8 @@ class GLMConfig:
 
 @dataclass
 class GLMOutput:
-    logits: torch.Tensor  # (B, T, vocab_size); logits[:, t] scores labels[:, t] (no shift)
+    logits: torch.Tensor | None  # (B, T, vocab_size), logits[:, t] scores labels[:, t] (no shift); None with labels
+    masked_logits: torch.Tensor | None = None  # with labels (no cloze): (N, vocab_size) at the N Part B targets, as BERT's
     loss: torch.Tensor | None = None  # cross-entropy (nats) over the Part B targets (a cloze: over the classes)
     class_scores: torch.Tensor | None = None  # (B, C) a cloze's score(c) = log P(v(c) fills the blank), with segment_ids
     cache: list[LayerCache] | None = None  # when use_cache=True: one per block, keys and values of every position
@@ -129,7 +130,8 @@ class GLM(nn.Module, TrainedModel):
                 cache: list[LayerCache] | None = None, use_cache: bool = False) -> GLMOutput:
         """input_ids (B, T) = [Part A; Part B] (right-padded); position_ids and block_position_ids (B, T) the two
         position ids; part_a_len (B,) the length of each row's Part A. labels (B, T): the token each position
-        must predict (no shift: the data already put span + [eop] under [sop] + span), -100 in Part A and padding.
+        must predict (no shift: the data already put span + [eop] under [sop] + span), -100 in Part A and padding;
+        with labels the output scores only those positions (`masked_logits`, `logits` None), as BERT's does.
         A cloze (module docstring) adds segment_ids (B, T): 0 in Part A and padding, c + 1 in the segment
         [sop] v(c) of class c (labels: v(c) [eop]); the output then has class_scores (B, C), and with
         class_labels (B,) the loss is their cross-entropy. With a cache (one LayerCache per block), input_ids are
@@ -150,17 +152,23 @@ class GLM(nn.Module, TrainedModel):
             x, layer_cache, _ = block(x, attn_mask=mask, cache=cache[i] if cache else None)
             if use_cache:
                 new_cache.append(layer_cache)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        loss = scores = None
+        x = self.ln_f(x)
+        logits = masked_logits = loss = scores = None
+        if labels is not None and segment_ids is None:
+            # Only the N Part B targets are scored (about a sixth of the B x T positions in glm.yaml's batches), as
+            # BERT scores only its masked positions: this skips most of the (B, T, V) output matmul and softmax.
+            target = labels != -100  # (B, T)
+            masked_logits = self.lm_head(x[target])  # (N, C) -> (N, V)
+            # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it)
+            loss = F.cross_entropy(masked_logits.float(), labels[target])
+        else:
+            logits = self.lm_head(x)  # (B, T, V)
         if segment_ids is not None:
             scores = cloze_scores(logits, labels, segment_ids)  # (B, C)
             if class_labels is not None:
                 # L = -log p(y | x) = -log softmax_y(score(y))
                 loss = F.cross_entropy(scores, class_labels)
-        elif labels is not None:
-            # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return GLMOutput(logits=logits, loss=loss, class_scores=scores, cache=new_cache)
+        return GLMOutput(logits=logits, masked_logits=masked_logits, loss=loss, class_scores=scores, cache=new_cache)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, mask_positions: list[int], sop_id: int, eop_id: int,
