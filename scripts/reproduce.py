@@ -67,10 +67,12 @@ GATES = {  # Switch-GPT (8 experts in blocks 1 and 3, capacity factor 1.25) with
     "gshard": ("model.moe.gate=gshard",),
 }
 
-FEW_SHOT = {  # configs/fewshot_<method>.yaml: the row label (the README's few-shot table)
-    "pet": "PET: manual pattern, BERT fine-tuned",
-    "ptuning": "P-tuning: frozen BERT, trained prompt",
-    "finetune": "fine-tuning: [CLS] classifier",
+FEW_SHOT = {  # method: the row label of the README's few-shot table, its config, the config's overrides
+    "pet": ("PET: manual pattern, BERT fine-tuned", "configs/fewshot_pet.yaml", ()),
+    "ptuning": ("P-tuning: frozen BERT, trained prompt", "configs/fewshot_ptuning.yaml", ()),
+    "ptuning_tuned": ("P-tuning: BERT and prompt trained", "configs/fewshot_ptuning.yaml",
+                      ("model.tune_lm=true", "train.lr=1e-4", "train.weight_decay=0.01")),  # PET's settings
+    "finetune": ("fine-tuning: [CLS] classifier", "configs/fewshot_finetune.yaml", ()),
 }
 
 RUNS = {
@@ -107,8 +109,9 @@ RUNS = {
     "ki_bert_scratch": student("bert", 800, 40, None),
     "ki_bert_inherit": student("bert", 800, 40, 200),
     **{f"{arch}_records": Run(f"configs/{arch}_records.yaml") for arch in ("glm", "bert", "t5", "gpt")},
-    **{f"fewshot_{method}_seed{seed}": Run(f"configs/fewshot_{method}.yaml", started_from("bert") + (
-        f"data.few_shot_seed={seed}", f"train.seed={seed}"), ("bert",)) for seed in range(4) for method in FEW_SHOT},
+    **{f"fewshot_{method}_seed{seed}": Run(config, started_from("bert") + overrides + (
+        f"data.few_shot_seed={seed}", f"train.seed={seed}"), ("bert",))
+       for seed in range(4) for method, (_, config, overrides) in FEW_SHOT.items()},
 }
 
 
@@ -284,7 +287,7 @@ def few_shot_table(n: dict) -> str:
     lines = ["| method | " + " | ".join(f"seed {k}" for k in range(seeds)) + " | mean ± std |", "|---|" + "---:|" * (seeds + 1),
              "| majority (whole train split) |" + " |" * seeds + f" {100 * n['majority']:.1f} |",
              "| manual prompt, zero-shot |" + " |" * seeds + f" {100 * n['zero_shot']:.1f} |"]
-    for method, label in FEW_SHOT.items():
+    for method, (label, *_) in FEW_SHOT.items():
         accs = n["val_acc"][method]
         lines.append(f"| {label} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {spread(accs)} |")
     return "\n".join(lines)
@@ -394,11 +397,12 @@ ROWS = {
                      lambda n: "300 steps: " + ", ".join(f"{g} {n[g]['val_bpc']:.3f}" for g in (*GATES, "dense")),
                      moe_table),
     "fewshot": Row("Few-shot (32 docstrings)", "package of a docstring from 32 labelled ones, 4 seeds: PET, P-tuning "
-                   "(frozen BERT) and fine-tuning from runs/bert, against zero-shot and the majority class",
+                   "(BERT frozen or tuned) and fine-tuning from runs/bert, against zero-shot and the majority class",
                    tuple(f"fewshot_{m}_seed{k}" for k in range(4) for m in FEW_SHOT), few_shot_numbers,
-                   lambda n: f"val acc over 4 seeds: PET **{spread(n['val_acc']['pet'])}**, P-tuning (BERT frozen) "
-                   f"{spread(n['val_acc']['ptuning'])}, fine-tuning {spread(n['val_acc']['finetune'])}; manual prompt "
-                   f"zero-shot {100 * n['zero_shot']:.1f}, majority {100 * n['majority']:.1f}", few_shot_table),
+                   lambda n: f"val acc over 4 seeds: PET **{spread(n['val_acc']['pet'])}**, P-tuning "
+                   f"{spread(n['val_acc']['ptuning'])} (BERT frozen) / {spread(n['val_acc']['ptuning_tuned'])} (BERT "
+                   f"tuned), fine-tuning {spread(n['val_acc']['finetune'])}; manual prompt zero-shot "
+                   f"{100 * n['zero_shot']:.1f}, majority {100 * n['majority']:.1f}", few_shot_table),
     "upcycling": Row("Sparse upcycling", "a dense GPT trained 300 steps, then 300 more steps as the dense GPT or "
                      "upcycled into Switch-GPT, against Switch-GPT trained 300 steps from scratch: val_bpc",
                      ("upcycle_dense", "upcycle_switch", "gate_switch"),

@@ -2,6 +2,7 @@
 data.train_examples, BERT's cloze with a verbalizer (PackagePromptTask, bert.py verbalizer_scores), P-tuning on
 it over a frozen BERT (PackagePTuningTask), and scripts/reproduce.py's few-shot row end to end on a tiny BERT."""
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -15,6 +16,7 @@ from minimodels.data import train_tokenizer
 from minimodels.data.corpus import DataError, stdlib_docstrings
 from minimodels.data.package_classification import PackageClassificationTask, PackagePromptTask, PackagePTuningTask
 from minimodels.models.bert import BERT, BERTConfig
+from minimodels.models.ptuning import PTuning, PTuningConfig
 from minimodels.train.checkpoint import read_weights
 from minimodels.train.run import run
 from tiny import write_docs
@@ -134,21 +136,41 @@ def pretrained(tmp_path_factory):
     return out
 
 
-def test_ptuning_on_the_cloze_keeps_the_bert_frozen_while_the_prompt_trains(pretrained, tmp_path):
-    cfg = load_config("configs/ptuning_bert.yaml", [
-        f"model.init_from={pretrained}", f"data.tokenizer={pretrained}/tokenizer.json", "data.source=stdlib",
-        "data.task=package_ptuning", "data.seq_len=48", "data.train_examples=16", "train.max_steps=2",
-        "train.batch_size=8", "train.save_interval=1", "train.eval_interval=2", "train.device=cpu",
-        "train.dtype=fp32", "output.plot=false", f"output.dir={tmp_path / 'pt'}"])
+def ptuned(pretrained, out, *overrides):
+    """P-tuning on the package cloze over the tiny pretrained BERT, 2 steps, a checkpoint after each."""
+    cfg = load_config("configs/fewshot_ptuning.yaml", [
+        f"model.init_from={pretrained}", f"data.tokenizer={pretrained}/tokenizer.json", "data.seq_len=48",
+        "data.train_examples=16", "train.max_steps=2", "train.batch_size=8", "train.save_interval=1",
+        "train.eval_interval=2", "train.device=cpu", "train.dtype=fp32", "output.plot=false", f"output.dir={out}",
+        *overrides])
     metrics = run(cfg, quiet=True)
     assert 0 <= metrics["val_acc"] <= 1
+    return [read_weights(out / "checkpoints" / f"step_0000000{k}") for k in (1, 2)]
+
+
+def test_ptuning_on_the_cloze_keeps_the_bert_frozen_while_the_prompt_trains(pretrained, tmp_path):
     before = read_weights(pretrained / "checkpoints" / "step_00000002")
-    step1, step2 = (read_weights(tmp_path / "pt" / "checkpoints" / f"step_0000000{k}") for k in (1, 2))
+    step1, step2 = ptuned(pretrained, tmp_path / "pt")
     for key, tensor in before.items():  # the BERT is bit-identical after each step
         assert torch.equal(step1[f"backbone.{key}"], tensor) and torch.equal(step2[f"backbone.{key}"], tensor), key
     prompts = [k for k in step2 if not k.startswith("backbone.")]
     assert prompts and all(k.startswith("prompts.0.") for k in prompts)  # one prompt: the task has one "relation"
     assert any(not torch.equal(step1[k], step2[k]) for k in prompts)  # and the prompt trains
+
+
+def test_ptuning_with_tune_lm_trains_the_bert_too_with_its_dropout_on(pretrained, tmp_path):
+    """model.tune_lm: the BERT's embeddings, blocks and MLM head move with the prompt, and the BERT trains in
+    train mode (dropout on) with every weight trainable; frozen (the default), it stays in eval mode."""
+    before = read_weights(pretrained / "checkpoints" / "step_00000002")
+    step1, step2 = ptuned(pretrained, tmp_path / "tuned", "model.tune_lm=true", "train.lr=1e-3")
+    moved = {key for key, tensor in before.items() if not torch.equal(step2[f"backbone.{key}"], tensor)}
+    assert moved and {k.split(".")[0] for k in moved} >= {"tok_emb", "blocks", "mlm"}
+    assert any(not torch.equal(step1[k], step2[k]) for k in step2 if k.startswith("prompts.0."))
+    model = PTuning(PTuningConfig(tune_lm=True, num_relations=1, num_prompt_tokens=9,
+                                  backbone=load_config(pretrained / "config.yaml").model.__dict__ | {"dropout": 0.1}))
+    assert model.train().backbone.training and all(p.requires_grad for p in model.backbone.parameters())
+    frozen = PTuning(dataclasses.replace(model.config, tune_lm=False))
+    assert not frozen.train().backbone.training and not any(p.requires_grad for p in frozen.backbone.parameters())
 
 
 def test_reproduce_fewshot_trains_every_method_and_seed_then_prints_the_table(tmp_path, capsys):
@@ -161,7 +183,8 @@ def test_reproduce_fewshot_trains_every_method_and_seed_then_prints_the_table(tm
             "train.batch_size=8", "train.device=cpu", "train.dtype=fp32", "output.plot=false", "--runs-dir", str(tmp_path),
             *(f"bert:{o}" for o in [*small, "data.vocab_size=400", f"data.source={write_docs(tmp_path / 'docs.jsonl')}"])]
     for seed in range(4):
-        tiny += [f"fewshot_ptuning_seed{seed}:data.seq_len=48", f"fewshot_ptuning_seed{seed}:data.train_examples=16"]
+        tiny += [f"fewshot_{m}_seed{seed}:{o}" for m in ("ptuning", "ptuning_tuned")
+                 for o in ("data.seq_len=48", "data.train_examples=16")]
         tiny += [f"fewshot_{m}_seed{seed}:{o}" for m in ("pet", "finetune") for o in [*small, "data.train_examples=16"]]
     assert reproduce.main(["fewshot", *tiny, "--json"]) == 0
     out, err = capsys.readouterr()
@@ -180,6 +203,6 @@ def test_reproduce_fewshot_trains_every_method_and_seed_then_prints_the_table(tm
             for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
     assert rows["majority (whole train split)"] == [""] * 4 + [f"{100 * numbers['majority']:.1f}"]
     assert rows["manual prompt, zero-shot"] == [""] * 4 + [f"{100 * numbers['zero_shot']:.1f}"]
-    for method, label in reproduce.FEW_SHOT.items():
+    for method, (label, *_) in reproduce.FEW_SHOT.items():
         accs = numbers["val_acc"][method]
         assert rows[label] == [f"{100 * a:.1f}" for a in accs] + [reproduce.spread(accs)]

@@ -16,6 +16,11 @@ other, then a two-layer MLP with ReLU):
 
     min_h  -log P_LM(y | e([CLS]), h_0, h_1, h_2, e(x), h_3, ...)        only the prompt is trained
 
+With `tune_lm` the LM's weights train too, with the same learning rate (the paper's abstract calls P-tuning
+"effective for both frozen and tuned language models"):
+
+    min_{h, LM}  -log P_LM(y | e([CLS]), h_0, ..., e(x), ...)
+
 Template words other than subject/mask are anchors: real tokens, embedded by the LM itself (section 3.2
 found that an anchor such as "?" in "[PRE][prompt tokens][HYP]?[prompt tokens][MASK]" helps).
 
@@ -49,7 +54,8 @@ ENCODERS = ("lstm", "mlp", "none")
 @dataclass
 class PTuningConfig:
     arch: str = "ptuning"  # selects this model in configs
-    init_from: str | None = None  # the pretrained LM's run folder (runs/kb_bert, runs/kb_gpt); it stays frozen
+    init_from: str | None = None  # the pretrained LM's run folder (runs/kb_bert, runs/kb_gpt)
+    tune_lm: bool = False  # the LM trains with the prompt (the paper's "tuned" setting); false: it stays frozen
     encoder: str = "lstm"  # prompt encoder: lstm (BiLSTM + MLP, the paper) | mlp | none (raw embeddings)
     hidden: int | None = None  # width of p_i and of the encoder; null = the LM's d_model
     deep: bool = False  # P-tuning v2: trainable prefix keys/values in every block of the LM too
@@ -119,7 +125,7 @@ class PTuning(nn.Module, TrainedModel):
         lm_config = build(BACKBONES[arch][0], config.backbone, "model.backbone", "config")
         self.causal = arch == "gpt"
         self.backbone = BACKBONES[arch][1](lm_config)  # weights: pretrained_parts(), loaded by the run
-        self.backbone.requires_grad_(False)
+        self.backbone.requires_grad_(c.tune_lm)
         C, n = lm_config.d_model, c.num_prompt_tokens
         self.prompts = nn.ModuleList(PromptEncoder(n, c.hidden or C, C, c.encoder) for _ in range(c.num_relations))
         if c.deep:  # per relation and block: (k, v) of n prefix positions, each (nh, n, hs)
@@ -131,9 +137,10 @@ class PTuning(nn.Module, TrainedModel):
         return {"backbone": self.config.init_from}
 
     def train(self, mode: bool = True):
-        """The LM stays in eval mode (no dropout) while the prompts train: it is frozen."""
+        """A frozen LM stays in eval mode (no dropout) while the prompts train; a tuned one trains as they do."""
         super().train(mode)
-        self.backbone.eval()
+        if not self.config.tune_lm:
+            self.backbone.eval()
         return self
 
     def forward(self, input_ids: torch.Tensor, prompt_index: torch.Tensor, relation: torch.Tensor,
