@@ -40,6 +40,7 @@ class TeacherConfig:
     alpha: float = 1.0  # the teacher's share of the loss at step 0
     decay_steps: int | None = None  # alpha decays linearly to 0 over this many steps; null = constant alpha
     temperature: float = 2.0  # T: both distributions are softened by T before the KL
+    rows: float = 1.0  # the share of each batch's rows (its first ones) the teacher scores and the KL averages over
 
     def validate(self, arch: str) -> None:
         """Check train.teacher for a student of model.arch `arch`."""
@@ -47,6 +48,7 @@ class TeacherConfig:
              f"knowledge inheritance compares a GPT's or BERT's token scores; model.arch is {arch!r}")
         need(0 <= self.alpha <= 1, "train.teacher.alpha", f"must be in [0, 1], got {self.alpha}")
         need(0 < self.temperature < math.inf, "train.teacher.temperature", f"must be positive, got {self.temperature}")
+        need(0 < self.rows <= 1, "train.teacher.rows", f"must be in (0, 1], got {self.rows}")
         need(self.decay_steps is None or self.decay_steps > 0, "train.teacher.decay_steps",
              f"must be positive or null (constant alpha), got {self.decay_steps}")
 
@@ -70,6 +72,12 @@ def target_logits(out, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("train.teacher: needs a language model's per-token logits (B, T, V) and labels (B, T)")
     has_target = F.pad(labels[:, 1:] != -100, (0, 1))  # (B, T): position t predicts token t + 1 (-100: no label)
     return out.logits.flatten(0, 1), has_target.flatten()  # (B * T, V), (B * T,)
+
+
+def first_rows(batch: dict, share: float) -> dict:
+    """The batch's first max(1, round(share * B)) rows: what the teacher scores (train.teacher.rows)."""
+    n = max(1, round(share * len(batch["input_ids"])))
+    return {k: v[:n] for k, v in batch.items()}  # (n, ...) views
 
 
 class SoftenedKL(torch.autograd.Function):
@@ -101,12 +109,14 @@ class SoftenedKL(torch.autograd.Function):
 
 
 def inheritance_loss(student_out, teacher_out, batch: dict, alpha: float, temperature: float):
-    """(L, KL): the mixed loss above, and the KL term alone (nats per target position)."""
-    s, has_target = target_logits(student_out, batch)  # (M, V), (M,)
-    t, _ = target_logits(teacher_out, batch)  # (M, V)
+    """(L, KL): the mixed loss above, and the KL term alone (nats per target position). The teacher may have scored
+    only the batch's first rows (train.teacher.rows): the KL is then averaged over their target positions, which are
+    the first of the student's scores (both in row-major order), and L_self stays the student's over the batch."""
+    t, _ = target_logits(teacher_out, batch)  # (M', V), M' <= M
+    s, has_target = (x[:len(t)] for x in target_logits(student_out, batch))  # (M', V), (M',)
     if s.shape != t.shape:
         raise ValueError(f"train.teacher: the teacher scores {tuple(t.shape)} where the student scores {tuple(s.shape)}")
-    kl = SoftenedKL.apply(s, t, has_target / has_target.sum(), temperature)  # mean over the N target positions
+    kl = SoftenedKL.apply(s, t, has_target / has_target.sum().clamp(min=1), temperature)  # mean over the target positions
     return (1 - alpha) * student_out.loss + alpha * temperature**2 * kl, kl.detach()
 
 
@@ -129,7 +139,7 @@ class Inheritance(nn.Module, TrainedModel):
         out, metrics = self.student(**batch), {}
         if self.alpha > 0:  # L = (1 - a) L_self + a T^2 KL(teacher || student)
             with torch.no_grad():
-                teacher_out = self.teacher[0](**batch)
+                teacher_out = self.teacher[0](**first_rows(batch, self.cfg.rows))
             loss, metrics["inherit_kl"] = inheritance_loss(out, teacher_out, batch, self.alpha, self.cfg.temperature)
             out = dataclasses.replace(out, loss=loss)
         metrics["inherit_alpha"] = torch.tensor(self.alpha)
