@@ -11,6 +11,14 @@ at the positions that have a target: a masked LM's labelled positions (`out.mask
 LM's positions t whose next token t + 1 has a label. The teacher is any finished run with the same
 tokenizer (`train.teacher.run`); it runs in eval mode without gradients.
 
+What the teacher costs is its forward pass and the KL over (positions, vocabulary) scores, on every step while
+alpha_t > 0. `train.teacher.rows` < 1 has the teacher score only the first share of each batch's rows (of each
+micro-batch, on each process: gradient accumulation and torchrun see the same share of every batch); the KL is
+averaged over their target positions, L_self over the whole batch. Both costs scale with the rows: for a width-128
+teacher of a width-256 GPT (scripts/bench_inherit.py, one thread) the teacher added 30% to a student step at rows 1,
+16% at 0.5 and 10% at 0.25 (its forward alone 15%, 8%, 4%; the rest is the KL and the gradient of the student's
+scores it slices).
+
 `Inheritance(student, teacher, cfg)` is what the trainer's training steps call instead of the student
 (minimodels/train/run.py builds it): its output is the student's, with `loss` = L above and alpha_t and the KL
 in `metrics`. Evaluation and checkpoints use the student itself, so a run with a teacher writes the
@@ -123,8 +131,9 @@ def inheritance_loss(student_out, teacher_out, batch: dict, alpha: float, temper
 class Inheritance(nn.Module, TrainedModel):
     """The student with a frozen teacher beside it: forward(**batch) returns the student's output with loss
     (1 - alpha_t) L_self + alpha_t T^2 KL and metrics inherit_alpha (and inherit_kl while alpha_t > 0; once
-    alpha_t has decayed to 0 the teacher no longer runs). Its parameters are the student's, under "student.";
-    the trainer tells it the step (begin_step), which sets alpha_t. cfg: train.teacher (TeacherConfig)."""
+    alpha_t has decayed to 0 the teacher no longer runs). The teacher scores the batch's first cfg.rows of its rows.
+    Its parameters are the student's, under "student."; the trainer tells it the step (begin_step), which sets
+    alpha_t. cfg: train.teacher (TeacherConfig)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
         super().__init__()
