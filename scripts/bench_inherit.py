@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench_train import BATCHES, step_flops
 from minimodels.config import load_config
 from minimodels.models import build_model
-from minimodels.models.inherit import Inheritance, TeacherConfig
+from minimodels.models.inherit import Inheritance, TeacherConfig, first_rows
 from minimodels.train.memory import reuse_freed_memory
 
 
@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides for teacher and student, e.g. train.batch_size=8")
     p.add_argument("--student", nargs="+", default=["model.d_model=384", "model.n_head=6"],
                    help="dotted overrides that make the student out of the teacher's config")
+    p.add_argument("--rows", type=float, default=1.0, help="train.teacher.rows: the share of the batch the teacher scores")
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds of one step each")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
     args = p.parse_intermixed_args()
@@ -69,7 +70,7 @@ def main() -> None:
     if cfg.model.arch not in ("gpt", "bert"):
         raise SystemExit(f"error: {args.config}: model.arch={cfg.model.arch!r}; train.teacher takes gpt or bert")
     batch = BATCHES[cfg.model.arch](student_cfg, torch.Generator().manual_seed(0))
-    objective = Inheritance(student.train(), teacher, TeacherConfig(run="", alpha=1.0))  # the teacher on every step
+    objective = Inheritance(student.train(), teacher, TeacherConfig(run="", alpha=1.0, rows=args.rows))  # the teacher on every step
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # the trainer's optimizer
 
     def train_step(model) -> None:  # the trainer's step: bf16 autocast forward, backward, AdamW
@@ -81,7 +82,7 @@ def main() -> None:
 
     def teacher_forward() -> None:  # what Inheritance runs beside the student
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            teacher(**batch)
+            teacher(**first_rows(batch, args.rows))
 
     steps = {"student alone": lambda: train_step(student), "student + teacher": lambda: train_step(objective),
              "teacher forward alone": teacher_forward}
@@ -94,14 +95,14 @@ def main() -> None:
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        teacher(**batch)
+        teacher(**first_rows(batch, args.rows))
     floor = counter.get_total_flops() / step_flops(student, batch)
     n_params = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in (("teacher", teacher), ("student", student))}
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items())
     print(f"## What a teacher adds to a training step (torch {torch.__version__}, 1 thread, CPU time, bf16 autocast)\n")
     print(f"{args.config} {' '.join(args.overrides)}: teacher {n_params['teacher']:.2f}M parameters, student "
           f"({' '.join(args.student)}) {n_params['student']:.2f}M; batch {shapes}; median of {args.rounds} "
-          f"interleaved rounds after {args.warmup} warm-up rounds\n")
+          f"interleaved rounds after {args.warmup} warm-up rounds; the teacher scores {args.rows:.0%} of the rows\n")
     print("| step | ms | share of a student step |\n|---|---:|---:|")
     for name in names:
         print(f"| {name} | {ms[name]:.0f} | {ms[name] / ms['student alone']:.0%} |")

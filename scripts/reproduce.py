@@ -49,13 +49,14 @@ def started_from(run: str) -> tuple[str, ...]:
     return (f"model.init_from={{runs}}/{run}", f"data.tokenizer={{runs}}/{run}/tokenizer.json")
 
 
-def student(arch: str, max_steps: int, eval_interval: int, decay_steps: int | None) -> Run:
+def student(arch: str, max_steps: int, eval_interval: int, teacher: str | None = None) -> Run:
     """Knowledge inheritance (README): configs/<arch>.yaml trained max_steps with ki_<arch>_teacher (the same config at
-    half its width) as its teacher, alpha decaying from 1 to 0 over decay_steps; decay_steps None: from scratch."""
-    teacher = f"ki_{arch}_teacher"
-    inherit = (f"train.teacher={{run: {{runs}}/{teacher}, alpha: 1.0, decay_steps: {decay_steps}}}",) if decay_steps else ()
-    return Run(f"configs/{arch}.yaml", (f"data.tokenizer={{runs}}/{teacher}/tokenizer.json", f"train.max_steps={max_steps}",
-                                        f"train.eval_interval={eval_interval}") + inherit, (teacher,))
+    half its width) as its teacher, alpha decaying from 1 and the train.teacher options `teacher` (YAML, e.g.
+    "decay_steps: 200"); teacher None: from scratch."""
+    run = f"ki_{arch}_teacher"
+    inherit = (f"train.teacher={{run: {{runs}}/{run}, alpha: 1.0, {teacher}}}",) if teacher else ()
+    return Run(f"configs/{arch}.yaml", (f"data.tokenizer={{runs}}/{run}/tokenizer.json", f"train.max_steps={max_steps}",
+                                        f"train.eval_interval={eval_interval}") + inherit, (run,))
 
 
 GATE_BUDGET = ("train.max_steps=300", "train.eval_interval=100", "train.save_interval=300")  # the gate table's runs
@@ -102,12 +103,12 @@ RUNS = {
     "gate_dense": Run("configs/gpt.yaml", GATE_BUDGET),  # also the dense run the upcycling row starts from
     "upcycle_dense": Run("configs/gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
     "upcycle_switch": Run("configs/switch_gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
-    "ki_gpt_teacher": Run("configs/gpt.yaml", ("model.d_model=128",)),
-    "ki_gpt_scratch": student("gpt", 500, 25, None),
-    "ki_gpt_inherit": student("gpt", 500, 25, 150),
+    "ki_gpt_teacher": Run("configs/gpt.yaml", ("model.d_model=128", "train.max_steps=1000")),
+    "ki_gpt_scratch": student("gpt", 750, 25),
+    "ki_gpt_inherit": student("gpt", 750, 25, "decay_steps: 400, rows: 0.25, temperature: 1.0"),
     "ki_bert_teacher": Run("configs/bert.yaml", ("model.d_model=128",)),
-    "ki_bert_scratch": student("bert", 800, 40, None),
-    "ki_bert_inherit": student("bert", 800, 40, 200),
+    "ki_bert_scratch": student("bert", 800, 40),
+    "ki_bert_inherit": student("bert", 800, 40, "decay_steps: 200"),
     **{f"{arch}_records": Run(f"configs/{arch}_records.yaml") for arch in ("glm", "bert", "t5", "gpt")},
     **{f"fewshot_{method}_seed{seed}": Run(config, started_from("bert") + overrides + (
         f"data.few_shot_seed={seed}", f"train.seed={seed}"), ("bert",))
@@ -412,7 +413,7 @@ ROWS = {
                      lambda n: f"upcycled Switch-GPT **{n['upcycled Switch-GPT, +300 steps']['val_bpc']:.3f}** vs "
                                f"{n['dense, +300 steps']['val_bpc']:.3f} continuing the dense GPT (300 + 300 steps)",
                      moe_table),
-    "inherit_gpt": Row("Knowledge inheritance", "a GPT (configs/gpt.yaml, 500 steps) learning from one of half its "
+    "inherit_gpt": Row("Knowledge inheritance", "a GPT (configs/gpt.yaml, 750 steps) learning from one of half its "
                        "width vs from scratch: steps and wall time to the teacher's val loss", ("ki_gpt_scratch", "ki_gpt_inherit"),
                        inherited("ki_gpt_teacher", "ki_gpt_scratch", "ki_gpt_inherit"), inherit_cell("GPT")),
     "inherit_bert": Row("Knowledge inheritance", "a BERT (configs/bert.yaml, 800 steps) learning from one of half its "

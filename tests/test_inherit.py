@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import events
 from minimodels.config import ConfigError, TeacherConfig, load_config
 from minimodels.models.bert import BERTOutput
-from minimodels.models.gpt import GPTOutput
-from minimodels.models.inherit import SoftenedKL, alpha_at, inheritance_loss, target_logits
+from minimodels.models.gpt import GPT, GPTConfig, GPTOutput
+from minimodels.models.inherit import Inheritance, SoftenedKL, alpha_at, inheritance_loss, target_logits
 from minimodels.train.checkpoint import latest_checkpoint, read_weights, stored_once
 from minimodels.train.run import load_run, run
 
@@ -48,6 +48,35 @@ def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
     # a masked LM's scores at its labelled positions are used as they are
     bert = BERTOutput(logits=None, masked_logits=expected_rows, loss=torch.tensor(1.0))
     torch.testing.assert_close(inheritance_loss(bert, BERTOutput(logits=None, masked_logits=p_t.log() * T), batch, 1.0, T)[1], kl)
+
+
+def test_teacher_scores_a_share_of_the_rows_and_the_kl_averages_over_them():
+    """train.teacher.rows: 0.5 of a batch of 4 -> the teacher sees rows 0-1 only; L = (1 - a) L_self(all 4 rows) +
+    a T^2 KL averaged over the target positions of rows 0-1 (the student's own scores of those rows)."""
+    torch.manual_seed(0)
+    student, teacher = (GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, d_model=d)) for d in (16, 8))
+    seen = []
+    teacher.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True)
+    ids = torch.randint(0, 11, (4, 8))
+    labels = ids.clone()
+    labels[1, 5:] = -100  # row 1 ends early: its positions 4-7 have no next token
+    objective = Inheritance(student, teacher, TeacherConfig(run="r", alpha=0.4, temperature=2.0, rows=0.5))
+    got = objective(input_ids=ids, labels=labels)
+    assert seen == [(2, 8)]
+    s, t = student(input_ids=ids, labels=labels), teacher(input_ids=ids[:2])
+    has_target = labels[:2, 1:] != -100  # (2, 7): position p of row r predicts token p + 1
+    p_t = F.softmax(t.logits[:2, :-1][has_target] / 2.0, -1)
+    log_p_s = F.log_softmax(s.logits[:2, :-1][has_target] / 2.0, -1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()
+    torch.testing.assert_close(got.metrics["inherit_kl"], kl)
+    torch.testing.assert_close(got.loss, 0.6 * s.loss + 0.4 * 4.0 * kl)
+    # a masked LM: the teacher's labelled positions in its rows are the student's first ones
+    rows = torch.randn(5, 11)
+    bert = BERTOutput(logits=None, masked_logits=rows, loss=torch.tensor(1.0))
+    p_t = F.softmax(rows[:2].flip(0) / 2.0, -1)
+    kl = (p_t * (p_t.log() - F.log_softmax(rows[:2] / 2.0, -1))).sum(-1).mean()
+    teacher_out = BERTOutput(logits=None, masked_logits=rows[:2].flip(0))
+    torch.testing.assert_close(inheritance_loss(bert, teacher_out, {}, 1.0, 2.0)[1], kl)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -94,6 +123,8 @@ def test_student_trains_with_a_teacher_that_stays_frozen(teacher, tmp_path):
 def test_teacher_errors_name_the_key(teacher, tmp_path):
     with pytest.raises(ConfigError, match="train.teacher.alpha: must be in"):
         load_config("configs/gpt.yaml", [f"train.teacher={{run: {teacher}, alpha: 2}}"])
+    with pytest.raises(ConfigError, match=r"train.teacher.rows: must be in \(0, 1\], got 0"):
+        load_config("configs/gpt.yaml", [f"train.teacher={{run: {teacher}, rows: 0}}"])
     with pytest.raises(ConfigError, match="missing required key train.teacher.run"):
         load_config("configs/gpt.yaml", ["train.teacher={alpha: 0.5}"])
     with pytest.raises(ConfigError, match="train.teacher: knowledge inheritance .* model.arch is 'glm'"):
