@@ -13,8 +13,7 @@ config.yaml is the one this command would write, trained after every run it star
 trained in this process (replacing a different run in the folder, which the line says). The row's numbers come
 from the runs' metrics.jsonl (the last evaluation; wall_time_s, the whole training command, as run() records
 it) and, for P-tuning and GLM, from `scripts/probe.py --json` and `scripts/infill.py --json`; the few-shot row also
-scores the pretrained BERT zero-shot. A number the repo
-cannot measure yet is absent from the row and the JSON.
+scores the pretrained BERT zero-shot. A number the repo cannot measure yet is absent from the row and the JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -68,11 +67,12 @@ GATES = {  # Switch-GPT (8 experts in blocks 1 and 3, capacity factor 1.25) with
     "gshard": ("model.moe.gate=gshard",),
 }
 
+FEW_SHOT_SEEDS = range(4)  # each seed draws its own 32 train docstrings (data.few_shot_seed) and trains with it
 FEW_SHOT = {  # method: the row label of the README's few-shot table, its config, the config's overrides
     "pet": ("PET: manual pattern, BERT fine-tuned", "configs/fewshot_pet.yaml", ()),
     "ptuning": ("P-tuning: frozen BERT, trained prompt", "configs/fewshot_ptuning.yaml", ()),
     "ptuning_tuned": ("P-tuning: BERT and prompt trained", "configs/fewshot_ptuning.yaml",
-                      ("model.tune_lm=true", "train.lr=1e-4", "train.weight_decay=0.01")),  # PET's settings
+                      ("model.tune_lm=true", "train.lr=1e-4", "train.weight_decay=0.01")),  # PET's lr and weight decay
     "finetune": ("fine-tuning: [CLS] classifier", "configs/fewshot_finetune.yaml", ()),
 }
 
@@ -112,7 +112,7 @@ RUNS = {
     **{f"{arch}_records": Run(f"configs/{arch}_records.yaml") for arch in ("glm", "bert", "t5", "gpt")},
     **{f"fewshot_{method}_seed{seed}": Run(config, started_from("bert") + overrides + (
         f"data.few_shot_seed={seed}", f"train.seed={seed}"), ("bert",))
-       for seed in range(4) for method, (_, config, overrides) in FEW_SHOT.items()},
+       for seed in FEW_SHOT_SEEDS for method, (_, config, overrides) in FEW_SHOT.items()},
 }
 
 
@@ -253,10 +253,8 @@ def ptuning_cell(lm_name: str, pretrained: str, ptuned: str):
 
 
 def few_shot_numbers(runs: Path) -> dict:
-    """Val accuracy of each few-shot run (per method, seeds 0..3); the majority class of the whole train split and
+    """Val accuracy of each few-shot run (per method, a list over FEW_SHOT_SEEDS); the majority class of the whole train split and
     the manual pattern zero-shot (the pretrained MLM head, untrained), both on the PET runs' val split."""
-    import dataclasses
-
     import torch
 
     from minimodels.config import load_config
@@ -269,11 +267,11 @@ def few_shot_numbers(runs: Path) -> dict:
     _, model, tokenizer = load_run(runs / "bert", cfg.train.device)
     device = next(model.parameters()).device
     task = PackagePromptTask(tokenizer, {}, cfg.data.seq_len or cfg.model.block_size,
-                             dataclasses.replace(cfg.data, train_examples=None))
+                             replace(cfg.data, train_examples=None))
     with torch.no_grad(), autocast(device, resolve_dtype(cfg.train.dtype, device)):
         zero_shot = task.evaluate(model, (to_device(b, device) for b in val_batches(task, cfg.train.batch_size)))["val_acc"]
     return {"examples": cfg.data.train_examples, "val_examples": len(task.val), "majority": task.unigram_baseline()["val_acc"],
-            "zero_shot": zero_shot, "val_acc": {m: [final(runs, f"fewshot_{m}_seed{k}", "val_acc") for k in range(4)]
+            "zero_shot": zero_shot, "val_acc": {m: [final(runs, f"fewshot_{m}_seed{k}", "val_acc") for k in FEW_SHOT_SEEDS]
                                                 for m in FEW_SHOT}}
 
 
@@ -284,8 +282,8 @@ def spread(values: list[float]) -> str:
 
 def few_shot_table(n: dict) -> str:
     """Val accuracy (%) per seed and mean ± std, a line per method, below the majority and zero-shot lines."""
-    seeds = len(n["val_acc"]["pet"])
-    lines = ["| method | " + " | ".join(f"seed {k}" for k in range(seeds)) + " | mean ± std |", "|---|" + "---:|" * (seeds + 1),
+    seeds = len(FEW_SHOT_SEEDS)
+    lines = ["| method | " + " | ".join(f"seed {k}" for k in FEW_SHOT_SEEDS) + " | mean ± std |", "|---|" + "---:|" * (seeds + 1),
              "| majority (whole train split) |" + " |" * seeds + f" {100 * n['majority']:.1f} |",
              "| manual prompt, zero-shot |" + " |" * seeds + f" {100 * n['zero_shot']:.1f} |"]
     for method, (label, *_) in FEW_SHOT.items():
@@ -399,8 +397,8 @@ ROWS = {
                      moe_table),
     "fewshot": Row("Few-shot (32 docstrings)", "package of a docstring from 32 labelled ones, 4 seeds: PET, P-tuning "
                    "(BERT frozen or tuned) and fine-tuning from runs/bert, against zero-shot and the majority class",
-                   tuple(f"fewshot_{m}_seed{k}" for k in range(4) for m in FEW_SHOT), few_shot_numbers,
-                   lambda n: f"val acc over 4 seeds: PET **{spread(n['val_acc']['pet'])}**, P-tuning "
+                   tuple(f"fewshot_{m}_seed{k}" for k in FEW_SHOT_SEEDS for m in FEW_SHOT), few_shot_numbers,
+                   lambda n: f"val acc over {len(FEW_SHOT_SEEDS)} seeds: PET **{spread(n['val_acc']['pet'])}**, P-tuning "
                    f"{spread(n['val_acc']['ptuning'])} (BERT frozen) / {spread(n['val_acc']['ptuning_tuned'])} (BERT "
                    f"tuned), fine-tuning {spread(n['val_acc']['finetune'])}; manual prompt zero-shot "
                    f"{100 * n['zero_shot']:.1f}, majority {100 * n['majority']:.1f}", few_shot_table),

@@ -36,8 +36,8 @@ HALF = (f"train.batch_size={B}", "train.eval_batches=2")  # evaluation batches a
 # (MLM masks, T5 spans, GLM blanks) mask the val split otherwise with batch b than with 2b, so these rows compare
 # the training losses only (training draws per optimizer step, whatever the micro-batches: test_train.py).
 RANDOM_VAL = {"bert", "kb_bert", "switch_bert", "t5", "glm", "glm_records", "bert_records", "t5_records"}
-DROPOUT = {name: ("model.dropout=0.0",) for name in ("bert_finetune", "glm_finetune", "fewshot_pet",
-                                                               "fewshot_finetune")}  # dropout masks come from each forward's own draws
+# dropout masks come from each forward's own draws
+DROPOUT = {name: ("model.dropout=0.0",) for name in ("bert_finetune", "glm_finetune", "fewshot_pet", "fewshot_finetune")}
 CONTRASTIVE = {"clip", "brivl"}  # the negatives are the micro-batch's (and the queue's) other items
 SWITCH = {"switch_gpt", "switch_bert"}  # capacity, the load-balancing loss and the router's jitter per micro-batch
 BATCH_FREE_ROUTING = ("model.moe.capacity_factor=null", "model.moe.aux_loss_coef=0", "model.moe.jitter=0")

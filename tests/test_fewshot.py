@@ -182,7 +182,7 @@ def test_reproduce_fewshot_trains_every_method_and_seed_then_prints_the_table(tm
     tiny = ["train.max_steps=2", "train.eval_interval=2", "train.save_interval=2", "train.eval_batches=2",
             "train.batch_size=8", "train.device=cpu", "train.dtype=fp32", "output.plot=false", "--runs-dir", str(tmp_path),
             *(f"bert:{o}" for o in [*small, "data.vocab_size=400", f"data.source={write_docs(tmp_path / 'docs.jsonl')}"])]
-    for seed in range(4):
+    for seed in reproduce.FEW_SHOT_SEEDS:
         tiny += [f"fewshot_{m}_seed{seed}:{o}" for m in ("ptuning", "ptuning_tuned")
                  for o in ("data.seq_len=48", "data.train_examples=16")]
         tiny += [f"fewshot_{m}_seed{seed}:{o}" for m in ("pet", "finetune") for o in [*small, "data.train_examples=16"]]
@@ -192,7 +192,7 @@ def test_reproduce_fewshot_trains_every_method_and_seed_then_prints_the_table(tm
     assert list(numbers["val_acc"]) == methods and numbers["examples"] == 16
     for method, accs in numbers["val_acc"].items():
         assert len(accs) == 4 and all(0 <= a <= 1 for a in accs)
-        for seed in range(4):
+        for seed in reproduce.FEW_SHOT_SEEDS:
             data = load_config(tmp_path / f"fewshot_{method}_seed{seed}" / "config.yaml").data
             assert (data.train_examples, data.few_shot_seed) == (16, seed)
     assert 0 <= numbers["zero_shot"] <= 1 and 0 < numbers["majority"] < 1

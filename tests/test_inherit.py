@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import events
+from conftest import events, train
 from minimodels.config import ConfigError, TeacherConfig, load_config
 from minimodels.models.bert import BERTOutput
 from minimodels.models.gpt import GPT, GPTConfig, GPTOutput
@@ -156,3 +156,29 @@ def test_a_run_with_a_teacher_checkpoints_the_student_alone_and_resumes_on_its_a
     logged = [[(e["step"], e["inherit_alpha"], e.get("inherit_kl")) for e in events(out) if "inherit_alpha" in e]
               for out in (full, resumed)]
     assert logged[0] == logged[1] and [alpha for _, alpha, _ in logged[0]] == pytest.approx([0.6, 0.4, 0.2, 0.0])
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_teacher_under_accumulation_and_torchrun_trains_like_one_batch(teacher, tmp_path, nproc):
+    """2 micro-batches (gradient accumulation) or 2 processes (torchrun, gloo) of b rows log the losses of one batch
+    of 2b (the KL is a mean over target positions, as many in each half), and accumulation its KLs too (torchrun
+    logs rank 0's own KL, as it does MoE routing metrics); with train.teacher.rows 0.5 each micro-batch's teacher
+    scores its own first row, and the run trains (the test above checks which rows)."""
+    common = TINY + ["model.d_model=32", "train.max_steps=3", "train.log_interval=1", "train.device=cpu",
+                     "train.dtype=fp32", f"data.tokenizer={teacher}/tokenizer.json"]
+    split = ["train.batch_size=2", "train.grad_accum=2"] if nproc == 1 else ["train.batch_size=2"]
+
+    def logged(rows: float, *overrides) -> list:
+        out = tmp_path / f"rows{rows}_{len(overrides)}"
+        args = [*common, *overrides, f"train.teacher={{run: {teacher}, alpha: 0.6, rows: {rows}}}"]
+        if nproc > 1 and overrides:
+            train("configs/gpt.yaml", out, *args, nproc=nproc)
+        else:
+            run(load_config("configs/gpt.yaml", args + [f"output.dir={out}"]), quiet=True)
+        return [(e["loss"], e["inherit_kl"]) for e in events(out) if "loss" in e]
+
+    one, halves = logged(1.0), logged(1.0, *split)
+    compared = slice(None) if nproc == 1 else slice(1)  # (loss, KL), or the loss alone
+    assert len(one) == 3 and all(x[compared] == pytest.approx(y[compared], rel=1e-5, abs=1e-6) for x, y in zip(halves, one))
+    halves = logged(0.5, *split)
+    assert len(halves) == 3 and all(math.isfinite(loss) and kl > 0 for loss, kl in halves)

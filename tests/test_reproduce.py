@@ -117,7 +117,7 @@ SMALL = {"gpt": GPT_SIZE + ["data.vocab_size=300"],  # GPT's and BERT's keys
          "vqvae": ["model.channels=8", "model.n_res_block=1", "model.codebook_size=16", "model.code_dim=4"]}
 ARCH = {"t5": "t5", "t5_finetune": "t5", "t5_scratch": "t5", "t5_records": "t5", "brivl": "brivl", "clip": "brivl", "kb_bert": "kb",
         "kb_gpt": "kb", "ptuning_bert": "ptuning", "ptuning_gpt": "ptuning", "vqvae": "vqvae",
-        **{f"fewshot_{m}_seed{k}": "ptuning" for k in range(4) for m in ("ptuning", "ptuning_tuned")}}  # the others: "gpt"
+        **{f"fewshot_{m}_seed{k}": "ptuning" for k in reproduce.FEW_SHOT_SEEDS for m in ("ptuning", "ptuning_tuned")}}  # the others: "gpt"
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ class GLMConfig:
 
 @dataclass
 class GLMOutput:
-    logits: torch.Tensor | None  # (B, T, vocab_size), logits[:, t] scores labels[:, t] (no shift); None with labels
+    logits: torch.Tensor | None  # (B, T, vocab_size), logits[:, t] scores labels[:, t] (no shift); None: labels, no cloze
     masked_logits: torch.Tensor | None = None  # with labels (no cloze): (N, vocab_size) at the N Part B targets, as BERT's
     loss: torch.Tensor | None = None  # cross-entropy (nats) over the Part B targets (a cloze: over the classes)
     class_scores: torch.Tensor | None = None  # (B, C) a cloze's score(c) = log P(v(c) fills the blank), with segment_ids
@@ -131,7 +131,7 @@ class GLM(nn.Module, TrainedModel):
         """input_ids (B, T) = [Part A; Part B] (right-padded); position_ids and block_position_ids (B, T) the two
         position ids; part_a_len (B,) the length of each row's Part A. labels (B, T): the token each position
         must predict (no shift: the data already put span + [eop] under [sop] + span), -100 in Part A and padding;
-        with labels the output scores only those positions (`masked_logits`, `logits` None), as BERT's does.
+        with labels (and no cloze) the output scores only those positions (`masked_logits`, `logits` None), as BERT's.
         A cloze (module docstring) adds segment_ids (B, T): 0 in Part A and padding, c + 1 in the segment
         [sop] v(c) of class c (labels: v(c) [eop]); the output then has class_scores (B, C), and with
         class_labels (B,) the loss is their cross-entropy. With a cache (one LayerCache per block), input_ids are
@@ -155,7 +155,7 @@ class GLM(nn.Module, TrainedModel):
         x = self.ln_f(x)
         logits = masked_logits = loss = scores = None
         if labels is not None and segment_ids is None:
-            # Only the N Part B targets are scored (about a sixth of the B x T positions in glm.yaml's batches), as
+            # Only the N Part B targets are scored (28% of the B x T positions in glm.yaml's batches, mean of 20), as
             # BERT scores only its masked positions: this skips most of the (B, T, V) output matmul and softmax.
             target = labels != -100  # (B, T)
             masked_logits = self.lm_head(x[target])  # (N, C) -> (N, V)
