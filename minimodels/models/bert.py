@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import ACTIVATIONS, LayerCache, MultiHeadAttention, PostLNBlock, build_ffn, check_block_options, normal_init
+from minimodels.nn import cross_entropy, ACTIVATIONS, LayerCache, MultiHeadAttention, PostLNBlock, build_ffn, check_block_options, normal_init
 from minimodels.protocols import TrainedModel
 
 HEADS = ("mlm", "classify", "pooler", "none")
@@ -193,7 +193,7 @@ class BERT(nn.Module, TrainedModel):
             masked = labels != -100  # (B, T), M = the positions with a label
             masked_logits = self.mlm(x[masked], self.tok_emb.weight)  # (N, C) -> (N, V)
             # L_MLM = -1/|M| sum_{t in M} log P(x_t | x_masked)
-            loss = F.cross_entropy(masked_logits.float(), labels[masked])
+            loss = cross_entropy(masked_logits, labels[masked])
         elif self.config.head == "classify":
             logits = self.classifier(self.classifier_dropout(pooled))  # (B, num_labels)
             if labels is not None:

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.models.gpt import gpt2_init
-from minimodels.nn import LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, sample_next
+from minimodels.nn import cross_entropy, LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, sample_next
 from minimodels.protocols import TrainedModel
 
 
@@ -160,7 +160,7 @@ class GLM(nn.Module, TrainedModel):
             target = labels != -100  # (B, T)
             masked_logits = self.lm_head(x[target])  # (N, C) -> (N, V)
             # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it)
-            loss = F.cross_entropy(masked_logits.float(), labels[target])
+            loss = cross_entropy(masked_logits, labels[target])
         else:
             logits = self.lm_head(x)  # (B, T, V)
         if segment_ids is not None:

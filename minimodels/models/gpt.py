@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import (LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, normal_init,
+from minimodels.nn import (cross_entropy, LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, normal_init,
                            sample_next)
 from minimodels.protocols import TrainedModel
 
@@ -129,7 +129,7 @@ class GPT(nn.Module, TrainedModel):
             # L = -1/N sum_t log P(x_{t+1} | x_<=t): position t is scored against labels[:, t + 1].
             # Shifting the labels (not slicing the logits) avoids copying the (B, T, V) logits.
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T); the last position has no target
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = cross_entropy(logits.flatten(0, 1), targets.flatten())  # fp32 arithmetic, without an fp32 copy
         loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
         return GPTOutput(logits=logits, loss=loss, cache=new_cache, routings=list(routings.values()) or None,
                          metrics=metrics)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import (GatedMLP, LayerCache, MLP, MultiHeadAttention, PreLNBlock, RelativePositionBias, RMSNorm,
+from minimodels.nn import (cross_entropy, GatedMLP, LayerCache, MLP, MultiHeadAttention, PreLNBlock, RelativePositionBias, RMSNorm,
                            build_ffn, check_block_options, sample_next)
 from minimodels.protocols import TrainedModel
 
@@ -227,7 +227,7 @@ class T5(nn.Module, TrainedModel):
         loss = None
         if labels is not None:
             # L = -1/N sum_t log P(y_t | y_<t, x) over the N labels != -100
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = cross_entropy(logits.flatten(0, 1), labels.flatten())
         loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
         return T5Output(logits=logits, loss=loss, encoder_hidden_states=encoder_hidden_states, cache=cache,
                         routings=list(routings.values()) or None, metrics=metrics)

@@ -12,6 +12,7 @@ from minimodels.nn.attention import KV, LayerCache, MultiHeadAttention, attentio
 from minimodels.nn.block import PostLNBlock, PreLNBlock, check_block_options
 from minimodels.nn.feedforward import ACTIVATIONS, FFN_KINDS, MLP, GatedMLP, Groups, StackedLinear, build_ffn
 from minimodels.nn.init import normal_init
+from minimodels.nn.loss import cross_entropy
 from minimodels.nn.gather import all_gather_no_grad, all_gather_with_grad, rank_and_size
 from minimodels.nn.norm import RMSNorm
 from minimodels.nn.position import RelativePositionBias, relative_position_bucket
@@ -20,4 +21,4 @@ from minimodels.nn.sampling import sample_next
 __all__ = ["KV", "LayerCache", "MultiHeadAttention", "attention", "causal_mask", "manual_attention", "PostLNBlock",
            "PreLNBlock", "check_block_options", "ACTIVATIONS", "FFN_KINDS", "MLP", "GatedMLP", "Groups", "StackedLinear", "build_ffn", "RMSNorm",
            "RelativePositionBias", "relative_position_bucket", "sample_next",
-           "all_gather_no_grad", "all_gather_with_grad", "rank_and_size", "normal_init"]
+           "all_gather_no_grad", "all_gather_with_grad", "rank_and_size", "normal_init", "cross_entropy"]

@@ -1,0 +1,45 @@
+"""minimodels/nn/loss.py: the chunked cross-entropy gives F.cross_entropy(logits.float())'s value and gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimodels.nn import loss as loss_module
+from minimodels.nn import cross_entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [7 * 50, 1 << 18])  # 7 rows per chunk (the last one short), or one chunk
+def test_value_and_gradient_match_fp32_cross_entropy(monkeypatch, dtype, chunk_elements):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(45, 50, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (45,), generator=g)
+    targets[::4] = -100  # ignored positions: no loss, zero gradient
+    expected = F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    (expected_grad,) = torch.autograd.grad(0.3 * expected, logits)
+    got = cross_entropy(logits, targets)
+    (got_grad,) = torch.autograd.grad(0.3 * got, logits)
+    assert got.dtype == torch.float32 and got_grad.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    tolerance = {torch.float32: 1e-7, torch.bfloat16: 1e-5}[dtype]  # bf16: both round the same fp32 gradient
+    torch.testing.assert_close(got_grad.float(), expected_grad.float(), rtol=0, atol=tolerance)
+    assert (got_grad[::4] == 0).all()
+
+
+def test_fp32_logits_are_not_modified():
+    logits = torch.randn(6, 10, requires_grad=True)
+    before = logits.detach().clone()
+    cross_entropy(logits, torch.arange(6)).backward()
+    assert torch.equal(logits.detach(), before)
+
+
+def test_nothing_scored_gives_nan_like_torch():
+    logits = torch.randn(3, 5)
+    targets = torch.full((3,), -100)
+    assert cross_entropy(logits, targets).isnan() and F.cross_entropy(logits, targets).isnan()
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"logits \(N, V\) and targets \(N,\), got \(2, 3, 5\)"):
+        cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))
