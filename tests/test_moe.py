@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from minimodels.moe import (GATES, ExpertChoiceGate, GShardGate, MoE, MoEConfig, SwitchGate, TopKGate, build_gate,
                             check_gate, load_balancing_loss, moe_reference, router_z_loss)
+from minimodels.moe.layer import padded_size
 from minimodels.moe.routing import drop_overflow
 from minimodels.nn import MLP, GatedMLP, Groups, StackedLinear
 
@@ -86,6 +87,36 @@ def test_fast_dispatch_equals_the_per_token_reference(gate, options, drops):
     for name, g in param_grads.items():
         torch.testing.assert_close(g, param_grads_ref[name], rtol=0, atol=1e-5, msg=name)
     assert param_grads["gate.router.weight"].abs().max() > 1e-4  # the router learns from this loss
+
+
+@pytest.mark.parametrize("expert", ["stacked", "list"])
+@pytest.mark.parametrize("gate,options", [("switch", dict(capacity_factor=1.0)), ("topk", dict(k=2))])
+def test_padded_expert_groups_change_no_output_or_gradient(monkeypatch, expert, gate, options):
+    """With ~50 slots per expert, each group is padded to a size of padded_size (pad_groups): the outputs and
+    gradients still equal the per-token reference, and the experts did run on padded groups."""
+    torch.manual_seed(0)
+    moe = MoE(D, E, gate, d_ff=D_FF if expert == "stacked" else None,
+              expert=None if expert == "stacked" else (lambda: MLP(D, D_FF)), **options).train()
+    seen = []
+    run_experts = moe.run_experts
+    monkeypatch.setattr(moe, "run_experts", lambda x, counts: seen.append((len(x), counts)) or run_experts(x, counts))
+    x = torch.randn(2, 100, D)
+    y, routing, x_grad, param_grads = forward_backward(moe, x, fast)
+    y_ref, _, x_grad_ref, param_grads_ref = forward_backward(moe, x, moe_reference)
+    real = routing.tokens_per_expert.tolist()
+    (rows, counts), = seen
+    assert counts == [padded_size(c) for c in real] and sum(counts) == rows > sum(real)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x_grad, x_grad_ref, rtol=0, atol=1e-5)
+    for name, g in param_grads.items():
+        torch.testing.assert_close(g, param_grads_ref[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_padded_sizes_are_few_and_waste_less_than_an_eighth():
+    sizes = [padded_size(n) for n in range(4097)]
+    assert sizes[:16] == list(range(16))  # small groups (generation: one token per step) are never padded
+    assert all(n <= p < n + max(1, n / 8) for n, p in enumerate(sizes))
+    assert len(set(sizes[513:1025])) == 8  # 8 sizes per doubling (576, 640, ..., 1024): a handful of kernels to build
 
 
 # ---------------------------------------------------------------------------------------------- losses

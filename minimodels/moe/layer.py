@@ -8,7 +8,8 @@ one grouped matmul per weight; any other nn.Module mapping (n, d_model) to (n, d
 and then each runs on its own (the same stages, step 3 a loop). The fast dispatch runs in four stages:
 
     1. route       gate(x) -> Routing
-    2. permute     gather the kept token slots, sorted by expert, into one (N, d_model) tensor
+    2. permute     gather the kept token slots, sorted by expert, into one (N, d_model) tensor; each
+                   expert's group padded with zero rows to one of a few sizes (pad_groups: new shapes are slow)
     3. experts     each expert runs once, on its contiguous slice (stacked: all in one grouped matmul)
     4. combine     scale each slot by its weight and add it back to its token's row
 
@@ -135,17 +136,19 @@ class MoE(nn.Module, FeedForward):
 
     def route_and_run(self, tokens: torch.Tensor, dropless: bool = False) -> tuple[torch.Tensor, Routing]:
         """tokens (T, d_model) -> (y (T, d_model), routing): the four stages."""
+        T = tokens.shape[0]
         routing = self.gate(tokens, dropless)  # 1. route
-        slot_token, slot_weight, counts = sort_slots(routing)  # 2. permute: (N,), (N,), E split sizes
+        slot_token, slot_weight, counts = pad_groups(*sort_slots(routing), T)  # 2. permute: (N,), (N,), E sizes
+        tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])  # (T + 1, d_model): row T is padding
         x_slots = tokens[slot_token]  # (N, d_model), grouped by expert
         if self.local_experts < self.num_experts:  # 3. experts: (N, d_model), sharded over processes
             y_slots = run_experts_parallel(self.local_experts, x_slots, counts, self.run_experts)
         else:
             y_slots = self.run_experts(x_slots, counts)
-        # 4. combine: y_t = sum over t's slots of weight * expert output
+        # 4. combine: y_t = sum over t's slots of weight * expert output (the padding slots' weight is 0)
         y_slots = y_slots.to(tokens.dtype) * slot_weight.to(tokens.dtype).unsqueeze(1)  # (N, d_model)
-        y = torch.zeros_like(tokens).index_add(0, slot_token, y_slots.to(tokens.dtype))  # (T, d_model)
-        return y, routing
+        y = torch.zeros_like(tokens).index_add(0, slot_token, y_slots)  # (T + 1, d_model)
+        return y[:T], routing
 
     def run_experts(self, x_slots: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_slots (N, d_model) sorted by expert, counts[i] rows for this process's expert i -> outputs (N, d_model).
@@ -170,6 +173,36 @@ def sort_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]
     counts = routing.tokens_per_expert.tolist()
     kept = order[order.numel() - sum(counts):]  # (N,) slot s belongs to token s // k, its choice s % k
     return kept // k, routing.weight.reshape(-1)[kept], counts
+
+
+def pad_groups(slot_token: torch.Tensor, slot_weight: torch.Tensor, counts: list[int], pad_token: int
+               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Round each expert's number of slots up to a size from a short list (padded_size), filling the gap with
+    slots of token pad_token (a zero row) and weight 0, so that the experts' matmuls see few distinct shapes.
+    Why: on CPU a bf16 matmul of a shape not seen before builds (JIT-compiles) a new oneDNN kernel, and the
+    experts' row counts change at every step. Measured (Intel Xeon with AMX, 2 threads, bf16, 8 experts of
+    256 -> 1024 on ~4000 slots): one grouped matmul 6.9 ms with fresh counts at every call against 1.6 ms
+    with these sizes (as with fixed counts), and ~1,000 page faults fewer per call; Switch-GPT's training step
+    (`scripts/bench_train.py configs/switch_gpt.yaml --dtypes bf16`) went from 0.40x to 0.71x the dense model's speed.
+    The padding costs at most an eighth more expert rows and changes no output or gradient: a padding slot
+    adds 0 x its output to row pad_token, which the caller drops, so no gradient flows back through it."""
+    padded = [padded_size(c) for c in counts]
+    if padded == counts:
+        return slot_token, slot_weight, counts
+    # slot i of expert e moves from position i to position i + (padded start of e - unpadded start of e)
+    shift = torch.tensor([p - c for p, c in zip(padded, counts)]).cumsum(0) - torch.tensor(padded) + torch.tensor(counts)
+    dest = torch.arange(len(slot_token)) + shift.repeat_interleave(torch.tensor(counts))  # (N,)
+    dest = dest.to(slot_token.device)
+    token = slot_token.new_full((sum(padded),), pad_token).index_copy(0, dest, slot_token)  # (N_padded,)
+    weight = slot_weight.new_zeros(sum(padded)).index_copy(0, dest, slot_weight)  # (N_padded,)
+    return token, weight, padded
+
+
+def padded_size(n: int) -> int:
+    """n rounded up to a multiple of 2^(b - 4), b = n's bit length: below 16 n itself, then 8 sizes per
+    doubling (16, 18, ..., 30, 32, 36, ..., 60, 64, 72, ...), less than 1/8 more than n."""
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
