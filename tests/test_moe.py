@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from minimodels.moe import (GATES, ExpertChoiceGate, GShardGate, MoE, MoEConfig, SwitchGate, TopKGate, build_gate,
                             check_gate, load_balancing_loss, moe_reference, router_z_loss)
-from minimodels.moe.layer import padded_size
 from minimodels.moe.routing import drop_overflow
-from minimodels.nn import MLP, GatedMLP, Groups, StackedLinear
+from minimodels.nn import MLP, GatedMLP, Groups, StackedLinear, padded_size
 
 D, D_FF, E = 8, 16, 4
 
@@ -110,13 +109,6 @@ def test_padded_expert_groups_change_no_output_or_gradient(monkeypatch, expert, 
     torch.testing.assert_close(x_grad, x_grad_ref, rtol=0, atol=1e-5)
     for name, g in param_grads.items():
         torch.testing.assert_close(g, param_grads_ref[name], rtol=0, atol=1e-5, msg=name)
-
-
-def test_padded_sizes_are_few_and_waste_less_than_an_eighth():
-    sizes = [padded_size(n) for n in range(4097)]
-    assert sizes[:16] == list(range(16))  # small groups (generation: one token per step) are never padded
-    assert all(n <= p < n + max(1, n / 8) for n, p in enumerate(sizes))
-    assert len(set(sizes[513:1025])) == 8  # 8 sizes per doubling (576, 640, ..., 1024): a handful of kernels to build
 
 
 # ---------------------------------------------------------------------------------------------- losses

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import cross_entropy, ACTIVATIONS, LayerCache, MultiHeadAttention, PostLNBlock, build_ffn, check_block_options, normal_init
+from minimodels.nn import cross_entropy, pad_rows, ACTIVATIONS, LayerCache, MultiHeadAttention, PostLNBlock, build_ffn, check_block_options, normal_init
 from minimodels.protocols import TrainedModel
 
 HEADS = ("mlm", "classify", "pooler", "none")
@@ -191,9 +191,12 @@ class BERT(nn.Module, TrainedModel):
             if labels.shape != (B, T):
                 raise ValueError(f"labels: model.head=mlm expects (B, T) = {(B, T)}, got {tuple(labels.shape)}")
             masked = labels != -100  # (B, T), M = the positions with a label
-            masked_logits = self.mlm(x[masked], self.tok_emb.weight)  # (N, C) -> (N, V)
-            # L_MLM = -1/|M| sum_{t in M} log P(x_t | x_masked)
-            loss = cross_entropy(masked_logits, labels[masked])
+            h = x[masked]  # (N, C)
+            # the head sees N rows plus zero rows up to one of a few sizes: new matmul shapes are slow (nn/shapes.py)
+            scored = self.mlm(pad_rows(h), self.tok_emb.weight)  # (N', V)
+            # L_MLM = -1/|M| sum_{t in M} log P(x_t | x_masked); the padding's target -100 scores nothing
+            loss = cross_entropy(scored, pad_rows(labels[masked], value=-100))
+            masked_logits = scored[:len(h)]  # (N, V)
         elif self.config.head == "classify":
             logits = self.classifier(self.classifier_dropout(pooled))  # (B, num_labels)
             if labels is not None:

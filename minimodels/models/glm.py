@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.models.gpt import gpt2_init
-from minimodels.nn import cross_entropy, LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, sample_next
+from minimodels.nn import cross_entropy, pad_rows, LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, sample_next
 from minimodels.protocols import TrainedModel
 
 
@@ -158,9 +158,12 @@ class GLM(nn.Module, TrainedModel):
             # Only the N Part B targets are scored (28% of the B x T positions in glm.yaml's batches, mean of 20), as
             # BERT scores only its masked positions: this skips most of the (B, T, V) output matmul and softmax.
             target = labels != -100  # (B, T)
-            masked_logits = self.lm_head(x[target])  # (N, C) -> (N, V)
-            # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it)
-            loss = cross_entropy(masked_logits, labels[target])
+            h = x[target]  # (N, C)
+            # the head sees N rows plus zero rows up to one of a few sizes: new matmul shapes are slow (nn/shapes.py)
+            scored = self.lm_head(pad_rows(h))  # (N', V)
+            # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it); the padding's target -100 scores nothing
+            loss = cross_entropy(scored, pad_rows(labels[target], value=-100))
+            masked_logits = scored[:len(h)]  # (N, V)
         else:
             logits = self.lm_head(x)  # (B, T, V)
         if segment_ids is not None:

@@ -42,6 +42,7 @@ from minimodels.moe.gates import build_gate
 from minimodels.moe.all_to_all import run_experts_parallel
 from minimodels.moe.routing import Routing
 from minimodels.nn.feedforward import MLP, FeedForward, GatedMLP, Groups, StackedLinear
+from minimodels.nn.shapes import padded_size
 
 
 def build_experts(expert, num_experts: int, d_model: int, d_ff: int | None) -> nn.Module:
@@ -177,32 +178,22 @@ def sort_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]
 
 def pad_groups(slot_token: torch.Tensor, slot_weight: torch.Tensor, counts: list[int], pad_token: int
                ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Round each expert's number of slots up to a size from a short list (padded_size), filling the gap with
-    slots of token pad_token (a zero row) and weight 0, so that the experts' matmuls see few distinct shapes.
-    Why: on CPU a bf16 matmul of a shape not seen before builds (JIT-compiles) a new oneDNN kernel, and the
-    experts' row counts change at every step. Measured (Intel Xeon with AMX, 2 threads, bf16, 8 experts of
-    256 -> 1024 on ~4000 slots): one grouped matmul 6.9 ms with fresh counts at every call against 1.6 ms
-    with these sizes (as with fixed counts), and ~1,000 page faults fewer per call; Switch-GPT's training step
-    (`scripts/bench_train.py configs/switch_gpt.yaml --dtypes bf16`) went from 0.40x to 0.71x the dense model's speed.
-    The padding costs at most an eighth more expert rows and changes no output or gradient: a padding slot
-    adds 0 x its output to row pad_token, which the caller drops, so no gradient flows back through it."""
+    """Round each expert's number of slots up to a size from a short list (minimodels/nn/shapes.py, which says
+    why: new matmul shapes are slow on CPU), filling the gap with slots of token pad_token (a zero row) and
+    weight 0. Switch-GPT's training step (`scripts/bench_train.py configs/switch_gpt.yaml --dtypes bf16`, 2 AMX
+    cores) went from 0.40x to 0.71x the dense model's speed. The padding costs less than an eighth more expert
+    rows and changes no output or gradient: a padding slot adds 0 x its output to row pad_token, which the
+    caller drops, so no gradient flows back through it."""
     padded = [padded_size(c) for c in counts]
     if padded == counts:
         return slot_token, slot_weight, counts
     # slot i of expert e moves from position i to position i + (padded start of e - unpadded start of e)
-    shift = torch.tensor([p - c for p, c in zip(padded, counts)]).cumsum(0) - torch.tensor(padded) + torch.tensor(counts)
-    dest = torch.arange(len(slot_token)) + shift.repeat_interleave(torch.tensor(counts))  # (N,)
-    dest = dest.to(slot_token.device)
+    gap = torch.tensor(padded) - torch.tensor(counts)  # (E,) padding slots after each expert's group
+    shift = gap.cumsum(0) - gap  # (E,) padding slots before it
+    dest = (torch.arange(len(slot_token)) + shift.repeat_interleave(torch.tensor(counts))).to(slot_token.device)  # (N,)
     token = slot_token.new_full((sum(padded),), pad_token).index_copy(0, dest, slot_token)  # (N_padded,)
     weight = slot_weight.new_zeros(sum(padded)).index_copy(0, dest, slot_weight)  # (N_padded,)
     return token, weight, padded
-
-
-def padded_size(n: int) -> int:
-    """n rounded up to a multiple of 2^(b - 4), b = n's bit length: below 16 n itself, then 8 sizes per
-    doubling (16, 18, ..., 30, 32, 36, ..., 60, 64, 72, ...), less than 1/8 more than n."""
-    step = 1 << max(0, n.bit_length() - 4)
-    return -(-n // step) * step
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:

@@ -17,8 +17,9 @@ from minimodels.nn.gather import all_gather_no_grad, all_gather_with_grad, rank_
 from minimodels.nn.norm import RMSNorm
 from minimodels.nn.position import RelativePositionBias, relative_position_bucket
 from minimodels.nn.sampling import sample_next
+from minimodels.nn.shapes import pad_rows, padded_size
 
 __all__ = ["KV", "LayerCache", "MultiHeadAttention", "attention", "causal_mask", "manual_attention", "PostLNBlock",
            "PreLNBlock", "check_block_options", "ACTIVATIONS", "FFN_KINDS", "MLP", "GatedMLP", "Groups", "StackedLinear", "build_ffn", "RMSNorm",
            "RelativePositionBias", "relative_position_bucket", "sample_next",
-           "all_gather_no_grad", "all_gather_with_grad", "rank_and_size", "normal_init", "cross_entropy"]
+           "all_gather_no_grad", "all_gather_with_grad", "rank_and_size", "normal_init", "cross_entropy", "pad_rows", "padded_size"]
