@@ -141,7 +141,7 @@ class MoE(nn.Module, FeedForward):
         routing = self.gate(tokens, dropless)  # 1. route
         slot_token, slot_weight, counts = pad_groups(*sort_slots(routing), T)  # 2. permute: (N,), (N,), E sizes
         tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])  # (T + 1, d_model): row T is padding
-        x_slots = tokens[slot_token]  # (N, d_model), grouped by expert
+        x_slots = tokens.index_select(0, slot_token)  # (N, d_model) by expert; backward index_add: 2x faster than tokens[i]'s
         if self.local_experts < self.num_experts:  # 3. experts: (N, d_model), sharded over processes
             y_slots = run_experts_parallel(self.local_experts, x_slots, counts, self.run_experts)
         else:
