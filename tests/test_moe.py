@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from minimodels.moe import (GATES, ExpertChoiceGate, GShardGate, MoE, MoEConfig, SwitchGate, TopKGate, build_gate,
                             check_gate, load_balancing_loss, moe_reference, router_z_loss)
 from minimodels.moe.routing import drop_overflow
-from minimodels.nn import MLP, GatedMLP, Groups, StackedLinear, padded_size
+from minimodels.moe.layer import group_sizes
+from minimodels.nn import MLP, GatedMLP, Groups, StackedLinear
 
 D, D_FF, E = 8, 16, 4
 
@@ -104,7 +105,8 @@ def test_padded_expert_groups_change_no_output_or_gradient(monkeypatch, expert, 
     y_ref, _, x_grad_ref, param_grads_ref = forward_backward(moe, x, moe_reference)
     real = routing.tokens_per_expert.tolist()
     (rows, counts), = seen
-    assert counts == [padded_size(c) for c in real] and sum(counts) == rows > sum(real)
+    assert counts == group_sizes(real, batched=expert == "stacked") and sum(counts) == rows > sum(real)
+    assert (len(set(counts)) == 1) == (expert == "stacked")  # stacked: one bmm over equal groups
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(x_grad, x_grad_ref, rtol=0, atol=1e-5)
     for name, g in param_grads.items():
@@ -295,11 +297,13 @@ def test_validating_a_moe_config_draws_nothing_from_the_global_rng():
 # ---------------------------------------------------------------------------------------------- experts
 @pytest.mark.parametrize("kind", [MLP, GatedMLP])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_stacked_experts_equal_each_expert_on_its_rows_with_gradients(kind, dtype):
-    """An FFN built with num_experts (one grouped matmul per weight) == a loop of F.linear over each expert's
-    weight slices on its rows, output and gradients, with an expert that gets no rows (zero gradient)."""
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [4, 4, 4, 4]], ids=["grouped_mm", "bmm"])
+def test_stacked_experts_equal_each_expert_on_its_rows_with_gradients(kind, dtype, counts):
+    """An FFN built with num_experts (one grouped matmul per weight, or one bmm for groups of equal size) == a
+    loop of F.linear over each expert's weight slices on its rows, output and gradients, with an expert that
+    gets no rows (zero gradient)."""
     torch.manual_seed(0)
-    counts = [3, 0, 5, 1]
+    assert Groups.of(counts).size == (4 if counts == [4, 4, 4, 4] else 0)
     stacked = kind(D, D_FF, bias=True, num_experts=E)
     x = torch.randn(sum(counts), D, requires_grad=True)
     w = {name: p.detach().clone().requires_grad_() for name, p in stacked.named_parameters()}  # (E, ...) each
@@ -327,7 +331,8 @@ def test_stacked_experts_equal_each_expert_on_its_rows_with_gradients(kind, dtyp
     torch.testing.assert_close(x_grad, x.grad, **tol)
     for name, p in stacked.named_parameters():
         torch.testing.assert_close(p.grad, w[name].grad, **tol, msg=name)
-        assert not p.grad[1].any(), name  # expert 1 had no rows
+        if counts[1] == 0:
+            assert not p.grad[1].any(), name  # expert 1 had no rows
 
 
 def test_stacked_experts_run_on_no_rows_at_all():

@@ -139,9 +139,10 @@ class MoE(nn.Module, FeedForward):
         """tokens (T, d_model) -> (y (T, d_model), routing): the four stages."""
         T = tokens.shape[0]
         routing = self.gate(tokens, dropless)  # 1. route
-        slot_token, slot_weight, counts = pad_groups(*sort_slots(routing), T)  # 2. permute: (N,), (N,), E sizes
+        # 2. permute: (N,), (N,), E group sizes
+        slot_token, slot_weight, counts = pad_groups(*sort_slots(routing), T, self.stacked)
         tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])  # (T + 1, d_model): row T is padding
-        x_slots = tokens.index_select(0, slot_token)  # (N, d_model) by expert; backward index_add: 2x faster than tokens[i]'s
+        x_slots = tokens.index_select(0, slot_token)  # (N, d_model); backward index_add, 2x faster than tokens[i]'s
         if self.local_experts < self.num_experts:  # 3. experts: (N, d_model), sharded over processes
             y_slots = run_experts_parallel(self.local_experts, x_slots, counts, self.run_experts)
         else:
@@ -176,15 +177,15 @@ def sort_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]
     return kept // k, routing.weight.reshape(-1)[kept], counts
 
 
-def pad_groups(slot_token: torch.Tensor, slot_weight: torch.Tensor, counts: list[int], pad_token: int
-               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Round each expert's number of slots up to a size from a short list (minimodels/nn/shapes.py, which says
-    why: new matmul shapes are slow on CPU), filling the gap with slots of token pad_token (a zero row) and
-    weight 0. Switch-GPT's training step (`scripts/bench_train.py configs/switch_gpt.yaml --dtypes bf16`, 2 AMX
-    cores) went from 0.40x to 0.71x the dense model's speed. The padding costs less than an eighth more expert
-    rows and changes no output or gradient: a padding slot adds 0 x its output to row pad_token, which the
-    caller drops, so no gradient flows back through it."""
-    padded = [padded_size(c) for c in counts]
+def pad_groups(slot_token: torch.Tensor, slot_weight: torch.Tensor, counts: list[int], pad_token: int,
+               batched: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Round each expert's number of slots up to a size from a short list (group_sizes), filling the gap with
+    slots of token pad_token (a zero row) and weight 0. Why: on CPU a matmul of a new shape is slow
+    (minimodels/nn/shapes.py); Switch-GPT's training step (`scripts/bench_train.py configs/switch_gpt.yaml
+    --dtypes bf16`, 2 AMX cores) went from 0.40x to 0.71x the dense model's speed with per-group sizes, to
+    0.79x with equal ones (one bmm). The padding changes no output or gradient: a padding slot adds 0 x its
+    output to row pad_token, which the caller drops, so no gradient flows back through it."""
+    padded = group_sizes(counts, batched)
     if padded == counts:
         return slot_token, slot_weight, counts
     # slot i of expert e moves from position i to position i + (padded start of e - unpadded start of e)
@@ -194,6 +195,18 @@ def pad_groups(slot_token: torch.Tensor, slot_weight: torch.Tensor, counts: list
     token = slot_token.new_full((sum(padded),), pad_token).index_copy(0, dest, slot_token)  # (N_padded,)
     weight = slot_weight.new_zeros(sum(padded)).index_copy(0, dest, slot_weight)  # (N_padded,)
     return token, weight, padded
+
+
+def group_sizes(counts: list[int], batched: bool = False) -> list[int]:
+    """The padded size of each expert's group: padded_size of its count; with batched (stacked experts, which
+    run groups of equal size as one bmm, minimodels/nn/feedforward.py GroupedLinear) every group as large as the
+    largest, when that is at least 16 rows and adds at most half the rows: the batched matmul was faster than
+    the grouped one even with a third more rows."""
+    padded = [padded_size(c) for c in counts]
+    largest = max(padded, default=0)
+    if batched and largest >= 16 and len(counts) * largest <= 1.5 * sum(padded):
+        return [largest] * len(counts)
+    return padded
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:

@@ -44,34 +44,49 @@ class FeedForward(Protocol):
 
 class Groups(NamedTuple):
     """N rows grouped by expert, counts[e] rows of expert e in a row: offs (E,) int32, the end of each group
-    (grouped_mm's offsets), and expert (N,), each row's expert."""
+    (grouped_mm's offsets), expert (N,), each row's expert, and size, the rows of every group when all groups
+    have the same number of rows (then the rows are an (E, size, d) batch), else 0."""
 
     offs: torch.Tensor
     expert: torch.Tensor
+    size: int = 0
 
     @staticmethod
     def of(counts: list[int], device: torch.device | str = "cpu") -> Groups:
+        size = counts[0] if counts and counts[0] > 0 and counts.count(counts[0]) == len(counts) else 0
         counts = torch.tensor(counts, device=device)  # (E,)
         expert = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)  # (N,)
-        return Groups(counts.cumsum(0).to(torch.int32), expert)
+        return Groups(counts.cumsum(0).to(torch.int32), expert, size)
 
 
 class GroupedLinear(torch.autograd.Function):
     """E linear layers on rows grouped by layer: y_n = x_n W_e^T + b_e for each row n of group e. grouped_mm
     does all E matmuls in one call (on CPU a loop in C++); its own backward fails in float32 on CPU, so this one
-    computes both gradients with it too. x (N, d_in), weight (E, d_out, d_in), bias (E, d_out) or None, all of
-    one dtype -> y (N, d_out). A group without rows gets a zero weight gradient."""
+    computes both gradients with it too. Groups of equal size are one batched matmul (bmm) instead, faster on
+    CPU (8 experts of 256 -> 1024 -> 256, forward and backward matmuls, bf16, 2 AMX threads: 6.2 ms against
+    10.5 ms for the same 3840 rows grouped, and still 8.7 against 10.3 ms when the equal groups hold 1.33x the
+    rows; minimodels/moe/layer.py pad_groups decides). x (N, d_in), weight (E, d_out, d_in), bias (E, d_out) or
+    None, all of one dtype -> y (N, d_out). A group without rows gets a zero weight gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups: Groups):
-        ctx.save_for_backward(x, weight, *groups)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, groups.offs, groups.expert)
+        ctx.has_bias, ctx.size = bias is not None, groups.size
+        if groups.size:  # (E, size, d_in) @ (E, d_in, d_out) + b_e
+            x3 = x.view(len(weight), groups.size, -1)
+            w3 = weight.transpose(1, 2)  # (E, d_in, d_out)
+            y = torch.bmm(x3, w3) if bias is None else torch.baddbmm(bias[:, None], x3, w3)
+            return y.view(len(x), -1)  # (N, d_out)
         y = F.grouped_mm(x, weight.transpose(1, 2), offs=groups.offs)  # (N, d_out)
         return y if bias is None else y.add_(bias.index_select(0, groups.expert))
 
     @staticmethod
     def backward(ctx, grad):  # (N, d_out)
         x, weight, offs, expert = ctx.saved_tensors
+        if ctx.size:
+            g3, x3 = grad.contiguous().view(len(weight), ctx.size, -1), x.view(len(weight), ctx.size, -1)
+            grad_bias = g3.sum(1) if ctx.has_bias else None  # (E, d_out)
+            return torch.bmm(g3, weight).view_as(x), torch.bmm(g3.transpose(1, 2), x3), grad_bias, None
         # grouped_mm refuses the zero strides of an expanded gradient (that of a sum), empty ones too
         grad = grad.contiguous() if grad.numel() else grad.new_zeros(grad.shape)
         grad_x = F.grouped_mm(grad, weight, offs=offs)  # (N, d_in)
