@@ -10,7 +10,8 @@ and then each runs on its own (the same stages, step 3 a loop). The fast dispatc
     1. route       gate(x) -> Routing
     2. permute     gather the kept token slots, sorted by expert, into one (N, d_model) tensor; each
                    expert's group padded with zero rows to one of a few sizes (pad_groups: new shapes are slow)
-    3. experts     each expert runs once, on its contiguous slice (stacked: all in one grouped matmul)
+    3. experts     each expert runs once, on its contiguous slice (stacked: all in one grouped matmul, or one
+                   bmm when pad_groups made the groups equal)
     4. combine     scale each slot by its weight and add it back to its token's row
 
 Expert parallelism (expert_parallel=True, minimodels/moe/all_to_all.py) slots in between 2 and 3 (an

@@ -63,10 +63,10 @@ class GroupedLinear(torch.autograd.Function):
     """E linear layers on rows grouped by layer: y_n = x_n W_e^T + b_e for each row n of group e. grouped_mm
     does all E matmuls in one call (on CPU a loop in C++); its own backward fails in float32 on CPU, so this one
     computes both gradients with it too. Groups of equal size are one batched matmul (bmm) instead, faster on
-    CPU (8 experts of 256 -> 1024 -> 256, forward and backward matmuls, bf16, 2 AMX threads: 6.2 ms against
-    10.5 ms for the same 3840 rows grouped, and still 8.7 against 10.3 ms when the equal groups hold 1.33x the
-    rows; minimodels/moe/layer.py pad_groups decides). x (N, d_in), weight (E, d_out, d_in), bias (E, d_out) or
-    None, all of one dtype -> y (N, d_out). A group without rows gets a zero weight gradient."""
+    CPU: in a one-off probe (8 experts of 256 -> 1024 -> 256, forward and backward matmuls, bf16, 2 AMX threads)
+    6.2 ms against 10.5 ms for the same 3840 rows grouped, and still 8.7 against 10.3 ms when the equal groups
+    hold 1.33x the rows (minimodels/moe/layer.py group_sizes decides). x (N, d_in), weight (E, d_out, d_in),
+    bias (E, d_out) or None, all of one dtype -> y (N, d_out). A group without rows gets a zero weight gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups: Groups):
