@@ -92,8 +92,9 @@ def test_fast_dispatch_equals_the_per_token_reference(gate, options, drops):
 @pytest.mark.parametrize("expert", ["stacked", "list"])
 @pytest.mark.parametrize("gate,options", [("switch", dict(capacity_factor=1.0)), ("topk", dict(k=2))])
 def test_padded_expert_groups_change_no_output_or_gradient(monkeypatch, expert, gate, options):
-    """With ~50 slots per expert, each group is padded to a size of padded_size (pad_groups): the outputs and
-    gradients still equal the per-token reference, and the experts did run on padded groups."""
+    """With ~50 slots per expert, the groups are padded to group_sizes (pad_groups; stacked experts: all to the
+    largest, one bmm): the outputs and gradients still equal the per-token reference, and the experts did run
+    on padded groups."""
     torch.manual_seed(0)
     moe = MoE(D, E, gate, d_ff=D_FF if expert == "stacked" else None,
               expert=None if expert == "stacked" else (lambda: MLP(D, D_FF)), **options).train()
@@ -300,7 +301,7 @@ def test_validating_a_moe_config_draws_nothing_from_the_global_rng():
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [4, 4, 4, 4]], ids=["grouped_mm", "bmm"])
 def test_stacked_experts_equal_each_expert_on_its_rows_with_gradients(kind, dtype, counts):
     """An FFN built with num_experts (one grouped matmul per weight, or one bmm for groups of equal size) == a
-    loop of F.linear over each expert's weight slices on its rows, output and gradients, with an expert that
+    loop of F.linear over each expert's weight slices on its rows, output and gradients; in [3, 0, 5, 1] expert 1
     gets no rows (zero gradient)."""
     torch.manual_seed(0)
     assert Groups.of(counts).size == (4 if counts == [4, 4, 4, 4] else 0)

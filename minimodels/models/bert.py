@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import cross_entropy, pad_rows, ACTIVATIONS, LayerCache, MultiHeadAttention, PostLNBlock, build_ffn, check_block_options, normal_init
+from minimodels.nn import (ACTIVATIONS, LayerCache, MultiHeadAttention, PostLNBlock, build_ffn, check_block_options,
+                           cross_entropy, normal_init, pad_rows)
 from minimodels.protocols import TrainedModel
 
 HEADS = ("mlm", "classify", "pooler", "none")

@@ -42,7 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.models.gpt import gpt2_init
-from minimodels.nn import cross_entropy, pad_rows, LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, sample_next
+from minimodels.nn import (LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, cross_entropy,
+                           pad_rows, sample_next)
 from minimodels.protocols import TrainedModel
 
 
@@ -161,7 +162,8 @@ class GLM(nn.Module, TrainedModel):
             h = x[target]  # (N, C)
             # the head sees N rows plus zero rows up to one of a few sizes: new matmul shapes are slow (nn/shapes.py)
             scored = self.lm_head(pad_rows(h))  # (N', V)
-            # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it); the padding's target -100 scores nothing
+            # L = -1/N sum over the N Part B targets of log P(target | Part A, the Part B tokens before it);
+            # the padding's target -100 scores nothing
             loss = cross_entropy(scored, pad_rows(labels[target], value=-100))
             masked_logits = scored[:len(h)]  # (N, V)
         else:

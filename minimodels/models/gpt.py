@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import (cross_entropy, LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, normal_init,
-                           sample_next)
+from minimodels.nn import (LayerCache, MultiHeadAttention, PreLNBlock, build_ffn, check_block_options, cross_entropy,
+                           normal_init, sample_next)
 from minimodels.protocols import TrainedModel
 
 

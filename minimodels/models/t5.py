@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimodels.moe import MoEConfig, Routing, add_moe_loss, build_block_ffn
-from minimodels.nn import (cross_entropy, GatedMLP, LayerCache, MLP, MultiHeadAttention, PreLNBlock, RelativePositionBias, RMSNorm,
-                           build_ffn, check_block_options, sample_next)
+from minimodels.nn import (GatedMLP, LayerCache, MLP, MultiHeadAttention, PreLNBlock, RelativePositionBias, RMSNorm,
+                           build_ffn, check_block_options, cross_entropy, sample_next)
 from minimodels.protocols import TrainedModel
 
 
