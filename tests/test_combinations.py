@@ -124,6 +124,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(name, runs, tmp_path, mon
 
 
 # ------------------------------------------------------------------------------------ 2. gradient accumulation
+MOE_ROUND_OFF = 1e-5  # how far round-off moves an MoE config's losses in 4 steps (the next test)
+
+
 @pytest.mark.parametrize("name", rows(sorted(set(CONFIGS) - CONTRASTIVE)))
 def test_grad_accum_2_with_batch_b_equals_one_batch_of_2b(name, runs):
     """The same training losses and evaluations for 4 steps (without dropout). MoE configs with routing that does
@@ -131,7 +134,7 @@ def test_grad_accum_2_with_batch_b_equals_one_batch_of_2b(name, runs):
     exact = [*(BATCH_FREE_ROUTING if name in SWITCH else ()), *DROPOUT.get(name, ())]
     # MoE: a different summation order moves a router logit by round-off, and AdamW turns that into ~1e-5 by step 3
     assert_same_scores(runs.trained(name, *HALF, "train.grad_accum=2", *exact), runs.trained(name, *exact),
-                       1e-5 if name in SWITCH else 1e-6, evaluations=name not in RANDOM_VAL)
+                       MOE_ROUND_OFF if name in SWITCH else 1e-6, evaluations=name not in RANDOM_VAL)
 
 
 @pytest.mark.parametrize("name", rows(sorted(SWITCH)))
@@ -143,7 +146,8 @@ def test_grad_accum_with_capacity_and_balancing_loss_trains_on_each_micro_batch(
     steps = [e for e in events(accumulated) if "loss" in e]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(e["loss"])) and "moe_block0_load" in e for e in steps)
-    assert max(abs(x - y) for x, y in zip(losses(accumulated), one)) > 1e-4
+    # more than round-off moves them (by 5.9e-5 for switch_bert at one thread, 1e-4 or more at two)
+    assert max(abs(x - y) for x, y in zip(losses(accumulated), one)) > 2 * MOE_ROUND_OFF
 
 
 @pytest.mark.parametrize("name", rows(sorted(CONTRASTIVE)))
