@@ -26,6 +26,9 @@ round (A B C, B C A, ...) so that a noisy shared machine slows all of them alike
     MFU = achieved FLOP/s / peak FLOP/s   (model FLOPs utilisation, PaLM appendix B)
     achieved = FLOPs of one step of that model (counted by torch's FlopCounterMode: every matmul and
                attention, forward and backward) / step time
+For GPT a fourth model is timed: `nanoGPT-style`, the same GPT written the way compact reference implementations
+such as karpathy's nanoGPT write it (below; our parameter names, so it loads our weights, and the bench checks that
+it computes our loss before timing it).
 Each model's own FLOPs are counted: our BERT scores only the ~15% masked positions with the MLM head (as
 BERT's own pretraining code does) while BertForMaskedLM scores all of them, so it does more work for the
 same loss. "speed vs HF" compares time per step, i.e. per training example, which is what a user waits for.
@@ -41,8 +44,11 @@ import statistics
 import time
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from minimodels.config import load_config
@@ -79,6 +85,42 @@ def to_hf(model, attn: str):
     from minimodels import hf
 
     return getattr(hf, f"{model.config.arch}_to_hf")(model, attn_implementation=attn)  # gpt_to_hf, bert_to_hf, t5_to_hf
+
+
+class NanoGPTStyle(nn.Module):
+    """GPT-2 as a compact reference implementation writes it (nanoGPT's model.py, written here from the GPT-2
+    paper's description): pre-LN blocks, one Linear for Q, K and V, torch's scaled_dot_product_attention with
+    is_causal, a 4x GELU MLP, tied embeddings, and F.cross_entropy over all (B T, V) logits under autocast. No
+    chunked loss, no manual bf16 attention, no padding tricks: the baseline our GPT's speed-ups are measured
+    from. Bench only; the parameter names are our GPT's."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.n_head = c.n_head
+        self.tok_emb, self.pos_emb = nn.Embedding(c.vocab_size, c.d_model), nn.Embedding(c.block_size, c.d_model)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(c.d_model), ln2=nn.LayerNorm(c.d_model),
+            attn=nn.ModuleDict(dict(qkv=nn.Linear(c.d_model, 3 * c.d_model), proj=nn.Linear(c.d_model, c.d_model))),
+            ffn=nn.ModuleDict(dict(fc=nn.Linear(c.d_model, 4 * c.d_model), proj=nn.Linear(4 * c.d_model, c.d_model)))))
+            for _ in range(c.n_layer))
+        self.ln_f, self.lm_head = nn.LayerNorm(c.d_model), nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight
+
+    def attention(self, attn, h):  # (B, T, C) -> (B, T, C)
+        B, T, C = h.shape
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs) each
+                   for z in attn["qkv"](h).split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return attn["proj"](y.transpose(1, 2).reshape(B, T, C))
+
+    def forward(self, input_ids, labels):
+        x = self.tok_emb(input_ids) + self.pos_emb(torch.arange(input_ids.size(1)))  # (B, T, C)
+        for b in self.blocks:
+            x = x + self.attention(b["attn"], b["ln1"](x))
+            x = x + b["ffn"]["proj"](F.gelu(b["ffn"]["fc"](b["ln2"](x))))
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t + 1
+        return SimpleNamespace(logits=logits, loss=F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
 
 
 BATCHES = {"gpt": gpt_batch, "bert": bert_batch, "t5": t5_batch}  # model.arch -> random batch shaped like its task
@@ -184,6 +226,13 @@ def main() -> None:
     if cfg.model.moe is None:  # ours with either attention against Hugging Face's model with our weights
         models = {f"ours ({impl})": build_model(dataclasses.replace(cfg.model, attn_impl=impl)) for impl in ("sdpa", "manual")}
         models["ours (manual)"].load_state_dict(models["ours (sdpa)"].state_dict())
+        if arch == "gpt":
+            models["nanoGPT-style"] = NanoGPTStyle(cfg.model)
+            models["nanoGPT-style"].load_state_dict(models["ours (sdpa)"].state_dict())
+            with torch.no_grad():
+                ours, nano = (models[n](**batch).loss.item() for n in ("ours (sdpa)", "nanoGPT-style"))
+            if abs(ours - nano) > 1e-4:
+                raise SystemExit(f"error: nanoGPT-style loss {nano:.6f} != ours {ours:.6f}: not the same model")
         reference = to_hf(models["ours (sdpa)"], args.hf_attn)
         ref_name = f"HF {type(reference).__name__} ({reference.config._attn_implementation})"
     else:  # the sparse model against its dense twin, both with the attention `auto` picks
@@ -235,7 +284,8 @@ def main() -> None:
     adamw = adamw_step_ms(models[names[0]])
     print(f"- AdamW step over our model's parameters: " + ", ".join(f"{k} {v:.1f} ms" for k, v in adamw.items()))
     if args.profile:
-        print_profile(models[names[-2]], opts[names[-2]], batch, args.profile)  # ours (manual) or the sparse model
+        name = "ours (manual)" if "ours (manual)" in models else names[0]  # or the sparse model
+        print_profile(models[name], opts[name], batch, args.profile)
 
 
 def print_profile(model, opt, batch: dict, rows: int, steps: int = 4) -> None:
