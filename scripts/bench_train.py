@@ -226,7 +226,9 @@ def main() -> None:
     if cfg.model.moe is None:  # ours with either attention against Hugging Face's model with our weights
         models = {f"ours ({impl})": build_model(dataclasses.replace(cfg.model, attn_impl=impl)) for impl in ("sdpa", "manual")}
         models["ours (manual)"].load_state_dict(models["ours (sdpa)"].state_dict())
-        if arch == "gpt":
+        m = cfg.model
+        if arch == "gpt" and (m.ffn, m.activation, m.bias, m.tie_weights, m.d_ff or 4 * m.d_model, m.norm_eps) == (
+                "mlp", "gelu", True, True, 4 * m.d_model, 1e-5):  # the GPT-2 that NanoGPTStyle writes
             models["nanoGPT-style"] = NanoGPTStyle(cfg.model)
             models["nanoGPT-style"].load_state_dict(models["ours (sdpa)"].state_dict())
             with torch.no_grad():

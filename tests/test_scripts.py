@@ -74,7 +74,8 @@ def test_bench_train_script(config):
            "--warmup", "0", "--dtypes", "fp32", "--peak-sizes", "64", "--threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| fp32 |")]
-    assert len(rows) == 3 and any("HF" in row for row in rows)
+    assert len(rows) == 3 + (config == "gpt") and any("HF" in row for row in rows)
+    assert any("nanoGPT-style" in row for row in rows) == (config == "gpt")  # which checked that it computes our loss
 
 
 @pytest.mark.parametrize("config", ["gpt", "bert"])
