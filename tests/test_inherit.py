@@ -51,8 +51,9 @@ def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
 
 
 def test_teacher_scores_a_share_of_the_rows_and_the_kl_averages_over_them():
-    """train.teacher.rows: 0.5 of a batch of 4 -> the teacher sees rows 0-1 only; L = (1 - a) L_self(all 4 rows) +
-    a T^2 KL averaged over the target positions of rows 0-1 (the student's own scores of those rows)."""
+    """train.teacher.rows: 0.5 of a batch of 4 -> the teacher sees rows 0-1 only; L = (1 - s a) L_self(all 4 rows) +
+    s a T^2 KL averaged over the target positions of rows 0-1 (the student's own scores of those rows), s = their
+    share of the batch's target positions (11 of 25)."""
     torch.manual_seed(0)
     student, teacher = (GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, d_model=d)) for d in (16, 8))
     seen = []
@@ -69,7 +70,9 @@ def test_teacher_scores_a_share_of_the_rows_and_the_kl_averages_over_them():
     log_p_s = F.log_softmax(s.logits[:2, :-1][has_target] / 2.0, -1)
     kl = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()
     torch.testing.assert_close(got.metrics["inherit_kl"], kl)
-    torch.testing.assert_close(got.loss, 0.6 * s.loss + 0.4 * 4.0 * kl)
+    share = has_target.sum() / (labels[:, 1:] != -100).sum()
+    assert share == 11 / 25  # rows 0-1 hold 7 + 4 of the batch's 7 + 4 + 7 + 7 target positions
+    torch.testing.assert_close(got.loss, (1 - 0.4 * share) * s.loss + 0.4 * share * 4.0 * kl)
     # a masked LM: the teacher's labelled positions in its rows are the student's first ones
     rows = torch.randn(5, 11)
     bert = BERTOutput(logits=None, masked_logits=rows, loss=torch.tensor(1.0))
@@ -80,12 +83,13 @@ def test_teacher_scores_a_share_of_the_rows_and_the_kl_averages_over_them():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softened_kl_gradient_is_autograds_through_kl_div(dtype):
+@pytest.mark.parametrize("T", [1.0, 1.7])  # T = 1 takes the fused path from the scores' dtype
+def test_softened_kl_gradient_is_autograds_through_kl_div(dtype, T):
     """SoftenedKL's closed-form backward (p_s - p_t) / T gives the gradient autograd gives through F.kl_div, in the
     scores' dtype; a row with weight 0 gets none, and the teacher's scores get none."""
     torch.manual_seed(0)
     s, t = (3 * torch.randn(6, 11)).to(dtype), (3 * torch.randn(6, 11)).to(dtype)  # (M, V)
-    weight, T = torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0, 0.0]), 1.7
+    weight = torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0, 0.0])
     s_ref = s.float().clone().requires_grad_(True)
     rows = F.kl_div(F.log_softmax(s_ref / T, -1), F.log_softmax(t.float() / T, -1), log_target=True, reduction="none")
     ((rows.sum(-1) * weight).sum() * 3.0).backward()

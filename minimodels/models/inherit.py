@@ -14,7 +14,8 @@ tokenizer (`train.teacher.run`); it runs in eval mode without gradients.
 What the teacher costs is its forward pass and the KL over (positions, vocabulary) scores, on every step while
 alpha_t > 0. `train.teacher.rows` < 1 has the teacher score only the first share of each batch's rows (of each
 micro-batch, on each process: gradient accumulation and torchrun see the same share of every batch); the KL is
-averaged over their target positions, L_self over the whole batch. Both costs scale with the rows: for a width-128
+averaged over their target positions, L_self over the whole batch, and alpha_t is scaled by the share s of the
+batch's target positions the teacher scored: L = (1 - s alpha_t) L_self + s alpha_t T^2 KL. Both costs scale with the rows: for a width-128
 teacher of a width-256 GPT (scripts/bench_inherit.py, one thread) the teacher added 30% to a student step at rows 1,
 16% at 0.5 and 10% at 0.25 (its forward alone 15%, 8%, 4%; the rest is the KL and the gradient of the student's
 scores it slices).
@@ -48,7 +49,8 @@ class TeacherConfig:
     alpha: float = 1.0  # the teacher's share of the loss at step 0
     decay_steps: int | None = None  # alpha decays linearly to 0 over this many steps; null = constant alpha
     temperature: float = 2.0  # T: both distributions are softened by T before the KL
-    rows: float = 1.0  # the share of each batch's rows (its first ones) the teacher scores and the KL averages over
+    rows: float = 1.0  # the share of each batch's rows (its first ones) the teacher scores; alpha is scaled by the
+    # share of the target positions they hold (inheritance_loss)
 
     def validate(self, arch: str) -> None:
         """Check train.teacher for a student of model.arch `arch`."""
@@ -88,44 +90,65 @@ def first_rows(batch: dict, share: float) -> dict:
     return {k: v[:n] for k, v in batch.items()}  # (n, ...) views
 
 
+# scores per chunk of SoftenedKL: 16 rows of a 4096-token vocabulary. KL forward + backward over (4096, 4096) bf16
+# scores, one thread, in a one-off probe: 63 ms in chunks of 16 rows, 75 ms in chunks of 64, 99 ms of 256
+KL_CHUNK_ELEMENTS = 1 << 16
+
+
 class SoftenedKL(torch.autograd.Function):
     """sum_r w_r KL(p_t,r || p_s,r) with p = softmax(scores / T) over the vocabulary, in fp32 whatever the scores'
     dtype; the gradient reaches the student's scores s only. Its backward is the closed form
 
         dKL(p_t || p_s) / ds_v = (p_s(v) - p_t(v)) / T
 
-    computed once in forward, instead of autograd keeping and walking back through the graph of the (M, V)
-    temporaries (log-softmax, exp, difference, product); tests/test_inherit.py checks it against autograd through
-    F.kl_div. With the views of target_logits it took the teacher's added cost per GPT step from 30% to 26%
-    (README, scripts/bench_inherit.py)."""
+    computed once in forward and kept in the scores' dtype, instead of autograd keeping and walking back through
+    the graph of the (M, V) temporaries (log-softmax, exp, difference, product); tests/test_inherit.py checks it
+    against autograd through F.kl_div. As minimodels/nn/loss.py does for the cross-entropy, it works through the
+    rows in chunks small enough to stay in the CPU's cache, so the fp32 temporaries never reach memory."""
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-        log_ps = F.log_softmax(s.float() / temperature, dim=-1)  # (M, V)
-        log_pt = F.log_softmax(t.float() / temperature, dim=-1)  # (M, V)
-        p_t = log_pt.exp()
-        kl = (p_t * (log_pt - log_ps)).sum(-1)  # (M,): KL(p_t || p_s) = sum_v p_t(v) (log p_t(v) - log p_s(v))
-        ctx.save_for_backward(log_ps.exp_().sub_(p_t), weight)  # (M, V): p_s - p_t, in place of log p_s
-        ctx.s_dtype, ctx.temperature = s.dtype, temperature
+        rows = len(s) if s.is_cuda else max(1, KL_CHUNK_ELEMENTS // s.size(1))
+        ps_minus_pt = torch.empty_like(s)  # (M, V), the scores' dtype
+        kl = torch.empty(len(s), device=s.device)  # (M,) fp32
+        for s_c, t_c, g_c, kl_c in zip(s.split(rows), t.split(rows), ps_minus_pt.split(rows), kl.split(rows)):
+            # log softmax(z / T) in fp32: one fused pass from the scores' dtype when T = 1
+            log_ps, log_pt = (F.log_softmax(z if temperature == 1 else z.float() / temperature, dim=-1,
+                                            dtype=torch.float32) for z in (s_c, t_c))  # (rows, V) each
+            p_t = log_pt.exp()
+            # KL(p_t || p_s) = sum_v p_t(v) (log p_t(v) - log p_s(v))
+            kl_c.copy_(torch.linalg.vecdot(p_t, log_pt.sub_(log_ps)))
+            g_c.copy_(log_ps.exp_().sub_(p_t))  # p_s - p_t
+        ctx.save_for_backward(ps_minus_pt, weight)
+        ctx.temperature = temperature
         return (weight * kl).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         ps_minus_pt, weight = ctx.saved_tensors  # (M, V), (M,)
         row_scale = grad * weight / ctx.temperature  # (M,): d(sum_r w_r KL_r) / dKL_r times 1 / T
-        return (ps_minus_pt * row_scale[:, None]).to(ctx.s_dtype), None, None, None
+        return ps_minus_pt * row_scale[:, None].to(ps_minus_pt.dtype), None, None, None
 
 
 def inheritance_loss(student_out, teacher_out, batch: dict, alpha: float, temperature: float):
     """(L, KL): the mixed loss above, and the KL term alone (nats per target position). The teacher may have scored
     only the batch's first rows (train.teacher.rows): the KL is then averaged over their target positions, which are
-    the first of the student's scores (both in row-major order), and L_self stays the student's over the batch."""
+    the first of the student's scores (both in row-major order), and alpha is scaled by their share s of the batch's
+    target positions, so each position weighs the same as with rows 1 and the data keeps the rest of the loss:
+
+        L = (1 - s alpha_t) L_self + s alpha_t T^2 KL_rows
+
+    (with alpha weighting the KL of a quarter of the rows against all of the data, alpha = 1 trained the student on
+    a quarter of its batch: a width-384 GPT fell behind its scratch twin, 5.041 against 5.010 at step 300.)"""
     t, _ = target_logits(teacher_out, batch)  # (M', V), M' <= M
-    s, has_target = (x[:len(t)] for x in target_logits(student_out, batch))  # (M', V), (M',)
+    s, has_target = target_logits(student_out, batch)  # (M, V), (M,)
+    share = has_target[:len(t)].sum() / has_target.sum().clamp(min=1)  # s: the teacher's share of the targets
+    s, has_target = s[:len(t)], has_target[:len(t)]  # (M', V), (M',)
     if s.shape != t.shape:
         raise ValueError(f"train.teacher: the teacher scores {tuple(t.shape)} where the student scores {tuple(s.shape)}")
     kl = SoftenedKL.apply(s, t, has_target / has_target.sum().clamp(min=1), temperature)  # mean over the target positions
-    return (1 - alpha) * student_out.loss + alpha * temperature**2 * kl, kl.detach()
+    a = alpha * share
+    return (1 - a) * student_out.loss + a * temperature**2 * kl, kl.detach()
 
 
 class Inheritance(nn.Module, TrainedModel):
@@ -148,7 +171,10 @@ class Inheritance(nn.Module, TrainedModel):
         out, metrics = self.student(**batch), {}
         if self.alpha > 0:  # L = (1 - a) L_self + a T^2 KL(teacher || student)
             with torch.no_grad():
-                teacher_out = self.teacher[0](**first_rows(batch, self.cfg.rows))
+                teacher_batch = first_rows(batch, self.cfg.rows)
+                if self.teacher[0].config.arch == "gpt":  # a causal LM's logits need no labels, which would add its loss
+                    teacher_batch.pop("labels", None)
+                teacher_out = self.teacher[0](**teacher_batch)
             loss, metrics["inherit_kl"] = inheritance_loss(out, teacher_out, batch, self.alpha, self.cfg.temperature)
             out = dataclasses.replace(out, loss=loss)
         metrics["inherit_alpha"] = torch.tensor(self.alpha)
