@@ -16,7 +16,7 @@ from minimodels.models import GPT, GPTConfig
 from minimodels.protocols import TextTask, TrainedModel
 from minimodels.train import Trainer, TrainingError
 from minimodels.train.checkpoint import checkpoint_dirs
-from minimodels.train.run import run
+from minimodels.train.run import run, training_in
 
 
 class RandomLMTask:
@@ -281,6 +281,13 @@ def test_resume_extends_a_finished_run_and_refuses_to_clobber(tmp_path, text_sou
     evals = [e["time_s"] for e in events if "val_loss" in e]
     assert len(evals) == 3 and evals[0] <= evals[1]  # steps 4 and 8; then 12, counted from the resume
     assert all(e["wall_time_s"] >= e["train_time_s"] >= t >= 0 for e, t in zip(ends, evals[1:]))
+    # while a run trains in the folder (here: the lock it holds), even --overwrite stops and deletes nothing
+    with training_in(out, main=True):
+        with pytest.raises(ConfigError, match="is in use, another process is training in it"):
+            run(load_config(out / "config.yaml"), overwrite=True, quiet=True)
+    assert checkpoint_dirs(out)[-1].name == "step_00000012"
+    run(load_config(out / "config.yaml", ["train.max_steps=4"]), overwrite=True, quiet=True)  # unlocked again
+    assert checkpoint_dirs(out)[-1].name == "step_00000004"
 
 
 

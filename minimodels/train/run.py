@@ -17,9 +17,15 @@ import random
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl  # POSIX file locks
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 from minimodels.config import ConfigError, ExperimentConfig, load_config, save_config
 from minimodels.data import TASKS, Tokenizer, build_task
@@ -108,9 +114,28 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, qu
     Under torchrun every process calls this; rank 0 writes the run folder and prints."""
     world = init_world(cfg.train.distributed.backend)
     try:
-        return run_in_world(cfg, world, resume, overwrite, quiet or not world.main)
+        with training_in(Path(cfg.output.dir), world.main):
+            return run_in_world(cfg, world, resume, overwrite, quiet or not world.main)
     finally:
         close_world(world)
+
+
+@contextmanager
+def training_in(run_dir: Path, main: bool):
+    """Hold an exclusive lock on run_dir/.lock while this process (the main one) trains there: a second run into the
+    same folder, such as reproduce.py retraining a run it finds unfinished (it overwrites), stops with an error
+    instead of deleting the files a live run is writing. The OS drops the lock when the process ends, however."""
+    if not main or fcntl is None:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"output.dir: {run_dir} is in use, another process is training in it; wait for it to "
+                              "end or pick another output.dir=...") from None
+        yield
 
 
 def run_in_world(cfg: ExperimentConfig, world: World, resume: bool, overwrite: bool, quiet: bool) -> dict:
