@@ -48,14 +48,14 @@ def started_from(run: str) -> tuple[str, ...]:
     return (f"model.init_from={{runs}}/{run}", f"data.tokenizer={{runs}}/{run}/tokenizer.json")
 
 
-def student(arch: str, max_steps: int, eval_interval: int, teacher: str | None = None) -> Run:
-    """Knowledge inheritance (README): configs/<arch>.yaml trained max_steps with ki_<arch>_teacher (the same config at
-    half its width) as its teacher, alpha decaying from 1 and the train.teacher options `teacher` (YAML, e.g.
-    "decay_steps: 200"); teacher None: from scratch."""
-    run = f"ki_{arch}_teacher"
-    inherit = (f"train.teacher={{run: {{runs}}/{run}, alpha: 1.0, {teacher}}}",) if teacher else ()
-    return Run(f"configs/{arch}.yaml", (f"data.tokenizer={{runs}}/{run}/tokenizer.json", f"train.max_steps={max_steps}",
-                                        f"train.eval_interval={eval_interval}") + inherit, (run,))
+def student(arch: str, eval_interval: int, teacher: str | None = None) -> Run:
+    """Knowledge inheritance (README): configs/<arch>.yaml at width 384 (6 heads of 64), evaluated every
+    eval_interval steps, with the `arch` row's run (the same config at width 256) as its teacher: alpha decaying
+    from 1, T = 1 and the train.teacher options `teacher` (YAML, e.g. "decay_steps: 400, rows: 0.5"); teacher None:
+    from scratch."""
+    inherit = (f"train.teacher={{run: {{runs}}/{arch}, alpha: 1.0, temperature: 1.0, {teacher}}}",) if teacher else ()
+    return Run(f"configs/{arch}.yaml", ("model.d_model=384", "model.n_head=6", f"data.tokenizer={{runs}}/{arch}/tokenizer.json",
+                                        f"train.eval_interval={eval_interval}") + inherit, (arch,))
 
 
 GATE_BUDGET = ("train.max_steps=300", "train.eval_interval=100", "train.save_interval=300")  # the gate table's runs
@@ -103,12 +103,10 @@ RUNS = {
     "gate_dense": Run("configs/gpt.yaml", GATE_BUDGET),  # also the dense run the upcycling row starts from
     "upcycle_dense": Run("configs/gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
     "upcycle_switch": Run("configs/switch_gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
-    "ki_gpt_teacher": Run("configs/gpt.yaml", ("model.d_model=128", "train.max_steps=1000")),
-    "ki_gpt_scratch": student("gpt", 750, 25),
-    "ki_gpt_inherit": student("gpt", 750, 25, "decay_steps: 400, rows: 0.25, temperature: 1.0"),
-    "ki_bert_teacher": Run("configs/bert.yaml", ("model.d_model=128",)),
-    "ki_bert_scratch": student("bert", 800, 40),
-    "ki_bert_inherit": student("bert", 800, 40, "decay_steps: 200"),
+    "ki_gpt_scratch": student("gpt", 25),
+    "ki_gpt_inherit": student("gpt", 25, "decay_steps: 300, rows: 0.5"),
+    "ki_bert_scratch": student("bert", 50),
+    "ki_bert_inherit": student("bert", 50, "decay_steps: 400, rows: 0.5"),
     **{f"{arch}_records": Run(f"configs/{arch}_records.yaml") for arch in ("glm", "bert", "t5", "gpt")},
     **{f"fewshot_{method}_seed{seed}": Run(config, started_from("bert") + overrides + (
         f"data.few_shot_seed={seed}", f"train.seed={seed}"), ("bert",))
@@ -207,18 +205,31 @@ def infill_table(n: dict) -> str:
 
 def inherited(teacher: str, scratch: str, inherit: str):
     """Knowledge inheritance: the teacher's final val loss; per student the first evaluation reaching it (step and
-    training time until then, absent if never) and its final val loss; the widths of teacher and students."""
+    training time until then, absent if never), the first reaching the scratch student's final val loss, and its
+    final val loss; the widths of teacher and students."""
 
     def measure(runs: Path) -> dict:
         target = final(runs, teacher, "val_loss")
         reached = {k: reaching(runs, r, target) for k, r in (("scratch", scratch), ("inherit", inherit))}
         width = {k: yaml.safe_load((runs / r / "config.yaml").read_text())["model"]["d_model"]
                  for k, r in (("teacher", teacher), ("student", inherit))}
-        return {"val_loss": {"teacher": target, "scratch": final(runs, scratch, "val_loss"),
-                             "inherit": final(runs, inherit, "val_loss")}, "width": width,
+        loss = {"teacher": target, "scratch": final(runs, scratch, "val_loss"), "inherit": final(runs, inherit, "val_loss")}
+        # the scratch run's final loss, which it may have reached before its end (when it overfits)
+        to_scratch_end = {k: reaching(runs, r, loss["scratch"]) for k, r in (("scratch", scratch), ("inherit", inherit))}
+        return {"val_loss": loss, "width": width,
                 "steps_to_teacher": {k: e["step"] for k, e in reached.items() if e},
-                "wall_time_to_teacher_s": {k: e["time_s"] for k, e in reached.items() if e and "time_s" in e}}
+                "wall_time_to_teacher_s": {k: e["time_s"] for k, e in reached.items() if e and "time_s" in e},
+                "steps_to_scratch_final": {k: e["step"] for k, e in to_scratch_end.items() if e},
+                "wall_time_to_scratch_final_s": {k: e["time_s"] for k, e in to_scratch_end.items() if e and "time_s" in e}}
     return measure
+
+
+def saving(times: dict) -> str:
+    """' (**20% less wall time**)' for times {"scratch": s, "inherit": i}; '' unless both are there."""
+    if len(times) != 2:
+        return ""
+    saved = 1 - times["inherit"] / times["scratch"]
+    return f" (**{abs(saved):.0%} {'less' if saved > 0 else 'more'} wall time**)"
 
 
 def inherit_cell(arch: str):
@@ -226,11 +237,12 @@ def inherit_cell(arch: str):
         steps, times, loss = n["steps_to_teacher"], n["wall_time_to_teacher_s"], n["val_loss"]
         at = {k: f"at step {steps[k]}" + part(" ({})", minutes(times.get(k))) if k in steps else "never"
               for k in ("inherit", "scratch")}
-        saved = 1 - times["inherit"] / times["scratch"] if len(times) == 2 else None
-        saved = "" if saved is None else f" (**{abs(saved):.0%} {'less' if saved > 0 else 'more'} wall time**)"
+        end_steps, end_times = n["steps_to_scratch_final"], n["wall_time_to_scratch_final_s"]
+        end = (f"; the scratch run's final {loss['scratch']:.3f} reached from scratch at step {end_steps['scratch']}, with "
+               f"the teacher at step {end_steps['inherit']}{saving(end_times)}" if "inherit" in end_steps else "")
         return (f"{arch} of width {n['width']['student']} learning from one of width {n['width']['teacher']}: the "
                 f"teacher's val loss {loss['teacher']:.3f} reached with it {at['inherit']}, from scratch "
-                f"{at['scratch']}{saved}; at the end {loss['inherit']:.3f} vs {loss['scratch']:.3f}")
+                f"{at['scratch']}{saving(times)}; at the end {loss['inherit']:.3f} vs {loss['scratch']:.3f}{end}")
     return cell
 
 
@@ -411,12 +423,14 @@ ROWS = {
                      lambda n: f"upcycled Switch-GPT **{n['upcycled Switch-GPT, +300 steps']['val_bpc']:.3f}** vs "
                                f"{n['dense, +300 steps']['val_bpc']:.3f} continuing the dense GPT (300 + 300 steps)",
                      moe_table),
-    "inherit_gpt": Row("Knowledge inheritance", "a GPT (configs/gpt.yaml, 750 steps) learning from one of half its "
-                       "width vs from scratch: steps and wall time to the teacher's val loss", ("ki_gpt_scratch", "ki_gpt_inherit"),
-                       inherited("ki_gpt_teacher", "ki_gpt_scratch", "ki_gpt_inherit"), inherit_cell("GPT")),
-    "inherit_bert": Row("Knowledge inheritance", "a BERT (configs/bert.yaml, 800 steps) learning from one of half its "
-                        "width vs from scratch: steps and wall time to the teacher's val loss", ("ki_bert_scratch", "ki_bert_inherit"),
-                        inherited("ki_bert_teacher", "ki_bert_scratch", "ki_bert_inherit"), inherit_cell("BERT")),
+    "inherit_gpt": Row("Knowledge inheritance", "a GPT of width 384 (configs/gpt.yaml) learning from the gpt row's "
+                       "(width 256) vs from scratch: steps and wall time to the teacher's val loss",
+                       ("ki_gpt_scratch", "ki_gpt_inherit"), inherited("gpt", "ki_gpt_scratch", "ki_gpt_inherit"),
+                       inherit_cell("GPT")),
+    "inherit_bert": Row("Knowledge inheritance", "a BERT of width 384 (configs/bert.yaml) learning from the bert row's "
+                        "(width 256) vs from scratch: steps and wall time to the teacher's val loss",
+                        ("ki_bert_scratch", "ki_bert_inherit"), inherited("bert", "ki_bert_scratch", "ki_bert_inherit"),
+                        inherit_cell("BERT")),
     "glm_records": Row("GLM (both-sides blanks)", "GLM, T5, BERT (told the length, and not) and GPT on held-out order "
                        "records whose blanks the summary on their right restates: exact match",
                        ("glm_records", "bert_records", "t5_records", "gpt_records"),

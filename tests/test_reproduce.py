@@ -63,9 +63,12 @@ def test_inheritance_rows_time_the_first_evaluation_reaching_the_teachers_loss(t
     assert n["steps_to_teacher"] == {"scratch": 200, "inherit": 100}
     assert n["wall_time_to_teacher_s"] == {"scratch": 200.0, "inherit": 150.0}
     assert n["val_loss"] == {"teacher": 4.7, "scratch": 4.6, "inherit": 4.4} and n["width"] == {"teacher": 128, "student": 256}
+    assert n["steps_to_scratch_final"] == {"scratch": 300, "inherit": 200}
+    assert n["wall_time_to_scratch_final_s"] == {"scratch": 300.0, "inherit": 260.0}
     assert reproduce.ROWS["inherit_gpt"].cell(n) == (
         "GPT of width 256 learning from one of width 128: the teacher's val loss 4.700 reached with it at step 100 "
-        "(2 min 30 s), from scratch at step 200 (3 min 20 s) (**25% less wall time**); at the end 4.400 vs 4.600")
+        "(2 min 30 s), from scratch at step 200 (3 min 20 s) (**25% less wall time**); at the end 4.400 vs 4.600; the "
+        "scratch run's final 4.600 reached from scratch at step 300, with the teacher at step 200 (**13% less wall time**)")
     write("never", 256, [(100, 5.0, 100.0), (300, 4.8, 300.0)])
     cell = reproduce.ROWS["inherit_bert"].cell(reproduce.inherited("teacher", "never", "inherit")(tmp_path))
     assert "reached with it at step 100 (2 min 30 s), from scratch never; at the end" in cell

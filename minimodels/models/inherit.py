@@ -15,10 +15,9 @@ What the teacher costs is its forward pass and the KL over (positions, vocabular
 alpha_t > 0. `train.teacher.rows` < 1 has the teacher score only the first share of each batch's rows (of each
 micro-batch, on each process: gradient accumulation and torchrun see the same share of every batch); the KL is
 averaged over their target positions, L_self over the whole batch, and alpha_t is scaled by the share s of the
-batch's target positions the teacher scored: L = (1 - s alpha_t) L_self + s alpha_t T^2 KL. Both costs scale with the rows: for a width-128
-teacher of a width-256 GPT (scripts/bench_inherit.py, one thread) the teacher added 30% to a student step at rows 1,
-16% at 0.5 and 10% at 0.25 (its forward alone 15%, 8%, 4%; the rest is the KL and the gradient of the student's
-scores it slices).
+batch's target positions the teacher scored: L = (1 - s alpha_t) L_self + s alpha_t T^2 KL. Both costs scale with
+the rows: for a width-256 teacher of a width-384 GPT (scripts/bench_inherit.py, one thread) the teacher added 37%
+to a student step at rows 1 and 20% at 0.5 (its forward alone 21% and 12%; the rest is the KL and its gradient).
 
 `Inheritance(student, teacher, cfg)` is what the trainer's training steps call instead of the student
 (minimodels/train/run.py builds it): its output is the student's, with `loss` = L above and alpha_t and the KL
