@@ -103,7 +103,7 @@ class SoftenedKL(torch.autograd.Function):
     computed once in forward and kept in the scores' dtype, instead of autograd keeping and walking back through
     the graph of the (M, V) temporaries (log-softmax, exp, difference, product); tests/test_inherit.py checks it
     against autograd through F.kl_div. As minimodels/nn/loss.py does for the cross-entropy, it works through the
-    rows in chunks small enough to stay in the CPU's cache, so the fp32 temporaries never reach memory."""
+    rows in chunks small enough to stay in the CPU's cache: the fp32 temporaries are (16, V), not (M, V)."""
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
