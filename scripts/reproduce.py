@@ -51,9 +51,9 @@ def started_from(run: str) -> tuple[str, ...]:
 def student(arch: str, eval_interval: int, teacher: str | None = None) -> Run:
     """Knowledge inheritance (README): configs/<arch>.yaml at width 384 (6 heads of 64), evaluated every
     eval_interval steps, with the `arch` row's run (the same config at width 256) as its teacher: alpha decaying
-    from 1, T = 1 and the train.teacher options `teacher` (YAML, e.g. "decay_steps: 400, rows: 0.5"); teacher None:
-    from scratch."""
-    inherit = (f"train.teacher={{run: {{runs}}/{arch}, alpha: 1.0, temperature: 1.0, {teacher}}}",) if teacher else ()
+    from 1 with the train.teacher options `teacher` (YAML, e.g. "temperature: 1.0, decay_steps: 300, rows: 0.5");
+    teacher None: from scratch."""
+    inherit = (f"train.teacher={{run: {{runs}}/{arch}, alpha: 1.0, {teacher}}}",) if teacher else ()
     return Run(f"configs/{arch}.yaml", ("model.d_model=384", "model.n_head=6", f"data.tokenizer={{runs}}/{arch}/tokenizer.json",
                                         f"train.eval_interval={eval_interval}") + inherit, (arch,))
 
@@ -104,9 +104,9 @@ RUNS = {
     "upcycle_dense": Run("configs/gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
     "upcycle_switch": Run("configs/switch_gpt.yaml", GATE_BUDGET + started_from("gate_dense"), ("gate_dense",)),
     "ki_gpt_scratch": student("gpt", 25),
-    "ki_gpt_inherit": student("gpt", 25, "decay_steps: 300, rows: 0.5"),
+    "ki_gpt_inherit": student("gpt", 25, "temperature: 1.0, decay_steps: 300, rows: 0.5"),
     "ki_bert_scratch": student("bert", 50),
-    "ki_bert_inherit": student("bert", 50, "decay_steps: 400, rows: 0.5"),
+    "ki_bert_inherit": student("bert", 50, "temperature: 2.0, decay_steps: 600, rows: 1.0"),
     **{f"{arch}_records": Run(f"configs/{arch}_records.yaml") for arch in ("glm", "bert", "t5", "gpt")},
     **{f"fewshot_{method}_seed{seed}": Run(config, started_from("bert") + overrides + (
         f"data.few_shot_seed={seed}", f"train.seed={seed}"), ("bert",))
