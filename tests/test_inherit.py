@@ -53,17 +53,18 @@ def test_loss_mixes_self_loss_and_softened_kl_at_target_positions():
 def test_teacher_scores_a_share_of_the_rows_and_the_kl_averages_over_them():
     """train.teacher.rows: 0.5 of a batch of 4 -> the teacher sees rows 0-1 only; L = (1 - s a) L_self(all 4 rows) +
     s a T^2 KL averaged over the target positions of rows 0-1 (the student's own scores of those rows), s = their
-    share of the batch's target positions (11 of 25)."""
+    share of the batch's target positions (11 of 25). A causal teacher gets no labels (it would compute a loss)."""
     torch.manual_seed(0)
     student, teacher = (GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, d_model=d)) for d in (16, 8))
     seen = []
-    teacher.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True)
+    teacher.register_forward_pre_hook(lambda _, args, kwargs: seen.append((kwargs["input_ids"].shape, "labels" in kwargs)),
+                                      with_kwargs=True)
     ids = torch.randint(0, 11, (4, 8))
     labels = ids.clone()
     labels[1, 5:] = -100  # row 1 ends early: its positions 4-7 have no next token
     objective = Inheritance(student, teacher, TeacherConfig(run="r", alpha=0.4, temperature=2.0, rows=0.5))
     got = objective(input_ids=ids, labels=labels)
-    assert seen == [(2, 8)]
+    assert seen == [((2, 8), False)]
     s, t = student(input_ids=ids, labels=labels), teacher(input_ids=ids[:2])
     has_target = labels[:2, 1:] != -100  # (2, 7): position p of row r predicts token p + 1
     p_t = F.softmax(t.logits[:2, :-1][has_target] / 2.0, -1)

@@ -168,7 +168,7 @@ class Inheritance(nn.Module, TrainedModel):
 
     def forward(self, **batch):
         out, metrics = self.student(**batch), {}
-        if self.alpha > 0:  # L = (1 - a) L_self + a T^2 KL(teacher || student)
+        if self.alpha > 0:  # L = (1 - s alpha_t) L_self + s alpha_t T^2 KL(teacher || student), inheritance_loss
             with torch.no_grad():
                 teacher_batch = first_rows(batch, self.cfg.rows)
                 if self.teacher[0].config.arch == "gpt":  # a causal LM's logits need no labels, which would add its loss

@@ -73,7 +73,7 @@ class GroupedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, groups.offs, groups.expert)
         ctx.has_bias, ctx.size = bias is not None, groups.size
         if groups.size:  # (E, size, d_in) @ (E, d_in, d_out) + b_e
-            x3 = x.view(len(weight), groups.size, -1)
+            x3 = x.view(len(weight), groups.size, -1)  # (E, size, d_in)
             w3 = weight.transpose(1, 2)  # (E, d_in, d_out)
             y = torch.bmm(x3, w3) if bias is None else torch.baddbmm(bias[:, None], x3, w3)
             return y.view(len(x), -1)  # (N, d_out)
@@ -84,7 +84,8 @@ class GroupedLinear(torch.autograd.Function):
     def backward(ctx, grad):  # (N, d_out)
         x, weight, offs, expert = ctx.saved_tensors
         if ctx.size:
-            g3, x3 = grad.contiguous().view(len(weight), ctx.size, -1), x.view(len(weight), ctx.size, -1)
+            g3 = grad.contiguous().view(len(weight), ctx.size, -1)  # (E, size, d_out)
+            x3 = x.view(len(weight), ctx.size, -1)  # (E, size, d_in)
             grad_bias = g3.sum(1) if ctx.has_bias else None  # (E, d_out)
             return torch.bmm(g3, weight).view_as(x), torch.bmm(g3.transpose(1, 2), x3), grad_bias, None
         # grouped_mm refuses the zero strides of an expanded gradient (that of a sum), empty ones too
