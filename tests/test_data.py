@@ -65,6 +65,20 @@ def test_stdlib_corpus_split_by_file(stdlib):
     assert corpus == {name: [r["text"] for r in recs] for name, recs in split.items()}
 
 
+def test_stdlib_code_is_the_source_files_split_by_file():
+    from minimodels.data.corpus import stdlib_files
+    corpus = load_corpus(DataConfig(source="stdlib_code"))
+    root, files = stdlib_files()
+    json_decoder = (root / "json" / "decoder.py").read_text(encoding="utf-8")
+    assert json_decoder in corpus["train"] + corpus["val"]  # a whole file is one document
+    texts = {f.read_text("utf-8", "replace") for f in files}
+    assert sorted(corpus["train"] + corpus["val"]) == sorted(t for t in texts if t.strip())  # each text once
+    assert not any("/test/" in "/" + f.relative_to(root).as_posix() for f in files)
+    assert not set(corpus["train"]) & set(corpus["val"])
+    assert sum(map(len, corpus["train"] + corpus["val"])) > 5_000_000  # several times the ~1.8 MB of docstrings
+    assert load_corpus(DataConfig(source="stdlib_code")) == corpus  # deterministic
+
+
 def test_txt_file_paragraphs(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text("\n\n".join(DOCS) + "\n\n   \n")

@@ -3,6 +3,7 @@ and JSON, is reused by the next call and retrained when an override changes its 
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,9 @@ def test_a_tiny_gpt_row_trains_then_is_reused_then_retrains(tmp_path, capsys):
     assert numbers["row"] == "gpt" and numbers["val_bpc"] == bpc and numbers["wall_time_s"]["gpt"] > 0
     assert numbers["unigram_val_bpc"] == events[0]["unigram_val_bpc"]
     assert f"{run_dir}: reused" in err and weights.stat().st_mtime_ns == written  # not trained again
+    shutil.copytree(tmp_path / "runs", tmp_path / "moved")  # a runs folder copied elsewhere holds the same runs
+    assert reproduce.main(["gpt", *tiny, "--runs-dir", str(tmp_path / "moved"), "--json"]) == 0
+    assert f"{tmp_path / 'moved' / 'gpt'}: reused" in capsys.readouterr().err
 
     assert reproduce.main(["gpt", *tiny, "train.max_steps=3"]) == 0
     out = capsys.readouterr().out

@@ -263,6 +263,22 @@ def test_resume_is_bit_exact(tmp_path, text_source):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_time_s_counts_the_training_steps_not_the_evaluations(tmp_path, text_source, monkeypatch):
+    """Each evaluation here sleeps 1 s; the steps of this tiny model take milliseconds. time_s leaves the sleeps out
+    (runs evaluated at different intervals compare), the run's train_time_s keeps them."""
+    import time
+
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: (time.sleep(1.0), evaluate(self))[1])
+    out = tmp_path / "run"
+    (tmp_path / "exp.yaml").write_text(CONFIG % (text_source, out))
+    run(load_config(tmp_path / "exp.yaml", ["train.eval_interval=2", "output.sample_tokens=0"]), quiet=True)
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    times = [e["time_s"] for e in events if "val_loss" in e]
+    assert len(times) == 4 and times[-1] < 1.0, times  # 4 evaluations, 4 s asleep, none of it counted
+    assert events[-1]["train_time_s"] >= 4.0
+
+
 def test_resume_extends_a_finished_run_and_refuses_to_clobber(tmp_path, text_source):
     from minimodels.config import ConfigError
 

@@ -12,7 +12,8 @@ FEW_SHOT_TASKS = ("package_classification", "package_cloze", "package_prompt", "
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # "stdlib" (docstrings of this Python's stdlib), a .txt/.json/.jsonl file or folder, or a HF dataset name
+    source: str = "stdlib"  # "stdlib" (docstrings of this Python's stdlib), "stdlib_code" (its .py files),
+    # a .txt/.json/.jsonl file or folder, or a HF dataset name (minimodels/data/corpus.py)
     hf_subset: str | None = None  # configuration name of a Hugging Face dataset (e.g. wikitext-2-raw-v1)
     text_field: str = "text"  # field holding the text in JSON / Hugging Face records
     task: str = "causal_lm"  # which collator/task turns text into batches (minimodels/data/__init__.py TASKS)

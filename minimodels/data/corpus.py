@@ -3,6 +3,8 @@
 `data.source` picks one of:
 
 - "stdlib"            the docstrings of this Python's own standard library (the default: no download);
+- "stdlib_code"       the source code of that standard library, one document per file (~11 MB: six times the
+                      docstrings, for a model that should not see its data many times over);
 - a generated source  a name in GENERATED (e.g. the synthetic knowledge base "kb"): documents made by our
                       own code, deterministic, with a train/val split of the generator's choosing;
 - a .txt/.md file     one document per paragraph (paragraphs are separated by one or more blank lines);
@@ -123,8 +125,7 @@ def stdlib_records() -> list[dict]:
         except (OSError, ValueError):
             pass  # a damaged cache is rebuilt below
 
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    root, files = stdlib_files()
     records = []
     for path in files:
         try:
@@ -140,6 +141,24 @@ def stdlib_records() -> list[dict]:
     tmp.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, cache)
     return records
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The stdlib's folder and its .py files outside SKIP_DIRS, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return root, sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+
+
+def stdlib_code(val_fraction: float = 0.1) -> dict[str, list[str]]:
+    """data.source: stdlib_code — every stdlib .py file's text as one document, split by file. A text that more
+    than one file holds (a few stubs and examples) is kept once, so that no document is in both splits."""
+    root, files = stdlib_files()
+    records = {}  # text -> its first file's record
+    for p in files:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            records.setdefault(text, {"text": text, "path": p.relative_to(root).as_posix()})
+    return texts(split_records(list(records.values()), val_fraction))
 
 
 def stdlib_docstrings(val_fraction: float = 0.1) -> dict[str, list[str]]:
@@ -261,6 +280,8 @@ def load_corpus(cfg: DataConfig) -> dict[str, list[str]]:
     """Documents of `cfg.source`, split into {"train": [...], "val": [...]}; both are non-empty."""
     if cfg.source == "stdlib":
         split = stdlib_docstrings(cfg.val_fraction)
+    elif cfg.source == "stdlib_code":
+        split = stdlib_code(cfg.val_fraction)
     elif cfg.source in GENERATED:
         split = GENERATED[cfg.source](cfg)
     elif Path(cfg.source).expanduser().exists():

@@ -224,18 +224,22 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train from self.step to cfg.max_steps, evaluating, logging and checkpointing. Returns the last eval.
-        Each evaluation's event in metrics.jsonl also holds time_s, the training time until then."""
+        Each evaluation's event in metrics.jsonl also holds time_s, the seconds spent in training steps until then
+        (evaluations and checkpoints not counted, so that runs evaluated at different intervals compare); tok_s and
+        tokens_per_s count the same seconds."""
         cfg = self.cfg
         log = MetricsLog(self.run_dir / "metrics.jsonl", after_step=self.step) if self.world.main else None
         tty = sys.stderr.isatty()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=self.quiet, dynamic_ncols=True,
                    mininterval=0.5 if tty else 30, desc="train", unit="step")
-        last_eval, t0, tokens, since_log = {}, time.perf_counter(), 0, Mean()
+        last_eval, train_s, tokens, since_log = {}, 0.0, 0, Mean()
         while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
             m = self.train_step()
+            train_s += time.perf_counter() - t0
             tokens += m["tokens"]
             since_log.add(m["metrics"])
-            tok_s = tokens / (time.perf_counter() - t0)
+            tok_s = tokens / train_s
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if self.step % cfg.log_interval == 0:
@@ -244,8 +248,8 @@ class Trainer:
                     log.write(step=self.step, loss=m["loss"], lr=m["lr"], tokens_per_s=round(tok_s, 1), **averaged)
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 last_eval = self.evaluate()
-                if log:  # time_s: seconds since this call began training (a resumed run counts from the resume)
-                    log.write(step=self.step, **last_eval, time_s=round(time.perf_counter() - t0, 1))
+                if log:  # time_s: this call's seconds in training steps (a resumed run counts from the resume)
+                    log.write(step=self.step, **last_eval, time_s=round(train_s, 1))
                 if not self.quiet:
                     bar.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
