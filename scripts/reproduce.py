@@ -113,7 +113,7 @@ RUNS = {
     "ki_gpt_code_inherit": student("gpt", 50, "temperature: 1.0, decay_steps: 300, rows: 0.5", "gpt_code",
                                    ("data.source=stdlib_code",)),
     "ki_bert_scratch": student("bert", 25),
-    "ki_bert_inherit": student("bert", 25, "temperature: 2.0, decay_steps: 600, rows: 1.0"),
+    "ki_bert_inherit": student("bert", 25, "temperature: 2.0, decay_steps: 1000, rows: 1.0"),
     **{f"{arch}_records": Run(f"configs/{arch}_records.yaml") for arch in ("glm", "bert", "t5", "gpt")},
     **{f"fewshot_{method}_seed{seed}": Run(config, started_from("bert") + overrides + (
         f"data.few_shot_seed={seed}", f"train.seed={seed}"), ("bert",))
