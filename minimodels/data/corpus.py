@@ -78,7 +78,7 @@ def texts(split: dict[str, list[dict]]) -> dict[str, list[str]]:
     return {name: [r["text"] for r in recs] for name, recs in split.items()}
 
 
-# --------------------------------------------------------------------------- stdlib docstrings
+# --------------------------------------------------------------------------- the stdlib: docstrings, source
 
 # folders of the stdlib that hold tests or third-party code, not documentation
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "testdata"}
@@ -86,6 +86,12 @@ SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MINIMODELS_CACHE") or Path.home() / ".cache" / "minimodels")
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The stdlib's folder and its .py files outside SKIP_DIRS, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return root, sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
 
 
 def extract_docstrings(path: Path) -> list[tuple[str, str]]:
@@ -141,12 +147,6 @@ def stdlib_records() -> list[dict]:
     tmp.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, cache)
     return records
-
-
-def stdlib_files() -> tuple[Path, list[Path]]:
-    """The stdlib's folder and its .py files outside SKIP_DIRS, sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return root, sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
 
 
 def stdlib_code(val_fraction: float = 0.1) -> dict[str, list[str]]:
