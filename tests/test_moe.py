@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from minimodels.moe import (GATES, ExpertChoiceGate, GShardGate, MoE, MoEConfig, SwitchGate, TopKGate, build_gate,
                             check_gate, load_balancing_loss, moe_reference, router_z_loss)
+from minimodels.moe.gates import jitter_noise
 from minimodels.moe.routing import drop_overflow
 from minimodels.moe.layer import group_sizes
 from minimodels.nn import MLP, GatedMLP, Groups, StackedLinear
@@ -234,6 +235,21 @@ def test_jitter_only_in_training_and_only_on_the_routers_copy():
     torch.testing.assert_close(r1.logits, clean_logits, rtol=0, atol=1e-6)
 
 
+
+def test_jitter_noise_is_uniform_on_256_even_steps_across_the_interval():
+    torch.manual_seed(0)
+    x = torch.empty(300, 257)  # a size that is not a multiple of the 8 values per draw
+    u = jitter_noise(x, 0.01)
+    assert u.shape == x.shape and u.dtype == torch.float32
+    levels = u.unique()
+    assert len(levels) == 256 and levels.min() == pytest.approx(0.99) and levels.max() == pytest.approx(1.01)
+    torch.testing.assert_close(levels.diff(), torch.full((255,), 0.02 / 255), rtol=0, atol=1e-6)  # even steps
+    counts = torch.bincount(((u - 0.99) / (0.02 / 255)).round().long().flatten(), minlength=256).float()
+    assert counts.std() / counts.mean() < 0.1  # each level ~300 times: uniform
+    assert u.mean().item() == pytest.approx(1.0, abs=2e-4) and u.std().item() == pytest.approx(0.01 / math.sqrt(3), rel=0.02)
+    torch.manual_seed(0)
+    assert torch.equal(jitter_noise(x, 0.01), u)  # the global seed decides it
+
 def test_gshard_keeps_the_second_expert_with_probability_two_g2():
     torch.manual_seed(0)
     gate = GShardGate(16, 8, capacity_factor=None)
@@ -385,16 +401,17 @@ def test_heterogeneous_experts_train_and_each_gets_gradients():
 
 
 # ---------------------------------------------------------------------------------------------- precision
-def test_bf16_autocast_routes_in_float32_and_returns_xs_dtype():
+def test_bf16_autocast_routes_in_float32_and_returns_the_experts_dtype_as_a_dense_ffn_does():
     torch.manual_seed(0)
     moe = MoE(D, E, "gshard", d_ff=D_FF).eval()
     x = torch.randn(10, D)
     with torch.no_grad():
-        _, routing_fp32 = moe(x)
+        y_fp32, routing_fp32 = moe(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, routing = moe(x)
             y_bf16, routing_bf16 = moe(x.bfloat16())
-    assert y.dtype == torch.float32 and y_bf16.dtype == torch.bfloat16
+            y_dense = MLP(D, D_FF)(x)
+    assert y_fp32.dtype == torch.float32 and y.dtype == y_bf16.dtype == y_dense.dtype == torch.bfloat16
     for r in (routing, routing_bf16):
         assert r.logits.dtype == r.probs.dtype == r.weight.dtype == torch.float32
     assert torch.equal(routing.logits, routing_fp32.logits)  # the router did not run in bf16

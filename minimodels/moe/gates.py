@@ -103,6 +103,17 @@ class NoisyTopKGate(nn.Module):
         return token_choice_routing(noisy, noisy.softmax(-1), choice, weight, capacity_factor, aux_loss)
 
 
+def jitter_noise(x: torch.Tensor, jitter: float) -> torch.Tensor:
+    """Noise ~ U(1 - jitter, 1 + jitter) shaped like x (float32), in 256 even steps: each random byte is one value,
+    eight from one 64-bit draw of the generator. Why: uniform_ draws 32 bits per value, one after another; for
+    Switch-GPT's (4096, 256) router input that took 2.8 ms against 0.8 ms this way (2 AMX cores), about 2% of its
+    training step for its two MoE blocks. 256 levels of a +-1% jitter are 0.008% apart."""
+    n = x.numel()
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)  # (ceil(n/8),)
+    u = words.view(torch.uint8)[:n].view(x.shape).float()  # (..., d) integers 0..255
+    return u.mul_(2 * jitter / 255).add_(1 - jitter)
+
+
 class SwitchGate(nn.Module):
     """Switch routing (Fedus et al. 2021, section 2.1): each token goes to its single most probable expert,
     weighted by that expert's full-softmax probability p_i(x) (eq. 1-2), so the task loss trains the router.
@@ -122,7 +133,7 @@ class SwitchGate(nn.Module):
     def forward(self, x: torch.Tensor, dropless: bool = False) -> Routing:
         x_router = x.float()  # a copy for the router: jitter never reaches the experts
         if self.training and self.jitter > 0:
-            x_router = x_router * torch.empty_like(x_router).uniform_(1 - self.jitter, 1 + self.jitter)
+            x_router = x_router * jitter_noise(x_router, self.jitter)
         return self.route(router_logits(self.router, x_router), dropless)
 
     def route(self, logits: torch.Tensor, dropless: bool = False) -> Routing:

@@ -9,7 +9,8 @@ and then each runs on its own (the same stages, step 3 a loop). The fast dispatc
 
     1. route       gate(x) -> Routing
     2. permute     gather the kept token slots, sorted by expert, into one (N, d_model) tensor; each
-                   expert's group padded with zero rows to one of a few sizes (pad_groups: new shapes are slow)
+                   expert's group padded to one of a few sizes (pad_groups: new shapes are slow) with slots of
+                   weight 0, whose outputs step 4 drops
     3. experts     each expert runs once, on its contiguous slice (stacked: all in one grouped matmul, or one
                    bmm when pad_groups made the groups equal)
     4. combine     scale each slot by its weight and add it back to its token's row
@@ -77,9 +78,10 @@ class MoE(nn.Module, FeedForward):
 
     gate: a name for build_gate ("topk", "noisy_topk", "switch", "gshard", "expert_choice") built with
     k and gate_options (e.g. capacity_factor), or a gate module. expert, d_ff: see build_experts.
-    forward(x) takes x (..., d_model) and returns (y, routing): y shaped and typed like x, routing for the
-    T = x.numel() // d_model tokens in x's row-major order, which is also their capacity priority (with a
-    padding_mask: for the real tokens only, in the same order).
+    forward(x) takes x (..., d_model) and returns (y, routing): y shaped like x and typed like the experts'
+    outputs, as a dense FFN's (bf16 under bf16 autocast, whatever x's dtype: the combine then moves half the
+    bytes), routing for the T = x.numel() // d_model tokens in x's row-major order, which is also their capacity
+    priority (with a padding_mask: for the real tokens only, in the same order).
     A token whose slots were all dropped gets y = 0, so a residual block passes it through unchanged.
 
     expert_parallel: call `shard()` at the end of construction (see there).
@@ -133,7 +135,7 @@ class MoE(nn.Module, FeedForward):
         else:
             real = padding_mask.reshape(-1, 1).bool()  # (T, 1)
             y_real, routing = self.route_and_run(tokens[real[:, 0]], dropless)  # (T_real, d_model)
-            y = torch.zeros_like(tokens).masked_scatter(real, y_real)  # (T, d_model), 0 at padding
+            y = y_real.new_zeros(tokens.shape).masked_scatter(real, y_real)  # (T, d_model), 0 at padding
         return y.view(x.shape), routing
 
     def route_and_run(self, tokens: torch.Tensor, dropless: bool = False) -> tuple[torch.Tensor, Routing]:
@@ -142,16 +144,17 @@ class MoE(nn.Module, FeedForward):
         routing = self.gate(tokens, dropless)  # 1. route
         # 2. permute: (N,), (N,), E group sizes
         slot_token, slot_weight, counts = pad_groups(*sort_slots(routing), T, self.stacked)
-        tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])  # (T + 1, d_model): row T is padding
-        x_slots = tokens.index_select(0, slot_token)  # (N, d_model); backward index_add, 2x faster than tokens[i]'s
+        # (N, d_model); a padding slot (token T) reads row T - 1, its output is dropped. index_select's backward is
+        # an index_add, 2x faster than tokens[i]'s
+        x_slots = tokens.index_select(0, slot_token.clamp(max=T - 1))
         if self.local_experts < self.num_experts:  # 3. experts: (N, d_model), sharded over processes
             y_slots = run_experts_parallel(self.local_experts, x_slots, counts, self.run_experts)
         else:
             y_slots = self.run_experts(x_slots, counts)
         # 4. combine: y_t = sum over t's slots of weight * expert output (the padding slots' weight is 0)
-        y_slots = y_slots.to(tokens.dtype) * slot_weight.to(tokens.dtype).unsqueeze(1)  # (N, d_model)
-        y = torch.zeros_like(tokens).index_add(0, slot_token, y_slots)  # (T + 1, d_model)
-        return y[:T], routing
+        y_slots = y_slots * slot_weight.to(y_slots.dtype).unsqueeze(1)  # (N, d_model), the experts' dtype
+        y = y_slots.new_zeros(T + 1, y_slots.shape[1]).index_add(0, slot_token, y_slots)  # (T + 1, d_model)
+        return y[:T], routing  # row T, the padding slots' sum, dropped
 
     def run_experts(self, x_slots: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_slots (N, d_model) sorted by expert, counts[i] rows for this process's expert i -> outputs (N, d_model).
@@ -181,11 +184,12 @@ def sort_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]
 def pad_groups(slot_token: torch.Tensor, slot_weight: torch.Tensor, counts: list[int], pad_token: int,
                batched: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Round each expert's number of slots up to a size from a short list (group_sizes), filling the gap with
-    slots of token pad_token (a zero row) and weight 0. Why: on CPU a matmul of a new shape is slow
+    slots of token pad_token (one past the last token) and weight 0. Why: on CPU a matmul of a new shape is slow
     (minimodels/nn/shapes.py); Switch-GPT's training step (`scripts/bench_train.py configs/switch_gpt.yaml
     --dtypes bf16`, 2 AMX cores) went from 0.40x to 0.71x the dense model's speed with per-group sizes, to
-    0.79x with equal ones (one bmm). The padding changes no output or gradient: a padding slot adds 0 x its
-    output to row pad_token, which the caller drops, so no gradient flows back through it."""
+    0.79x with equal ones (one bmm). The padding changes no output or gradient: the caller runs a padding slot
+    on a real token's row and adds 0 x its output to row pad_token, which it drops; the gradient coming back
+    through the slot is 0, so it adds exactly 0 to that token's gradient and to the experts'."""
     padded = group_sizes(counts, batched)
     if padded == counts:
         return slot_token, slot_weight, counts
