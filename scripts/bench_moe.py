@@ -23,6 +23,8 @@ Every variant but the floor routes with the same dropless TopKGate(k) and runs t
                 (E, d_model, d_ff) weights, two batched matmuls, no router, no permutation: what no dispatch
                 of these experts can beat (the same FLOPs as dense, but E experts' weights to read and
                 their gradients to write)
+    floor, bf16 weights   (bf16 only) the floor with its weights stored in bf16, so nothing is cast: floor minus
+                this is what autocast's casts of the E experts' fp32 weights, and of their gradients back, cost
 
 Variants run interleaved, in a rotating order, round after round, so a noisy shared machine slows all of
 them alike; each entry is the median over rounds of the mean step time within a round.
@@ -31,6 +33,7 @@ them alike; each entry is the median over rounds of the mean step time within a 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -74,9 +77,10 @@ class BalancedExperts(torch.nn.Module):
         return torch.baddbmm(self.b2, h, self.w2).view(k, -1, x.shape[-1]).sum(0)  # (T, d_model)
 
 
-def step_fn(variant: str, moe: MoE, listed: MoE, dense: MLP, floor: BalancedExperts, x: torch.Tensor,
-            grad: torch.Tensor, dtype: str, loop_tokens: int):
-    params = [*moe.parameters(), *listed.parameters(), *dense.parameters(), *floor.parameters(), x]
+def step_fn(variant: str, moe: MoE, listed: MoE, dense: MLP, floor: BalancedExperts, floor16: BalancedExperts,
+            x: torch.Tensor, x16: torch.Tensor, grad: torch.Tensor, dtype: str, loop_tokens: int):
+    params = [*moe.parameters(), *listed.parameters(), *dense.parameters(), *floor.parameters(),
+              *floor16.parameters(), x, x16]
     k = moe.gate.k
 
     def step():
@@ -91,6 +95,8 @@ def step_fn(variant: str, moe: MoE, listed: MoE, dense: MLP, floor: BalancedExpe
                 y, g = dense(x), grad
             elif variant == "floor":
                 y, g = floor(x, k), grad
+            elif variant == "floor16":
+                y, g = floor16(x16, k), grad
             else:  # per-token
                 y, g = moe_reference(moe, x[:loop_tokens])[0], grad[:loop_tokens]
         y.backward(g.to(y.dtype))
@@ -109,10 +115,12 @@ def bench(E: int, k: int, dtype: str, args) -> dict[str, float]:
     if (k * args.tokens) % E:
         raise SystemExit(f"error: --tokens {args.tokens} x k={k} slots do not split evenly over E={E} experts")
     floor = BalancedExperts(E, args.d_model, args.d_ff)
+    floor16 = copy.deepcopy(floor).bfloat16()
     x = torch.randn(args.tokens, args.d_model, requires_grad=True)  # as inside a network: x needs a gradient
+    x16 = x.detach().bfloat16().requires_grad_()
     grad = torch.randn(args.tokens, args.d_model)
-    variants = ["ours", "list", "masked", "dense", "floor", "per-token"]
-    steps = {v: step_fn(v, moe, listed, dense, floor, x, grad, dtype, args.loop_tokens) for v in variants}
+    variants = ["ours", "list", "masked", "dense", "floor"] + (["floor16"] if dtype == "bf16" else []) + ["per-token"]
+    steps = {v: step_fn(v, moe, listed, dense, floor, floor16, x, x16, grad, dtype, args.loop_tokens) for v in variants}
     for step in steps.values():  # warm-up
         step()
     times = {v: [] for v in variants}
@@ -151,15 +159,16 @@ def main():
     print(f"T={args.tokens} d_model={args.d_model} d_ff={args.d_ff}, forward+backward, "
           f"threads={torch.get_num_threads()}, {args.clock} clock, median of {args.rounds} rounds; "
           f"per-token loop timed on {args.loop_tokens} tokens and scaled\n")
-    print("| dtype | E | k | ours ms | list ms | masked ms | dense ms | floor ms | per-token ms "
+    print("| dtype | E | k | ours ms | list ms | masked ms | dense ms | floor ms | floor, bf16 weights ms | per-token ms "
           "| list / ours | masked / ours | ours / dense | floor / dense | ours / floor | per-token / ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         for E in args.experts:
             for k in args.top_k:
                 ms = bench(E, k, dtype, args)
+                floor16 = f"{ms['floor16']:.1f}" if "floor16" in ms else "–"
                 print(f"| {dtype} | {E} | {k} | {ms['ours']:.1f} | {ms['list']:.1f} | {ms['masked']:.1f} | "
-                      f"{ms['dense']:.1f} | {ms['floor']:.1f} | {ms['per-token']:.0f} | {ms['list'] / ms['ours']:.2f}x | "
+                      f"{ms['dense']:.1f} | {ms['floor']:.1f} | {floor16} | {ms['per-token']:.0f} | {ms['list'] / ms['ours']:.2f}x | "
                       f"{ms['masked'] / ms['ours']:.2f}x | "
                       f"{ms['ours'] / ms['dense']:.2f}x | {ms['floor'] / ms['dense']:.2f}x | {ms['ours'] / ms['floor']:.2f}x | "
                       f"{ms['per-token'] / ms['ours']:.0f}x |", flush=True)

@@ -194,12 +194,14 @@ def test_plot_redraws_skips_a_cut_last_line_and_the_script_names_a_broken_one(ti
 
 
 def test_bench_moe_prints_every_variant_with_the_floor_and_cpu_clock_needs_one_thread():
-    args = ("scripts/bench_moe.py", "--experts", "4", "--top-k", "1", "--dtypes", "fp32", "--rounds", "1", "--reps", "1",
-            "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--loop-tokens", "8", "--clock", "cpu")
+    args = ("scripts/bench_moe.py", "--experts", "4", "--top-k", "1", "--dtypes", "fp32", "bf16", "--rounds", "1",
+            "--reps", "1", "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--loop-tokens", "8", "--clock", "cpu")
     r = sh(*args, "--threads", "1")
     assert r.returncode == 0, r.stderr
-    row = r.stdout.strip().splitlines()[-1].split("|")[1:-1]  # dtype, E, k, 6 times, 6 ratios
-    assert row[:3] == [" fp32 ", " 4 ", " 1 "] and len(row) == 15 and all(float(c) > 0 for c in row[3:9])
+    fp32, bf16 = (line.split("|")[1:-1] for line in r.stdout.strip().splitlines()[-2:])  # dtype, E, k, 7 times, 6 ratios
+    assert fp32[:3] == [" fp32 ", " 4 ", " 1 "] and bf16[:3] == [" bf16 ", " 4 ", " 1 "]
+    assert len(fp32) == len(bf16) == 16 and fp32[8] == " – "  # the floor with bf16 weights: bf16 only
+    assert all(float(c) > 0 for c in fp32[3:8] + fp32[9:10] + bf16[3:10])
     r = sh(*args, "--threads", "2")
     assert r.returncode != 0 and "--clock cpu counts one thread's CPU time: it needs --threads 1" in r.stderr
 

@@ -21,9 +21,9 @@ all-to-all sends each slice to the process holding its expert) and between 3 and
 
 Why stacked (E, d_out, d_in) expert weights and torch's grouped_mm (scripts/bench_moe.py, rows "ours" and
 "list"; 1 thread, CPU clock, T=4096, d_model 256, d_ff 1024, E=64, top-1, forward+backward, freed memory kept
-for reuse as the trainer does, minimodels/train/memory.py): 267 ms against 301 ms for the same dispatch over 64
-separate MLPs in fp32 (1.13x), 150 against 161 ms under bf16 autocast (1.08x; 1.07x and 1.27x in another run
-on the shared machine), and 1.43x in bf16 with top-2; at E = 8 it is within noise. The matmuls are the same both
+for reuse as the trainer does, minimodels/train/memory.py): 157 ms against 170 ms for the same dispatch over 64
+separate MLPs in fp32 (1.08x), 118 against 152 ms under bf16 autocast (1.29x, where the equal groups run as one
+bmm, group_sizes below); at E = 8 and 32 within a few percent either way. In fp32 the matmuls are the same both
 ways: on CPU grouped_mm loops over the groups in C++, one matmul each. What goes is the work around them: per
 expert two linear layers, an activation, autocast's casts of four small weights and the backward nodes of
 all that, against a dozen operations for all experts together (each weight bank cast once per forward). Two
