@@ -103,6 +103,9 @@ def test_parallel_is_the_plain_one_process_case_for_a_dense_model_alone():
         with parallel.gradient_sync(last=False):
             m(x, labels=x).loss.backward()
     parallel.finish_gradients()
+    versions = [p.grad._version for p in model.parameters()]
+    assert parallel.clip_gradients(1e6) == pytest.approx(float(torch.nn.utils.get_total_norm([q.grad for q in twin.parameters()])))
+    assert [p.grad._version for p in model.parameters()] == versions  # under max_norm: not even multiplied by 1
     assert parallel.clip_gradients(0.1) == pytest.approx(float(torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)))
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
