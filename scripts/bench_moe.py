@@ -11,7 +11,8 @@ Every variant but the floor routes with the same dropless TopKGate(k) and runs t
 (MLP d_model -> d_ff -> d_model, GELU, equal weights), so only the dispatch differs:
 
     ours        MoE: sort the token slots by expert, run all experts on their contiguous slices with stacked
-                (E, ...) weights, one grouped matmul per weight (torch's grouped_mm)
+                (E, ...) weights: in fp32 one grouped matmul per weight (torch's grouped_mm), in bf16 the groups
+                padded to equal sizes and one bmm per weight (minimodels/moe/layer.py group_sizes)
     list        the same sort-and-split dispatch over a list of E separate MLP modules, one at a time (what
                 MoE does with custom experts)
     masked      the per-expert loop of Hugging Face's Switch sparse MLP over that list: for every expert a
@@ -23,8 +24,9 @@ Every variant but the floor routes with the same dropless TopKGate(k) and runs t
                 (E, d_model, d_ff) weights, two batched matmuls, no router, no permutation: what no dispatch
                 of these experts can beat (the same FLOPs as dense, but E experts' weights to read and
                 their gradients to write)
-    floor, bf16 weights   (bf16 only) the floor with its weights stored in bf16, so nothing is cast: floor minus
-                this is what autocast's casts of the E experts' fp32 weights, and of their gradients back, cost
+    floor, bf16 weights
+                (bf16 only) the floor with its weights stored in bf16, so nothing is cast: floor minus this is
+                what autocast's casts of the E experts' fp32 weights, and of their gradients back, cost
 
 Variants run interleaved, in a rotating order, round after round, so a noisy shared machine slows all of
 them alike; each entry is the median over rounds of the mean step time within a round.

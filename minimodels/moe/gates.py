@@ -106,8 +106,8 @@ class NoisyTopKGate(nn.Module):
 def jitter_noise(x: torch.Tensor, jitter: float) -> torch.Tensor:
     """Noise ~ U(1 - jitter, 1 + jitter) shaped like x (float32), in 256 even steps: each random byte is one value,
     eight from one 64-bit draw of the generator. Why: uniform_ draws 32 bits per value, one after another; for
-    Switch-GPT's (4096, 256) router input that took 2.8 ms against 0.8 ms this way (2 AMX cores), about 2% of its
-    training step for its two MoE blocks. 256 levels of a +-1% jitter are 0.008% apart."""
+    Switch-GPT's (4096, 256) router input that took 2.8 ms against 0.8 ms this way (2 AMX cores, one-off probe),
+    about 2% of its training step for its two MoE blocks. 256 levels of a +-1% jitter are 0.008% apart."""
     n = x.numel()
     words = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)  # (ceil(n/8),)
     u = words.view(torch.uint8)[:n].view(x.shape).float()  # (..., d) integers 0..255

@@ -143,7 +143,7 @@ class MoE(nn.Module, FeedForward):
         T = tokens.shape[0]
         routing = self.gate(tokens, dropless)  # 1. route
         # 2. permute: (N,), (N,), E group sizes; stacked experts computing in bf16 get equal groups (group_sizes)
-        low_precision = tokens.dtype != torch.float32 or torch.is_autocast_enabled(tokens.device.type)
+        low_precision = torch.is_autocast_enabled(tokens.device.type) or tokens.dtype in (torch.bfloat16, torch.float16)
         slot_token, slot_weight, counts = pad_groups(*sort_slots(routing), T, self.stacked and low_precision)
         # (N, d_model); a padding slot (token T) reads row T - 1, its output is dropped. index_select's backward is
         # an index_add, 2x faster than tokens[i]'s
@@ -208,9 +208,9 @@ def group_sizes(counts: list[int], batched: bool = False) -> list[int]:
     which run groups of equal size as one bmm, minimodels/nn/feedforward.py GroupedLinear) every group as large as
     the largest, when that is at least 16 rows and adds at most half the rows. In bf16 the batched matmul was
     faster than the grouped one even with a third more rows; in fp32, where the matmuls are compute-bound, the
-    extra rows cost what they add (`python scripts/bench_moe.py --threads 1 --clock cpu --experts 64 8`, 1 AMX
-    core, dropless top-1: batched / grouped 119 / 139 ms in bf16 at E = 64 and 44 / 54 ms at E = 8; in fp32
-    201 / 159 ms and 125 / 117 ms)."""
+    extra rows cost what they add (a one-off A/B: the "ours" row of `python scripts/bench_moe.py --threads 1 --clock
+    cpu --experts 64 8 --top-k 1` with `batched` forced each way, 1 AMX core: batched / grouped 119 / 139 ms in bf16
+    at E = 64 and 44 / 54 ms at E = 8; in fp32 201 / 159 ms and 125 / 117 ms)."""
     padded = [padded_size(c) for c in counts]
     largest = max(padded, default=0)
     if batched and largest >= 16 and len(counts) * largest <= 1.5 * sum(padded):

@@ -161,9 +161,8 @@ class Parallel:
             params = [p for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             whole = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: norm of the shards' norms
-            # torch's clip_grad_norm_ multiplies every gradient by min(1, max_norm / (norm + 1e-6)) even when that is 1,
-            # a pass over all gradients at every step, though few steps clip (in a probe of Switch-GPT: 38% of the
-            # first 100, under 2% after them); skipped when it is 1, which changes no number
+            # torch's clip_grad_norm_ multiplies every gradient by min(1, max_norm / (norm + 1e-6)) even when that
+            # is 1, a pass over all gradients at every step though most steps do not clip; skipping it changes no number
             if max_norm > 0 and max_norm / (whole + 1e-6) < 1:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
             return float(whole)
