@@ -90,12 +90,12 @@ def test_fast_dispatch_equals_the_per_token_reference(gate, options, drops):
     assert param_grads["gate.router.weight"].abs().max() > 1e-4  # the router learns from this loss
 
 
-@pytest.mark.parametrize("expert,dtype", [("stacked", "fp32"), ("stacked", "bf16"), ("list", "fp32")])
+@pytest.mark.parametrize("expert,dtype", [("stacked", "fp32"), ("stacked", "bf16"), ("list", "fp32"), ("list", "bf16")])
 @pytest.mark.parametrize("gate,options", [("switch", dict(capacity_factor=1.0)), ("topk", dict(k=2))])
 def test_padded_expert_groups_change_no_output_or_gradient(monkeypatch, expert, dtype, gate, options):
-    """With ~50 slots per expert, the groups are padded to group_sizes (pad_groups; stacked experts in bf16: all
-    to the largest, one bmm): the outputs and gradients still equal the per-token reference, and the experts did
-    run on padded groups."""
+    """With ~50 slots per expert, experts computing in bf16 run on groups padded to group_sizes (pad_groups;
+    stacked experts: all to the largest, one bmm), in fp32 on the groups as routed: the outputs and gradients
+    equal the per-token reference either way."""
     torch.manual_seed(0)
     moe = MoE(D, E, gate, d_ff=D_FF if expert == "stacked" else None,
               expert=None if expert == "stacked" else (lambda: MLP(D, D_FF)), **options).train()
@@ -108,13 +108,19 @@ def test_padded_expert_groups_change_no_output_or_gradient(monkeypatch, expert, 
         y_ref, _, x_grad_ref, param_grads_ref = forward_backward(moe, x, moe_reference)
     real = routing.tokens_per_expert.tolist()
     (rows, counts), = seen
-    batched = expert == "stacked" and dtype == "bf16"
-    assert counts == group_sizes(real, batched) and sum(counts) == rows > sum(real)
-    assert (len(set(counts)) == 1) == batched  # stacked in bf16: one bmm over equal groups
+    if dtype == "fp32":  # no padding: a new matmul shape costs nothing extra in fp32 (pad_groups)
+        assert counts == real and rows == sum(real)
+    else:
+        batched = expert == "stacked"
+        assert counts == group_sizes(real, batched) and sum(counts) == rows > sum(real)
+        assert (len(set(counts)) == 1) == batched  # stacked in bf16: one bmm over equal groups
     pairs = {"y": (y.float(), y_ref.float()), "x.grad": (x_grad, x_grad_ref),
              **{name: (g, param_grads_ref[name]) for name, g in param_grads.items()}}
-    for name, (got, want) in pairs.items():  # bf16: sums rounded in another order, 2% of the largest entry
-        atol = 1e-5 if dtype == "fp32" else 2e-2 * want.abs().max().item()
+    # bf16: sums rounded in another order, 2% of the largest entry (a list's nn.Linear experts: 5%, up to 4% seen);
+    # misrouted padding would be off by the order of the entries themselves
+    share = 1e-5 if dtype == "fp32" else 2e-2 if expert == "stacked" else 5e-2
+    for name, (got, want) in pairs.items():
+        atol = share if dtype == "fp32" else share * want.abs().max().item()
         torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=name)
 
 

@@ -8,9 +8,9 @@ one grouped matmul per weight; any other nn.Module mapping (n, d_model) to (n, d
 and then each runs on its own (the same stages, step 3 a loop). The fast dispatch runs in four stages:
 
     1. route       gate(x) -> Routing
-    2. permute     gather the kept token slots, sorted by expert, into one (N, d_model) tensor; each
-                   expert's group padded to one of a few sizes (pad_groups: new shapes are slow) with slots of
-                   weight 0, whose outputs step 4 drops
+    2. permute     gather the kept token slots, sorted by expert, into one (N, d_model) tensor; in bf16 each
+                   expert's group padded to one of a few sizes (pad_groups: new bf16 shapes are slow) with slots
+                   of weight 0, whose outputs step 4 drops
     3. experts     each expert runs once, on its contiguous slice (stacked: all in one grouped matmul, or one
                    bmm when pad_groups made the groups equal)
     4. combine     scale each slot by its weight and add it back to its token's row
@@ -142,9 +142,12 @@ class MoE(nn.Module, FeedForward):
         """tokens (T, d_model) -> (y (T, d_model), routing): the four stages."""
         T = tokens.shape[0]
         routing = self.gate(tokens, dropless)  # 1. route
-        # 2. permute: (N,), (N,), E group sizes; stacked experts computing in bf16 get equal groups (group_sizes)
+        # 2. permute: (N,), (N,), E group sizes; experts computing in bf16/fp16 get padded groups, stacked ones equal
+        # groups (group_sizes); in fp32 the groups stay as routed
         low_precision = torch.is_autocast_enabled(tokens.device.type) or tokens.dtype in (torch.bfloat16, torch.float16)
-        slot_token, slot_weight, counts = pad_groups(*sort_slots(routing), T, self.stacked and low_precision)
+        slot_token, slot_weight, counts = sort_slots(routing)
+        if low_precision:
+            slot_token, slot_weight, counts = pad_groups(slot_token, slot_weight, counts, T, self.stacked)
         # (N, d_model); a padding slot (token T) reads row T - 1, its output is dropped. index_select's backward is
         # an index_add, 2x faster than tokens[i]'s
         x_slots = tokens.index_select(0, slot_token.clamp(max=T - 1))
@@ -185,10 +188,14 @@ def sort_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, list[int]]
 def pad_groups(slot_token: torch.Tensor, slot_weight: torch.Tensor, counts: list[int], pad_token: int,
                batched: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Round each expert's number of slots up to a size from a short list (group_sizes), filling the gap with
-    slots of token pad_token (one past the last token) and weight 0. Why: on CPU a matmul of a new shape is slow
-    (minimodels/nn/shapes.py); Switch-GPT's training step (`scripts/bench_train.py configs/switch_gpt.yaml
+    slots of token pad_token (one past the last token) and weight 0. Why: on CPU a bf16 matmul of a new shape is
+    slow (minimodels/nn/shapes.py); Switch-GPT's training step (`scripts/bench_train.py configs/switch_gpt.yaml
     --dtypes bf16`, 2 AMX cores) went from 0.40x to 0.71x the dense model's speed with per-group sizes, to
-    0.79x with equal ones (one bmm). The padding changes no output or gradient: the caller runs a padding slot
+    0.79x with equal ones (one bmm). fp32 matmuls have no such cost, so route_and_run pads only in bf16/fp16: the
+    stacked experts' fp32 forward and backward on 4096 token slots with fresh random group sizes at every step
+    were 2-7% slower padded in every run of a one-off A/B (2 AMX threads; E = 64: 88.8-94.3 ms against 86.9-89.1
+    as routed, E = 8: 64.0-66.8 against 59.4-61.3), about the 3% more rows the padding adds.
+    The padding changes no output or gradient: the caller runs a padding slot
     on a real token's row and adds 0 x its output to row pad_token, which it drops; the gradient coming back
     through the slot is 0, so it adds exactly 0 to that token's gradient and to the experts'."""
     padded = group_sizes(counts, batched)
