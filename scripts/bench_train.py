@@ -7,6 +7,7 @@ printed as a markdown table.
     python scripts/bench_train.py configs/gpt.yaml model.n_layer=2 train.batch_size=8   # dotted overrides
     python scripts/bench_train.py configs/switch_gpt.yaml --dtypes bf16 # Switch-GPT vs its dense twin
     python scripts/bench_train.py --threads 1 --clock cpu               # on a machine other jobs share
+    python scripts/bench_train.py --dtypes bf16 --compile               # and ours under torch.compile
 
 A config with `model.moe` (Switch-GPT, Switch-BERT, ...) is timed against its dense twin, the same config with
 `model.moe: null` (same width, same FLOPs per token but the router), instead of a Hugging Face model:
@@ -207,6 +208,9 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="HF attn_implementation")
     p.add_argument("--peak-sizes", default="2048,3072,4096", help="matrix sizes n for the (n x n) matmul peak")
+    p.add_argument("--compile", action="store_true", help="also time a copy of ours (manual; the sparse model for "
+                   "a config with model.moe) under torch.compile, as train.compile=true runs it; the warm-up steps "
+                   "compile it (about a minute per dtype on CPU with an empty compile cache)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also print the N operators taking the most time in bf16 steps of ours (manual)")
     args = p.parse_intermixed_args()
@@ -241,11 +245,21 @@ def main() -> None:
         models = {f"ours, {cfg.model.moe.num_experts} experts ({cfg.model.moe.gate})": build_model(cfg.model)}
         reference, ref_name = build_model(dataclasses.replace(cfg.model, moe=None)), "ours, dense twin"
     models[ref_name] = reference
+    compiled = {}
+    if args.compile:
+        base = "ours (manual)" if "ours (manual)" in models else next(iter(models))
+        twin = build_model(models[base].config)
+        twin.load_state_dict(models[base].state_dict())
+        compiled[f"{base}, compiled"] = (torch.compile(twin), base)
     # the trainer's optimizer for every model (minimodels/train/optim.py): fused AdamW
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in models.items()}
     for m in models.values():
         m.train()
     flops = {name: step_flops(m, batch) for name, m in models.items()}
+    for name, (m, base) in compiled.items():  # the same model: its FLOPs are its base's
+        models[name], flops[name] = m, flops[base]
+        opts[name] = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+        m.train()
     tokens = batch["input_ids"].numel() + (batch["labels"].numel() if arch == "t5" else 0)  # T5: encoder + decoder tokens
 
     dtypes = {d: DTYPES[d] for d in args.dtypes.split(",")}

@@ -12,7 +12,7 @@ from conftest import events, train
 from minimodels.config import ConfigError, TeacherConfig, load_config
 from minimodels.models.bert import BERTOutput
 from minimodels.models.gpt import GPT, GPTConfig, GPTOutput
-from minimodels.models.inherit import Inheritance, SoftenedKL, alpha_at, inheritance_loss, target_logits
+from minimodels.models.inherit import Inheritance, SoftenedKL, alpha_at, inheritance_loss, softened_kl, target_logits
 from minimodels.train.checkpoint import latest_checkpoint, read_weights, stored_once
 from minimodels.train.run import load_run, run
 
@@ -99,6 +99,17 @@ def test_softened_kl_gradient_is_autograds_through_kl_div(dtype, T):
     assert s_got.grad.dtype == dtype and t_got.grad is None
     torch.testing.assert_close(s_got.grad, s_ref.grad.to(dtype))
     assert s_got.grad[weight == 0].abs().max() == 0 and s_got.grad[weight > 0].abs().max() > 0
+
+
+def test_torch_compile_runs_the_chunked_kl_eagerly():
+    """As the cross-entropy (tests/test_loss.py): under torch.compile the KL's loop over chunks is not traced."""
+    def kl(s, t):
+        return softened_kl(torch.tanh(s), t, torch.full((4,), 0.25), 1.0)
+
+    explained = torch._dynamo.explain(kl)(torch.randn(4, 9), torch.randn(4, 9))
+    traced = "".join(g.code for g in explained.graphs)
+    assert "tanh" in traced and "log_softmax" not in traced
+    assert any("softened_kl" in r.reason for r in explained.break_reasons)
 
 
 @pytest.fixture(scope="module")

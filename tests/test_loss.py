@@ -43,3 +43,22 @@ def test_nothing_scored_gives_nan_like_torch():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match=r"logits \(N, V\) and targets \(N,\), got \(2, 3, 5\)"):
         cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_torch_compile_runs_the_chunked_loss_eagerly():
+    """Under torch.compile the loss is a graph break (its loop over chunks traced made the compiled step slower);
+    the model around it is still traced, and the loss and its gradient are the eager ones."""
+    def lm_loss(h, w, targets):
+        return cross_entropy(torch.tanh(h) @ w, targets)
+
+    h, w, targets = torch.randn(40, 16), torch.randn(16, 50, requires_grad=True), torch.randint(0, 50, (40,))
+    explained = torch._dynamo.explain(lm_loss)(h, w, targets)
+    traced = "".join(g.code for g in explained.graphs)
+    assert "tanh" in traced and "logsumexp" not in traced  # the model part traced, the loss not
+    assert any("cross_entropy" in r.reason for r in explained.break_reasons)
+    torch._dynamo.reset()
+    eager = lm_loss(h, w, targets)
+    (grad,) = torch.autograd.grad(eager, w)
+    compiled = torch.compile(lm_loss, backend="aot_eager")(h, w, targets)  # traced by dynamo and AOT autograd, no C++
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(torch.autograd.grad(compiled, w)[0], grad)

@@ -78,6 +78,16 @@ def test_bench_train_script(config):
     assert any("nanoGPT-style" in row for row in rows) == (config == "gpt")  # which checked that it computes our loss
 
 
+@pytest.mark.slow  # Inductor compiles C++ with gcc: ~1 min with an empty compile cache
+def test_bench_train_script_times_a_compiled_copy():
+    tiny = ["model.n_layer=1", "train.batch_size=2", "data.vocab_size=64", "model.d_model=32", "model.n_head=2",
+            "model.block_size=16"]
+    r = sh("scripts/bench_train.py", "configs/gpt.yaml", *tiny, "--rounds", "1", "--steps", "1", "--warmup", "1",
+           "--dtypes", "fp32", "--peak-sizes", "64", "--threads", "1", "--compile")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert any(line.startswith("| fp32 | ours (manual), compiled |") for line in r.stdout.splitlines())
+
+
 @pytest.mark.parametrize("config", ["gpt", "bert"])
 def test_bench_inherit_script(config):
     tiny = ["model.n_layer=1", "model.d_model=16", "model.n_head=2", "model.block_size=16", "data.seq_len=16",

@@ -129,6 +129,11 @@ class SoftenedKL(torch.autograd.Function):
         return ps_minus_pt * row_scale[:, None].to(ps_minus_pt.dtype), None, None, None
 
 
+@torch.compiler.disable  # eager under torch.compile, as minimodels/nn/loss.py's cross_entropy (its loop over chunks)
+def softened_kl(s: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    return SoftenedKL.apply(s, t, weight, temperature)
+
+
 def inheritance_loss(student_out, teacher_out, batch: dict, alpha: float, temperature: float):
     """(L, KL): the mixed loss above, and the KL term alone (nats per target position). The teacher may have scored
     only the batch's first rows (train.teacher.rows): the KL is then averaged over their target positions, which are
@@ -145,7 +150,7 @@ def inheritance_loss(student_out, teacher_out, batch: dict, alpha: float, temper
     s, has_target = s[:len(t)], has_target[:len(t)]  # (M', V), (M',)
     if s.shape != t.shape:
         raise ValueError(f"train.teacher: the teacher scores {tuple(t.shape)} where the student scores {tuple(s.shape)}")
-    kl = SoftenedKL.apply(s, t, has_target / has_target.sum().clamp(min=1), temperature)  # mean over the target positions
+    kl = softened_kl(s, t, has_target / has_target.sum().clamp(min=1), temperature)  # mean over the target positions
     a = alpha * share
     return (1 - a) * student_out.loss + a * temperature**2 * kl, kl.detach()
 
