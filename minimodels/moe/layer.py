@@ -21,8 +21,8 @@ all-to-all sends each slice to the process holding its expert) and between 3 and
 
 Why stacked (E, d_out, d_in) expert weights and torch's grouped_mm (scripts/bench_moe.py, rows "ours" and
 "list"; 1 thread, CPU clock, T=4096, d_model 256, d_ff 1024, E=64, top-1, forward+backward, freed memory kept
-for reuse as the trainer does, minimodels/train/memory.py): 157 ms against 170 ms for the same dispatch over 64
-separate MLPs in fp32 (1.08x), 118 against 152 ms under bf16 autocast (1.29x, where the equal groups run as one
+for reuse as the trainer does, minimodels/train/memory.py): 151 ms against 168 ms for the same dispatch over 64
+separate MLPs in fp32 (1.11x), 112 against 152 ms under bf16 autocast (1.36x, where the equal groups run as one
 bmm, group_sizes below); at E = 8 and 32 within a few percent either way. In fp32 the matmuls are the same both
 ways: on CPU grouped_mm loops over the groups in C++, one matmul each. What goes is the work around them: per
 expert two linear layers, an activation, autocast's casts of four small weights and the backward nodes of
