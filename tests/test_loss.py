@@ -40,9 +40,11 @@ def test_nothing_scored_gives_nan_like_torch():
     assert cross_entropy(logits, targets).isnan() and F.cross_entropy(logits, targets).isnan()
 
 
-def test_shapes_are_checked():
-    with pytest.raises(ValueError, match=r"logits \(N, V\) and targets \(N,\), got \(2, 3, 5\)"):
-        cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))
+def test_shapes_are_checked_and_leading_dimensions_flattened():
+    with pytest.raises(ValueError, match=r"logits \(\.\.\., V\) and targets \(\.\.\.\) of the same leading shape, got \(2, 3, 5\) and \(2,\)"):
+        cross_entropy(torch.randn(2, 3, 5), torch.zeros(2, dtype=torch.long))
+    logits, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    torch.testing.assert_close(cross_entropy(logits, targets), F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
 
 
 def test_torch_compile_runs_the_chunked_loss_eagerly():

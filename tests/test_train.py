@@ -78,16 +78,18 @@ def test_compiled_training_steps_equal_the_eager_ones(tmp_path, device):
     torch._dynamo.reset()  # compile afresh, and count only this test's graphs below
     torch._dynamo.utils.counters.clear()
     task, runs = RandomLMTask(), []
-    for compile in (False, True):
-        t = Trainer(tiny_gpt(), task, train_cfg(compile=compile, device=device), tmp_path / str(compile), quiet=True)
+    for i, compile in enumerate((False, True, True)):  # the second compiled run loads the first's cached graphs
+        torch._dynamo.reset()
+        t = Trainer(tiny_gpt(), task, train_cfg(compile=compile, device=device), tmp_path / str(i), quiet=True)
         t.optimizer = torch.optim.SGD(t.model.parameters(), lr=1.0)
         t.scheduler = torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: 1.0)
         runs.append((t, [t.train_step()["loss"] for _ in range(2)]))
-    (eager, eager_losses), (compiled, compiled_losses) = runs
+    (eager, eager_losses), *compiled_runs = runs
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled trainer's steps were compiled
-    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
-    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
-        torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=name)
+    for compiled, compiled_losses in compiled_runs:
+        assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+        for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=name)
 
 
 class Reads(torch.Tensor):

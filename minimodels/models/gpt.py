@@ -129,7 +129,7 @@ class GPT(nn.Module, TrainedModel):
             # L = -1/N sum_t log P(x_{t+1} | x_<=t): position t is scored against labels[:, t + 1].
             # Shifting the labels (not slicing the logits) avoids copying the (B, T, V) logits.
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T); the last position has no target
-            loss = cross_entropy(logits.flatten(0, 1), targets.flatten())  # fp32 arithmetic, without an fp32 copy
+            loss = cross_entropy(logits, targets)  # fp32 arithmetic, without an fp32 copy
         loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
         return GPTOutput(logits=logits, loss=loss, cache=new_cache, routings=list(routings.values()) or None,
                          metrics=metrics)

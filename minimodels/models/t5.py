@@ -227,7 +227,7 @@ class T5(nn.Module, TrainedModel):
         loss = None
         if labels is not None:
             # L = -1/N sum_t log P(y_t | y_<t, x) over the N labels != -100
-            loss = cross_entropy(logits.flatten(0, 1), labels.flatten())
+            loss = cross_entropy(logits, labels)
         loss, metrics = add_moe_loss(self.config.moe, routings, loss)  # + the MoE layers' aux and z-losses
         return T5Output(logits=logits, loss=loss, encoder_hidden_states=encoder_hidden_states, cache=cache,
                         routings=list(routings.values()) or None, metrics=metrics)

@@ -50,9 +50,11 @@ class _CrossEntropy(torch.autograd.Function):
 # compiled step is faster: 177 against 189 ms (`python scripts/bench_train.py --dtypes bf16 --compile`).
 @torch.compiler.disable
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy (nats) of logits (N, V) against targets (N,), skipping targets == ignore_index;
-    computed in fp32 whatever the logits' dtype."""
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy: expects logits (N, V) and targets (N,), got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
-    return _CrossEntropy.apply(logits, targets, ignore_index)
+    """Mean cross-entropy (nats) of logits (..., V) against targets (...), skipping targets == ignore_index;
+    computed in fp32 whatever the logits' dtype. Pass the logits unflattened: the flattening view is made here,
+    outside a compiled graph (a compiled graph returning both the logits and a view of them failed in
+    torch 2.13 once its AOTAutograd cache was warm; tests/test_train.py)."""
+    if logits.dim() < 2 or targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: expects logits (..., V) and targets (...) of the same leading shape, got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    return _CrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index)
