@@ -775,3 +775,20 @@ def test_only_a_gate_whose_weight_is_a_probability_gets_a_gradient_from_the_loss
         grads[gate] = model.blocks[1].ffn.gate.router.weight.grad
     assert grads["topk"] is None or grads["topk"].abs().max() == 0
     assert grads["switch"].abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_layer_compiles_and_computes_what_it_computes_eagerly(dtype):
+    """torch.compile (dynamo and AOT autograd; Inductor's C++ is the slow tests' business): the stacked experts run
+    eagerly inside the compiled layer (grouped_mm's traced shape function takes only bf16 in torch 2.13)."""
+    torch.manual_seed(0)
+    moe = MoE(D, E, "topk", d_ff=D_FF, k=2).train()
+    x = torch.randn(2, 30, D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        y_eager = moe(x)[0]
+        (grad_eager,) = torch.autograd.grad(y_eager.float().square().sum(), x)
+        torch._dynamo.reset()
+        y = torch.compile(moe, backend="aot_eager")(x)[0]
+        (grad,) = torch.autograd.grad(y.float().square().sum(), x)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(grad, grad_eager)
