@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from minimodels.config import load_config
 from minimodels.models import build_model
+from minimodels.train.device import compile_model
 from minimodels.train.memory import reuse_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -250,7 +251,7 @@ def main() -> None:
         base = "ours (manual)" if "ours (manual)" in models else next(iter(models))
         twin = build_model(models[base].config)
         twin.load_state_dict(models[base].state_dict())
-        compiled[f"{base}, compiled"] = (torch.compile(twin), base)
+        compiled[f"{base}, compiled"] = (compile_model(twin), base)  # as train.compile=true does
     # the trainer's optimizer for every model (minimodels/train/optim.py): fused AdamW
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in models.items()}
     for m in models.values():

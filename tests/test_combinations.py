@@ -7,7 +7,8 @@ promises to keep exact:
    independent examples; contrastive and MoE losses depend on the micro-batch as a whole, and their rows
    assert what the trainer does with them instead;
 3. 2 processes (torchrun, gloo) with batch b: the losses of 1 process with batch 2b (within 1e-4), under DDP
-   and under FSDP2, or a one-line refusal.
+   and under FSDP2, or a one-line refusal;
+4. train.compile=true: the eager run's training losses (within 1e-4; slow, Inductor compiles C++).
 
 Fine-tuning and P-tuning configs start from a tiny pretraining run made first. The default run covers rows 1
 and 2 for gpt, bert, t5, brivl, switch_gpt and vqvae; the rest is slow: python -m pytest -m slow tests/test_combinations.py
@@ -210,3 +211,15 @@ def test_a_one_process_checkpoint_does_not_resume_under_fsdp(runs, tmp_path):
     shutil.copytree(runs.trained("gpt", *HALF), out)  # a copy: resuming rewrites config.yaml before it stops
     stderr = refused("--resume", str(out), "train.distributed.fsdp=true")
     assert f"error: {checkpoint_dirs(out)[-1]}: resuming under FSDP needs a checkpoint written under FSDP\n" in stderr
+
+
+@pytest.mark.slow  # Inductor compiles C++ for every config: minutes with an empty compile cache
+@pytest.mark.parametrize("name", CONFIGS)
+def test_compiled_training_gives_the_eager_losses(name, runs, tmp_path):
+    """train.compile=true: the compiled steps' training losses are the eager steps', up to float round-off (Inductor
+    fuses and reorders). Random draws inside the model differ when compiled, so dropout and jitter are off."""
+    no_random = [*DROPOUT.get(name, ()), *(("model.moe.jitter=0",) if name in SWITCH else ())]
+    reference = tmp_path / "eager"
+    runs.train(name, reference, runs.overrides(name, *no_random))
+    runs.train(name, tmp_path / "compiled", runs.overrides(name, *no_random, "train.compile=true"))
+    assert_same_scores(tmp_path / "compiled", reference, 1e-4, evaluations=False)

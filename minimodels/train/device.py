@@ -50,3 +50,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     if device.type != "cuda":
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def compile_model(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile(module) as train.compile=true runs it, without AOTAutograd's on-disk cache: in torch 2.13 a
+    graph loaded from that cache whose outputs alias each other (the VQ-VAE codebook's) is replayed with garbage
+    shapes and crashes the step, on every run after the first (tests/test_combinations.py, compiled rows, run
+    twice). Inductor's own cache still spares the C++ compile of a graph seen before."""
+    import torch._functorch.config
+
+    torch._functorch.config.enable_autograd_cache = False
+    return torch.compile(module)

@@ -41,7 +41,7 @@ from minimodels.config import ConfigError, TrainConfig
 from minimodels.protocols import TextTask
 from minimodels.train.checkpoint import (checkpoint_dirs, checkpoint_step, load_trainer_state, rng_state, save_checkpoint,
                                          set_aside, set_rng_state)
-from minimodels.train.device import autocast, resolve_device, resolve_dtype, to_device
+from minimodels.train.device import autocast, compile_model, resolve_device, resolve_dtype, to_device
 from minimodels.train.distributed import Parallel, World
 from minimodels.train.memory import reuse_freed_memory
 from minimodels.train.metrics import Mean, MetricsLog
@@ -82,7 +82,7 @@ class Trainer:
         self.objective = objective or self.model  # what the training steps call
         self.parallel = Parallel(self.model, self.world, cfg.distributed.fsdp)
         trained = self.parallel.wrap(self.objective)
-        self.forward = torch.compile(trained) if cfg.compile else trained
+        self.forward = compile_model(trained) if cfg.compile else trained
         # fused AdamW: one kernel for all tensors; on CPU ~3x faster than the per-tensor loop (bench_train.py)
         self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = build_scheduler(self.optimizer, cfg)
