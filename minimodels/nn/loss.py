@@ -52,8 +52,9 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy (nats) of logits (..., V) against targets (...), skipping targets == ignore_index;
     computed in fp32 whatever the logits' dtype. Pass the logits unflattened: the flattening view is made here,
-    outside a compiled graph (a compiled graph returning both the logits and a view of them failed in
-    torch 2.13 once its AOTAutograd cache was warm; tests/test_train.py)."""
+    outside a compiled graph, which then returns the logits alone (a graph returning the logits and a view of them
+    crashed in torch 2.13 when loaded from the AOTAutograd cache, which minimodels/train/device.py compile_model
+    now turns off)."""
     if logits.dim() < 2 or targets.shape != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: expects logits (..., V) and targets (...) of the same leading shape, got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)}")
