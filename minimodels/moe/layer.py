@@ -195,9 +195,9 @@ def pad_groups(slot_token: torch.Tensor, slot_weight: torch.Tensor, counts: list
     stacked experts' fp32 forward and backward on 4096 token slots with fresh random group sizes at every step
     were 2-7% slower padded in every run of a one-off A/B (2 AMX threads; E = 64: 88.8-94.3 ms against 86.9-89.1
     as routed, E = 8: 64.0-66.8 against 59.4-61.3), about the 3% more rows the padding adds.
-    The padding changes no output or gradient: the caller runs a padding slot
-    on a real token's row and adds 0 x its output to row pad_token, which it drops; the gradient coming back
-    through the slot is 0, so it adds exactly 0 to that token's gradient and to the experts'."""
+    The padding changes no output or gradient: the caller runs a padding slot on a real token's row and adds 0 x
+    its output to row pad_token, which it drops; the gradient coming back through the slot is 0, so it adds
+    exactly 0 to that token's gradient and to the experts'."""
     padded = group_sizes(counts, batched)
     if padded == counts:
         return slot_token, slot_weight, counts
